@@ -1,0 +1,100 @@
+"""Local runs of actor tasks (``pyflyte run`` without ``--remote``, or calling a workflow in Python).
+
+By default each actor task goes to the embedded agent, which starts a fleet of local replica processes per
+environment on first use and stops them when this process exits, and waits for the result directly (no polling).
+``FLYTE_ACTOR_LOCAL_MODE=inprocess`` runs tasks in this process instead, for debugging with breakpoints; the
+environment's variables are applied around each task in both modes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Dict, Iterator, Union
+
+from flytekit import FlyteContext
+from flytekit.configuration import ImageConfig, SerializationSettings
+from flytekit.models.literals import LiteralMap
+
+if TYPE_CHECKING:
+    from .environment import ActorEnvironment
+    from .map import ActorMapTask
+    from .task import ActorTask
+
+LOCAL_MODE_ENV = "FLYTE_ACTOR_LOCAL_MODE"
+FLEET, INPROCESS = "fleet", "inprocess"
+
+
+class ActorTaskFailed(RuntimeError):
+    """An actor task failed on the local fleet; the message carries the replica's error."""
+
+
+def local_mode() -> str:
+    mode = os.environ.get(LOCAL_MODE_ENV, FLEET).strip().lower()
+    if mode not in (FLEET, INPROCESS):
+        raise ValueError(f"{LOCAL_MODE_ENV}={mode!r} is not a local mode: use {FLEET!r} (default) or {INPROCESS!r}.")
+    return mode
+
+
+def runs_on_local_fleet(ctx: FlyteContext) -> bool:
+    state = ctx.execution_state
+    if state is None or not state.is_local_execution():
+        return False
+    return local_mode() == FLEET
+
+
+def environment_variables(environment: "ActorEnvironment") -> Dict[str, str]:
+    """The variables a replica of ``environment`` has: the environment's, then the pod template's primary
+    container's (literal values only; ``valueFrom`` needs a cluster)."""
+    variables = dict(environment.environment or {})
+    template = environment.pod_template
+    if template is not None and template.pod_spec is not None:
+        for container in template.pod_spec.containers or []:
+            if container.name == template.primary_container_name:
+                for var in container.env or []:
+                    if var.value is not None:
+                        variables[var.name] = var.value
+    return variables
+
+
+@contextlib.contextmanager
+def replica_environment(ctx: FlyteContext, environment: "ActorEnvironment") -> Iterator[None]:
+    """Apply the environment's variables while a task runs in this process locally (a replica has them already)."""
+    state = ctx.execution_state
+    if state is None or not state.is_local_execution():
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.update(environment_variables(environment))
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_on_fleet(task: Union["ActorTask", "ActorMapTask"], ctx: FlyteContext, inputs: LiteralMap) -> LiteralMap:
+    """Run one actor task (or actor map) on the embedded local fleet and return its outputs."""
+    try:
+        from flyte_actor_agent.embedded import local_agent
+    except ImportError as e:
+        raise ImportError(
+            f"Running actor task {task.name} locally needs the actor agent package ({e}). Install "
+            f"'flyte-actors-agent', or set {LOCAL_MODE_ENV}={INPROCESS} to run actor tasks in this process."
+        ) from e
+    from flytekit.models.core.execution import TaskExecutionPhase
+    from flytekit.tools.translator import get_serializable
+
+    settings = ctx.serialization_settings or SerializationSettings(ImageConfig.auto_default_image())
+    template = get_serializable(OrderedDict(), settings, task).template
+    output_prefix = ctx.file_access.get_random_local_directory()
+    raw_output_prefix = ctx.file_access.raw_output_prefix
+    template.container._args = [
+        a.replace("{{.rawOutputDataPrefix}}", raw_output_prefix).replace("{{.outputPrefix}}", output_prefix)
+        for a in template.container.args
+    ]
+    resource = local_agent().run(template, inputs=inputs, output_prefix=output_prefix)
+    if resource.phase != TaskExecutionPhase.SUCCEEDED:
+        raise ActorTaskFailed(f"Actor task {task.name} failed: {resource.message}")
+    return resource.outputs if resource.outputs is not None else LiteralMap(literals={})

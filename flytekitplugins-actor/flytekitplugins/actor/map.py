@@ -1,0 +1,178 @@
+"""``map``: run an actor task over lists, as one Flyte node whose elements the agent spreads over the fleet.
+
+    @workflow
+    def wf(xs: list[int]) -> list[int]:
+        return map(plus_one, concurrency=8)(x=xs)
+
+OSS propeller cannot run agent-backed sub-tasks inside an ArrayNode (it loses their state), so this is not a
+``flytekit.map_task``: it serializes as a single task of type ``actor-map`` that carries the element task's
+command, and the agent runs one lease per element and gathers the outputs in order. Inputs bound with
+``functools.partial`` are passed whole to every element. With ``min_success_ratio`` below 1 the outputs are
+lists of ``Optional`` values, ``None`` where an element failed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Any, Dict, List, Optional, Union
+
+from flytekit import FlyteContext
+from flytekit.configuration import SerializationSettings
+from flytekit.core import tracker
+from flytekit.core.array_node_map_task import ArrayNodeMapTask
+from flytekit.core.interface import transform_interface_to_list_interface
+from flytekit.core.python_auto_container import PythonAutoContainerTask
+from flytekit.models.literals import LiteralMap
+
+from .spec import ACTOR_MAP_TASK_TYPE, ActorCustom, MapSpec
+from .task import ActorTask, actor_task_of
+
+
+class ActorMapTask(PythonAutoContainerTask):
+    """One node that runs an actor task once per element of its list inputs. Made by :func:`map`."""
+
+    def __init__(
+        self,
+        target: Union[ActorTask, functools.partial],
+        concurrency: Optional[int] = None,
+        min_success_ratio: Optional[float] = None,
+    ):
+        actor_task = actor_task_of(target)
+        if actor_task is None:
+            raise TypeError(
+                f"flytekitplugins.actor.map needs an actor task (or a functools.partial of one), got {target!r}. "
+                "Declare the task with @ActorEnvironment(...).task, or use flytekit.map_task for regular tasks."
+            )
+        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1):
+            raise ValueError(f"map concurrency={concurrency!r} is invalid: use a positive integer, or None for no limit.")
+        if min_success_ratio is not None and not 0 <= min_success_ratio <= 1:
+            raise ValueError(f"map min_success_ratio={min_success_ratio!r} is invalid: it must be between 0 and 1.")
+        self._partial = target if isinstance(target, functools.partial) else None
+        if self._partial is not None and self._partial.args:
+            raise ValueError("map over a functools.partial takes keyword arguments only, e.g. partial(t, model=m).")
+        bound = sorted(self._partial.keywords) if self._partial else []
+        unknown = set(bound) - set(actor_task.python_interface.inputs)
+        if unknown:
+            raise ValueError(f"map: {sorted(unknown)} bound by partial are not inputs of {actor_task.name}.")
+        self._actor_task = actor_task
+        self._map_spec = MapSpec(
+            mapped_inputs=[k for k in actor_task.python_interface.inputs if k not in bound],
+            bound_inputs=bound,
+            concurrency=concurrency,
+            min_success_ratio=1.0 if min_success_ratio is None else float(min_success_ratio),
+        )
+        if not self._map_spec.mapped_inputs:
+            raise ValueError(f"map over {actor_task.name}: every input is bound by partial, so there is nothing to map.")
+        optional_outputs = self._map_spec.min_success_ratio < 1
+        interface = transform_interface_to_list_interface(
+            actor_task.python_interface, set(bound), set(), optional_outputs
+        )
+        _, module, function, _ = tracker.extract_task_module(actor_task.task_function)
+        digest = hashlib.md5(repr(self._map_spec.to_custom()).encode()).hexdigest()[:10]
+        self._map_name = f"{module}.actor_map_{function}_{digest}"
+        env = actor_task.actor_environment
+        super().__init__(
+            name=self._map_name,
+            task_config=None,
+            task_type=ACTOR_MAP_TASK_TYPE,
+            interface=interface,
+            container_image=env.container_image,
+            environment=dict(env.environment or {}),
+            requests=env.requests,
+            limits=env.limits,
+            secret_requests=list(env.secret_requests or []),
+            metadata=actor_task.metadata,
+        )
+
+    @property
+    def name(self) -> str:
+        # Stable whichever workflow creates the map (a workflow would otherwise prefix its own name).
+        return self._map_name
+
+    @property
+    def actor_task(self) -> ActorTask:
+        return self._actor_task
+
+    @property
+    def map_spec(self) -> MapSpec:
+        return self._map_spec
+
+    def get_command(self, settings: SerializationSettings) -> List[str]:
+        # Elements run the actor task itself, so the map carries the actor task's command.
+        return self._actor_task.get_command(settings)
+
+    def get_custom(self, settings: SerializationSettings) -> Dict[str, Any]:
+        return ActorCustom(environment=self._actor_task.environment_spec(settings), map=self._map_spec).to_custom()
+
+    def __call__(self, *args, **kwargs):
+        if self._partial is not None:
+            kwargs = {**self._partial.keywords, **kwargs}
+        return super().__call__(*args, **kwargs)
+
+    def dispatch_execute(self, ctx: FlyteContext, input_literal_map: LiteralMap) -> Any:
+        from . import local
+
+        if local.runs_on_local_fleet(ctx):
+            return local.run_on_fleet(self, ctx, input_literal_map)
+        with local.replica_environment(ctx, self._actor_task.actor_environment):
+            return super().dispatch_execute(ctx, input_literal_map)
+
+    def execute(self, **kwargs) -> Any:
+        """In-process run (local debugging): the elements one after another, honouring ``min_success_ratio``."""
+        lengths = {len(kwargs[k]) for k in self._map_spec.mapped_inputs}
+        if len(lengths) > 1:
+            raise ValueError(f"map over {self._actor_task.name}: mapped inputs have different lengths {sorted(lengths)}.")
+        size = lengths.pop()
+        results: List[Any] = []
+        failures = 0
+        for i in range(size):
+            element = {k: kwargs[k][i] for k in self._map_spec.mapped_inputs}
+            element.update({k: kwargs[k] for k in self._map_spec.bound_inputs})
+            try:
+                results.append(self._actor_task.execute(**element))
+            except Exception:
+                if self._map_spec.min_success_ratio >= 1:
+                    raise
+                failures += 1
+                results.append(None)
+        if size and (size - failures) / size < self._map_spec.min_success_ratio:
+            raise RuntimeError(
+                f"map over {self._actor_task.name}: {size - failures} of {size} elements succeeded, fewer than "
+                f"min_success_ratio={self._map_spec.min_success_ratio}."
+            )
+        outputs = list(self._actor_task.python_interface.outputs)
+        if not outputs:
+            return None
+        if len(outputs) == 1:
+            return results
+        return tuple([None if r is None else r[j] for r in results] for j in range(len(outputs)))
+
+
+def map(
+    target: Union[ActorTask, functools.partial],
+    concurrency: Optional[int] = None,
+    min_success_ratio: Optional[float] = None,
+) -> ActorMapTask:
+    """Map an actor task over list inputs: ``map(t, concurrency=4)(x=[1, 2, 3])`` returns a list."""
+    return ActorMapTask(target, concurrency=concurrency, min_success_ratio=min_success_ratio)
+
+
+def _refuse_actor_tasks_in_array_node(init):
+    @functools.wraps(init)
+    def __init__(self, python_function_task, *args, **kwargs):
+        if actor_task_of(python_function_task) is not None:
+            raise TypeError(
+                f"flytekit.map_task cannot map actor task {actor_task_of(python_function_task).name}: Flyte's "
+                "ArrayNode cannot run agent tasks. Use flytekitplugins.actor.map(task)(...) instead, which spreads "
+                "the elements over the actor's replicas."
+            )
+        init(self, python_function_task, *args, **kwargs)
+
+    return __init__
+
+
+# flytekit.map_task offers no hook to refuse a sub-task, so its constructor is wrapped once, at import.
+if not getattr(ArrayNodeMapTask.__init__, "_refuses_actor_tasks", False):
+    ArrayNodeMapTask.__init__ = _refuse_actor_tasks_in_array_node(ArrayNodeMapTask.__init__)
+    ArrayNodeMapTask.__init__._refuses_actor_tasks = True  # type: ignore[attr-defined]
