@@ -21,14 +21,14 @@ setup(
     python_requires=">=3.11,<3.13",
     install_requires=[
         "flytekit>=1.16.0,<1.17",
-        "grpcio>=1.66,<2",
-        "protobuf>=5.26,<8",
+        "grpcio>=1.85,<2",
+        "protobuf>=7.35,<8",
         "kubernetes>=29,<37",
         "prometheus-client>=0.20,<1",
     ],
     extras_require={
         "dev": [
-            "grpcio-tools>=1.66,<2",
+            "grpcio-tools>=1.85,<2",
             "pytest>=8,<10",
             "pytest-timeout>=2.3,<3",
             "kubernetes-validate>=1.28,<2",

@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.11,<3.13",
     install_requires=[
         "flytekitplugins-actor==0.1.0",
-        "grpcio>=1.66,<2",
+        "grpcio>=1.85,<2",
         "kubernetes>=29,<37",
         "prometheus-client>=0.20,<1",
     ],

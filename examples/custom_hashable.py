@@ -21,7 +21,9 @@ class ModelConfig:
         return hash(self.scale)
 
     def __eq__(self, other):
-        return isinstance(other, ModelConfig) and other.scale == self.scale
+        # Compare by name, not isinstance: a replica re-imports this module for every task, so the class of an
+        # object cached by an earlier task is an earlier copy of ModelConfig.
+        return type(other).__qualname__ == "ModelConfig" and other.scale == self.scale
 
 
 @actor_cache

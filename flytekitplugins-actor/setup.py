@@ -14,8 +14,8 @@ setup(
     install_requires=[
         # The worker runs tasks through flytekit's own entrypoint internals, which change between minors.
         "flytekit>=1.16.0,<1.17",
-        "grpcio>=1.66,<2",
-        "protobuf>=5.26,<8",
+        "grpcio>=1.85,<2",
+        "protobuf>=7.35,<8",
     ],
     entry_points={
         "flytekit.plugins": [f"{PLUGIN_NAME}=flytekitplugins.{PLUGIN_NAME}"],

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Dict, Iterator, Union
+from typing import TYPE_CHECKING, Dict, Iterator, Optional, Union
 
 from flytekit import FlyteContext
 from flytekit.configuration import ImageConfig, SerializationSettings
@@ -83,18 +84,38 @@ def run_on_fleet(task: Union["ActorTask", "ActorMapTask"], ctx: FlyteContext, in
             f"Running actor task {task.name} locally needs the actor agent package ({e}). Install "
             f"'flyte-actors-agent', or set {LOCAL_MODE_ENV}={INPROCESS} to run actor tasks in this process."
         ) from e
-    from flytekit.models.core.execution import TaskExecutionPhase
+    from flyteidl.core.execution_pb2 import TaskExecution
     from flytekit.tools.translator import get_serializable
 
     settings = ctx.serialization_settings or SerializationSettings(ImageConfig.auto_default_image())
     template = get_serializable(OrderedDict(), settings, task).template
     output_prefix = ctx.file_access.get_random_local_directory()
     raw_output_prefix = ctx.file_access.raw_output_prefix
-    template.container._args = [
+    args = [
         a.replace("{{.rawOutputDataPrefix}}", raw_output_prefix).replace("{{.outputPrefix}}", output_prefix)
         for a in template.container.args
     ]
+    # pyflyte run imports the workflow file under a name that is importable only from the file's root, which it
+    # does not keep on sys.path: tell the replica where the code is, as pyflyte-fast-execute does.
+    code_root = _code_root(getattr(task, "actor_task", task).task_function.__module__)
+    if code_root is not None and "--resolver" in args:
+        at = args.index("--resolver")
+        args[at:at] = ["--dynamic-dest-dir", code_root]
+    template.container._args = args
     resource = local_agent().run(template, inputs=inputs, output_prefix=output_prefix)
-    if resource.phase != TaskExecutionPhase.SUCCEEDED:
+    if resource.phase != TaskExecution.SUCCEEDED:
         raise ActorTaskFailed(f"Actor task {task.name} failed: {resource.message}")
     return resource.outputs if resource.outputs is not None else LiteralMap(literals={})
+
+
+def _code_root(module_name: str) -> Optional[str]:
+    """The directory from which ``module_name`` is importable."""
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    if not path:
+        return None
+    root = os.path.dirname(os.path.abspath(path))
+    depth = module_name.count(".") + (1 if os.path.basename(path) == "__init__.py" else 0)
+    for _ in range(depth):
+        root = os.path.dirname(root)
+    return root

@@ -1,0 +1,284 @@
+"""The Flyte connector for actor tasks and actor maps: turns CreateTask/GetTask/DeleteTask into agent calls.
+
+``create`` queues the task and returns at once (propeller gives it a few seconds); it is idempotent for one task
+execution id and retry attempt, so a retried CreateTask does not run the task twice. ``get`` answers from the
+agent's memory. ``delete`` cancels. Phases map as follows:
+
+=====================================  ================================================================
+agent                                  Flyte
+=====================================  ================================================================
+queued, waiting for replicas           ``QUEUED`` (``WAITING_FOR_RESOURCES`` while no replica is ready)
+leased to a replica                    ``RUNNING``
+succeeded                              ``SUCCEEDED`` with the outputs
+user error                             ``FAILED`` (not retried)
+system error, timeout, replica lost    ``RETRYABLE_FAILED`` (retried within the task's retries)
+cancelled                              ``ABORTED``
+=====================================  ================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+from flyteidl.core import literals_pb2
+from flytekit import FlyteContextManager
+from flytekit.core.type_engine import TypeEngine  # noqa: F401  (registers transformers before literals are read)
+from flytekit.extend.backend.base_connector import AsyncConnectorBase, Resource, ResourceMeta
+from flyteidl.core.execution_pb2 import TaskExecution
+from flytekit.models.literals import Literal, LiteralCollection, LiteralMap, Scalar, Void
+from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
+
+from flytekitplugins.actor.protocol import lease_pb2
+from flytekitplugins.actor.spec import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE, ActorCustom, EnvironmentSpec, TaskCommand
+
+from . import scheduler as core
+from .agent import ActorAgent, TaskView
+
+_PHASES = {
+    core.Phase.QUEUED: TaskExecution.QUEUED,
+    core.Phase.RUNNING: TaskExecution.RUNNING,
+    core.Phase.SUCCEEDED: TaskExecution.SUCCEEDED,
+    core.Phase.FAILED: TaskExecution.FAILED,
+    core.Phase.RETRYABLE_FAILED: TaskExecution.RETRYABLE_FAILED,
+    core.Phase.ABORTED: TaskExecution.ABORTED,
+}
+
+
+@dataclass
+class ActorMetadata(ResourceMeta):
+    """What propeller keeps between calls: the task's key in the agent, plus what ``get`` needs to shape outputs
+    of an actor map (its output names, comma-separated, and whether failed elements become ``None``)."""
+
+    key: str
+    map_outputs: str = ""
+    optional_outputs: bool = False
+
+
+class ActorConnector(AsyncConnectorBase):
+    name = "Actor Connector"
+
+    def __init__(self, agent: Callable[[], ActorAgent], task_type_name: str = ACTOR_TASK_TYPE):
+        super().__init__(task_type_name=task_type_name, metadata_type=ActorMetadata)
+        self._agent = agent
+
+    async def create(
+        self,
+        task_template: TaskTemplate,
+        output_prefix: str,
+        inputs: Optional[LiteralMap] = None,
+        task_execution_metadata: Optional[TaskExecutionMetadata] = None,
+        **kwargs,
+    ) -> ActorMetadata:
+        agent = self._agent()
+        custom = ActorCustom.from_custom(task_template.custom)
+        if task_template.container is None:
+            raise ValueError(
+                f"Actor task {task_template.id.name} has no container target; it must be serialized by "
+                "flytekitplugins-actor (which never emits a pod target)."
+            )
+        command = TaskCommand.from_args(list(task_template.container.args))
+        key = _task_key(task_execution_metadata) or uuid.uuid4().hex
+        fleet = fleet_spec(custom.environment, task_execution_metadata)
+        env = _task_environment(task_template, task_execution_metadata)
+        timeout = task_template.metadata.timeout.total_seconds() if task_template.metadata.timeout else 0.0
+        name = task_template.id.name or "task"
+
+        def task_spec(task_inputs: bytes, prefix: str) -> lease_pb2.TaskSpec:
+            return lease_pb2.TaskSpec(
+                task_name=name,
+                resolver=command.resolver,
+                resolver_args=command.resolver_args,
+                inputs=task_inputs,
+                inputs_uri="" if task_inputs else (command.inputs or ""),
+                output_prefix=prefix,
+                raw_output_data_prefix=command.raw_output_data_prefix or f"{output_prefix.rstrip('/')}/raw",
+                checkpoint_path=command.checkpoint_path or "",
+                prev_checkpoint=command.prev_checkpoint or "",
+                distribution=command.distribution or "",
+                dest_dir=command.dest_dir or "",
+                env=env,
+                timeout_seconds=timeout,
+            )
+
+        if custom.map is None:
+            request = core.TaskRequest(
+                key=key,
+                fleet=fleet,
+                payload=task_spec(inputs.to_flyte_idl().SerializeToString() if inputs else b"", output_prefix),
+                timeout_seconds=timeout,
+                name=name,
+            )
+            await asyncio.wrap_future(agent.call(agent.submit, request))
+            return ActorMetadata(key=key)
+
+        if inputs is None:
+            inputs = await asyncio.to_thread(_read_inputs, command.inputs)
+        elements = MapElements(inputs.to_flyte_idl(), custom.map.mapped_inputs, custom.map.bound_inputs)
+        prefix = output_prefix.rstrip("/")
+
+        def make_element(index: int) -> core.TaskRequest:
+            return core.TaskRequest(
+                key=f"{key}/{index}",
+                fleet=fleet,
+                payload=task_spec(elements.inputs(index), f"{prefix}/{index}"),
+                timeout_seconds=timeout,
+                name=f"{name}[{index}]",
+            )
+
+        await asyncio.wrap_future(agent.call(
+            agent.submit_map, key, fleet, elements.size, make_element, custom.map.concurrency,
+            custom.map.min_success_ratio))
+        outputs = list((task_template.interface.outputs or {}).keys())
+        return ActorMetadata(key=key, map_outputs=",".join(outputs), optional_outputs=custom.map.min_success_ratio < 1)
+
+    async def get(self, resource_meta: ActorMetadata, **kwargs) -> Resource:
+        agent = self._agent()
+        view: Optional[TaskView] = await asyncio.wrap_future(agent.call(agent.view, resource_meta.key))
+        return resource_of(view, resource_meta)
+
+    async def delete(self, resource_meta: ActorMetadata, **kwargs) -> None:
+        agent = self._agent()
+        await asyncio.wrap_future(agent.call(agent.cancel, resource_meta.key, "aborted by Flyte (DeleteTask)"))
+
+
+def resource_of(view: Optional[TaskView], meta: ActorMetadata) -> Resource:
+    if view is None:
+        return Resource(
+            phase=TaskExecution.RETRYABLE_FAILED,
+            message=f"The actor agent does not know task {meta.key}: it restarted or forgot the result. Retrying "
+            "runs the task again.",
+        )
+    phase = _PHASES[view.phase]
+    message = view.message
+    custom_info = None
+    if view.size:
+        custom_info = {"elements": view.size, "succeeded": view.succeeded, "failed": view.failed}
+        if not view.phase.terminal:
+            message = f"{view.succeeded + view.failed} of {view.size} elements done ({view.failed} failed)"
+    if view.phase is core.Phase.QUEUED and "0 replicas ready" in message:
+        phase = TaskExecution.WAITING_FOR_RESOURCES
+    outputs = None
+    if view.phase is core.Phase.SUCCEEDED:
+        if view.size or meta.map_outputs:
+            outputs = gather_map_outputs(meta.map_outputs.split(",") if meta.map_outputs else [], view.element_outputs)
+        elif view.outputs:
+            outputs = LiteralMap.from_flyte_idl(literals_pb2.LiteralMap.FromString(view.outputs))
+        else:
+            outputs = LiteralMap(literals={})
+    return Resource(phase=phase, message=message, outputs=outputs, custom_info=custom_info)
+
+
+def fleet_spec(environment: EnvironmentSpec, metadata: Optional[TaskExecutionMetadata]) -> core.Fleet.Spec:
+    namespace = getattr(metadata, "namespace", None) or ""
+    context: Dict[str, str] = {"namespace": namespace}
+    exec_id = _execution_id(metadata)
+    if exec_id is not None:
+        context.update(project=exec_id.project, domain=exec_id.domain)
+    return core.Fleet.Spec(
+        # Replicas live in the execution's namespace, so one environment has one fleet per namespace.
+        key=environment.key + (f".{namespace}" if namespace else ""),
+        name=environment.name,
+        replica_count=environment.replica_count,
+        ttl_seconds=environment.ttl_seconds,
+        parallelism=environment.parallelism,
+        extra={"environment": environment, "context": context},
+    )
+
+
+class MapElements:
+    """Cuts an actor map's inputs into per-element input maps, lazily (a map can have many elements)."""
+
+    def __init__(self, inputs: literals_pb2.LiteralMap, mapped: List[str], bound: List[str]):
+        missing = [n for n in mapped + bound if n not in inputs.literals]
+        if missing:
+            raise ValueError(f"actor map inputs lack {missing}; got {sorted(inputs.literals)}")
+        lengths = {n: len(inputs.literals[n].collection.literals) for n in mapped}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"actor map: mapped inputs must be lists of one length, got lengths {lengths}")
+        self.size = next(iter(lengths.values()), 0)
+        self._inputs = inputs
+        self._mapped = mapped
+        self._bound = bound
+
+    def inputs(self, index: int) -> bytes:
+        element = literals_pb2.LiteralMap()
+        for name in self._mapped:
+            element.literals[name].CopyFrom(self._inputs.literals[name].collection.literals[index])
+        for name in self._bound:
+            element.literals[name].CopyFrom(self._inputs.literals[name])
+        return element.SerializeToString()
+
+
+def gather_map_outputs(names: List[str], element_outputs: List[Optional[bytes]]) -> LiteralMap:
+    """Collect element outputs in order into one list per output; a failed element gives ``None``."""
+    none = Literal(scalar=Scalar(none_type=Void()))
+    columns: Dict[str, List[Literal]] = {n: [] for n in names}
+    for raw in element_outputs:
+        element = LiteralMap.from_flyte_idl(literals_pb2.LiteralMap.FromString(raw)) if raw is not None else None
+        for name in names:
+            columns[name].append(element.literals[name] if element is not None else none)
+    return LiteralMap(literals={n: Literal(collection=LiteralCollection(literals=v)) for n, v in columns.items()})
+
+
+def _task_key(metadata: Optional[TaskExecutionMetadata]) -> Optional[str]:
+    task_id = getattr(metadata, "task_execution_id", None)
+    exec_id = _execution_id(metadata)
+    if task_id is None or exec_id is None or not exec_id.name:
+        return None
+    node = task_id.node_execution_id.node_id
+    return f"{exec_id.project}/{exec_id.domain}/{exec_id.name}/{node}/{task_id.retry_attempt}"
+
+
+def _execution_id(metadata: Optional[TaskExecutionMetadata]):
+    task_id = getattr(metadata, "task_execution_id", None)
+    node = getattr(task_id, "node_execution_id", None)
+    return getattr(node, "execution_id", None)
+
+
+def _task_environment(template: TaskTemplate, metadata: Optional[TaskExecutionMetadata]) -> Dict[str, str]:
+    """Variables a pod of this task would have that a shared replica does not: the task's own, the execution's,
+    and the FLYTE_INTERNAL_* identity flytekit reads to fill in the execution parameters."""
+    env = dict(template.container.env or {})
+    env.update(getattr(metadata, "environment_variables", None) or {})
+    exec_id = _execution_id(metadata)
+    if exec_id is not None and exec_id.name:
+        env.update(
+            FLYTE_INTERNAL_EXECUTION_PROJECT=exec_id.project,
+            FLYTE_INTERNAL_EXECUTION_DOMAIN=exec_id.domain,
+            FLYTE_INTERNAL_EXECUTION_ID=exec_id.name,
+            FLYTE_ATTEMPT_NUMBER=str(metadata.task_execution_id.retry_attempt),
+        )
+    if template.id is not None:
+        env.update(
+            FLYTE_INTERNAL_TASK_PROJECT=template.id.project or "",
+            FLYTE_INTERNAL_TASK_DOMAIN=template.id.domain or "",
+            FLYTE_INTERNAL_TASK_NAME=template.id.name or "",
+            FLYTE_INTERNAL_TASK_VERSION=template.id.version or "",
+        )
+    return env
+
+
+def _read_inputs(uri: Optional[str]) -> LiteralMap:
+    if not uri:
+        raise ValueError("actor map: CreateTask carried no inputs and the container args name no inputs file")
+    ctx = FlyteContextManager.current_context()
+    local = ctx.file_access.get_random_local_path()
+    ctx.file_access.get_data(uri, local)
+    with open(local, "rb") as f:
+        return LiteralMap.from_flyte_idl(literals_pb2.LiteralMap.FromString(f.read()))
+
+
+def register(agent: Callable[[], ActorAgent]) -> List[ActorConnector]:
+    """Register connectors for both actor task types with flytekit's ConnectorRegistry."""
+    from flytekit.extend.backend.base_connector import ConnectorRegistry
+
+    connectors = [ActorConnector(agent, ACTOR_TASK_TYPE), ActorConnector(agent, ACTOR_MAP_TASK_TYPE)]
+    for connector in connectors:
+        ConnectorRegistry.register(connector, override=True)
+    return connectors
+
+
+__all__ = ["ActorConnector", "ActorMetadata", "register"]

@@ -1,0 +1,55 @@
+"""Launchers start and stop replicas; the agent tells them what to launch and they tell it when a replica ends.
+
+A launcher is the only code that touches processes or pods. It is handed a callback, ``on_exit(replica_id,
+cause)``, which it must call exactly once for every replica it launched, when that replica is gone for whatever
+reason (exited, killed, pod failed or deleted, could not be created), with a cause a person can act on.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+from flytekitplugins.actor.spec import EnvironmentSpec
+
+OnExit = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class ReplicaLaunch:
+    replica_id: str
+    token: str
+    #: The fleet the replica joins (the environment key, plus the namespace where there is one).
+    fleet_key: str
+    environment: EnvironmentSpec
+    #: Where the replica reaches the agent's lease service (host:port).
+    agent_address: str
+    #: Extra metadata of the task that caused the launch (namespace, project, domain), for launchers that use it.
+    context: Dict[str, str]
+
+    def worker_env(self) -> Dict[str, str]:
+        """Variables the replica worker reads (see flytekitplugins.actor.worker.replica), token excluded."""
+        return {
+            "FLYTE_ACTOR_AGENT_ADDRESS": self.agent_address,
+            "FLYTE_ACTOR_ENVIRONMENT_KEY": self.fleet_key,
+            "FLYTE_ACTOR_REPLICA_ID": self.replica_id,
+            "FLYTE_ACTOR_PARALLELISM": str(self.environment.parallelism),
+        }
+
+
+class Launcher(abc.ABC):
+    def __init__(self, on_exit: OnExit):
+        self.on_exit = on_exit
+
+    @abc.abstractmethod
+    async def launch(self, replica: ReplicaLaunch) -> None:
+        """Start the replica and return without waiting for it to connect."""
+
+    @abc.abstractmethod
+    async def stop(self, replica_id: str, reason: str) -> None:
+        """Stop the replica (gracefully if it can); ``on_exit`` follows when it is gone."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop every replica this launcher started and wait until they are gone."""

@@ -1,0 +1,653 @@
+"""The scheduling core: queues, fleets, leases and actor maps, with no I/O and no clock of its own.
+
+Every method takes an event (a task submitted, a replica connected, a status reported, time passing) and returns
+the effects the caller must carry out (launch or stop a replica, send an assignment, a cancel or an ack, wake
+whoever waits on a task). The agent's reactor is the only caller in production; tests drive it directly:
+
+    >>> s = Scheduler(clock=lambda: 0.0, new_id=iter(["r1", "l1"]).__next__, new_token=lambda: "t")
+    >>> env = Fleet.Spec(key="hello-abc", name="hello", replica_count=1, ttl_seconds=60, parallelism=1)
+    >>> [type(e).__name__ for e in s.submit(TaskRequest(key="t1", fleet=env, payload="spec"))]
+    ['Launch']
+    >>> [type(e).__name__ for e in s.replica_connected("r1", "t", "hello-abc", capacity=1)]
+    ['Assign']
+    >>> [type(e).__name__ for e in s.report("r1", "l1", Outcome.SUCCEEDED, outputs=b"")]
+    ['Ack', 'Finished']
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import secrets
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Union
+
+#: A replica that says nothing (no heartbeat, no status) for this long is treated as lost.
+HEARTBEAT_TIMEOUT_SECONDS = 30.0
+#: After replicas of a fleet failed to start, tasks for it fail at once for this long, then a launch is retried.
+START_RETRY_AFTER_SECONDS = 60.0
+#: How long a finished task's result is kept for GetTask (propeller stops asking once it saw a terminal phase).
+RETAIN_SECONDS = 3600.0
+#: Extra time the agent gives a replica past a task's own timeout before taking the lease back.
+LEASE_GRACE_SECONDS = 30.0
+
+
+class Outcome(enum.Enum):
+    """How a lease ended, as a replica reports it."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    LOST = "lost"  # the executor died: lease again
+    CANCELLED = "cancelled"
+
+
+class Phase(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # not worth retrying (user error)
+    RETRYABLE_FAILED = "retryable_failed"  # worth retrying (system error, timeout, replicas lost)
+    ABORTED = "aborted"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (Phase.QUEUED, Phase.RUNNING)
+
+
+# ----------------------------------------------------------------------------------------------------- effects
+
+
+@dataclass(frozen=True)
+class Launch:
+    replica_id: str
+    token: str
+    fleet: "Fleet.Spec"
+
+
+@dataclass(frozen=True)
+class Stop:
+    replica_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Assign:
+    replica_id: str
+    lease_id: str
+    task: "TaskState"
+
+
+@dataclass(frozen=True)
+class CancelLease:
+    replica_id: str
+    lease_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ack:
+    replica_id: str
+    lease_id: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A task (or actor map) reached a terminal phase: wake whoever waits on ``key``."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """A replica that tried to connect is not one we launched, or not with that token."""
+
+    replica_id: str
+    reason: str
+
+
+Effect = Union[Launch, Stop, Assign, CancelLease, Ack, Finished, Refuse]
+
+# ------------------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class TaskRequest:
+    key: str
+    fleet: "Fleet.Spec"
+    payload: Any  # what the replica needs to run the task; opaque here
+    timeout_seconds: float = 0.0
+    name: str = ""
+
+
+@dataclass(eq=False)
+class TaskState:
+    key: str
+    fleet_key: str
+    payload: Any
+    timeout_seconds: float
+    name: str
+    submitted_at: float
+    phase: Phase = Phase.QUEUED
+    message: str = ""
+    outputs: Optional[bytes] = None
+    error: Optional[bytes] = None
+    leases: int = 0  # how many times it was leased
+    lease_id: Optional[str] = None
+    replica_id: Optional[str] = None
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    deadline: Optional[float] = None
+    parent: Optional["MapJob"] = None
+    index: int = 0
+
+
+class ReplicaState(enum.Enum):
+    STARTING = "starting"  # launched, not connected yet
+    READY = "ready"
+    STOPPING = "stopping"  # asked to stop (idle, drained or lost)
+
+
+@dataclass(eq=False)
+class Replica:
+    id: str
+    token: str
+    fleet_key: str
+    launched_at: float
+    state: ReplicaState = ReplicaState.STARTING
+    capacity: int = 1
+    leases: Set[str] = field(default_factory=set)
+    idle_since: float = 0.0
+    last_seen: float = 0.0
+    tasks_run: int = 0
+
+
+@dataclass(eq=False)
+class Fleet:
+    @dataclass(frozen=True)
+    class Spec:
+        """What the core needs to know of an environment; ``extra`` carries the launcher's full spec."""
+
+        key: str
+        name: str
+        replica_count: int
+        ttl_seconds: float
+        parallelism: int
+        extra: Any = field(default=None, compare=False, hash=False)
+
+    spec: Spec
+    queue: Deque[TaskState] = field(default_factory=deque)
+    replicas: Dict[str, Replica] = field(default_factory=dict)
+    start_failures: int = 0
+    last_start_error: str = ""
+    failed_at: float = float("-inf")
+
+
+@dataclass(eq=False)
+class MapJob:
+    key: str
+    fleet: Fleet.Spec
+    size: int
+    make_element: Callable[[int], TaskRequest]
+    concurrency: int
+    min_success_ratio: float
+    submitted_at: float
+    phase: Phase = Phase.RUNNING
+    message: str = ""
+    next_index: int = 0
+    in_flight: Dict[int, TaskState] = field(default_factory=dict)
+    outputs: List[Optional[bytes]] = field(default_factory=list)
+    errors: Dict[int, str] = field(default_factory=dict)
+    succeeded: int = 0
+    failed: int = 0
+    finished_at: Optional[float] = None
+
+    @property
+    def allowed_failures(self) -> int:
+        return self.size - math.ceil(self.min_success_ratio * self.size - 1e-9)
+
+
+# --------------------------------------------------------------------------------------------------- scheduler
+
+
+class Scheduler:
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        new_id: Callable[[], str] = lambda: uuid.uuid4().hex[:12],
+        new_token: Callable[[], str] = lambda: secrets.token_urlsafe(24),
+        max_leases: int = 3,
+        start_failure_limit: int = 2,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT_SECONDS,
+        lease_grace: float = LEASE_GRACE_SECONDS,
+        start_retry_after: float = START_RETRY_AFTER_SECONDS,
+        retain: float = RETAIN_SECONDS,
+    ):
+        self.clock = clock
+        self.new_id = new_id
+        self.new_token = new_token
+        self.max_leases = max_leases
+        self.start_failure_limit = start_failure_limit
+        self.heartbeat_timeout = heartbeat_timeout
+        self.lease_grace = lease_grace
+        self.start_retry_after = start_retry_after
+        self.retain = retain
+        self._finished: Deque[tuple] = deque()  # (finished_at, key), oldest first, to forget results in O(1)
+        self.fleets: Dict[str, Fleet] = {}
+        self.tasks: Dict[str, TaskState] = {}
+        self.maps: Dict[str, MapJob] = {}
+        self.replicas: Dict[str, Replica] = {}
+        self.leases: Dict[str, TaskState] = {}
+        self.draining = False
+
+    # ------------------------------------------------------------------------------------------ submissions
+
+    def submit(self, request: TaskRequest) -> List[Effect]:
+        """Queue a task; a second submit with the same key is a no-op (CreateTask may be retried)."""
+        if request.key in self.tasks or request.key in self.maps:
+            return []
+        task = self._new_task(request)
+        self.tasks[task.key] = task
+        return self._enqueue(task)
+
+    def submit_map(
+        self,
+        key: str,
+        fleet: Fleet.Spec,
+        size: int,
+        make_element: Callable[[int], TaskRequest],
+        concurrency: Optional[int] = None,
+        min_success_ratio: float = 1.0,
+    ) -> List[Effect]:
+        """Start an actor map of ``size`` elements; at most ``concurrency`` are queued or running at once."""
+        if key in self.maps or key in self.tasks:
+            return []
+        job = MapJob(
+            key=key,
+            fleet=fleet,
+            size=size,
+            make_element=make_element,
+            concurrency=concurrency or size or 1,
+            min_success_ratio=min_success_ratio,
+            submitted_at=self.clock(),
+            outputs=[None] * size,
+        )
+        self.maps[key] = job
+        effects: List[Effect] = []
+        if size == 0:
+            return self._finish_map(job, Phase.SUCCEEDED, "no elements")
+        self._feed_map(job, effects)
+        return effects
+
+    def cancel(self, key: str, reason: str = "aborted") -> List[Effect]:
+        effects: List[Effect] = []
+        job = self.maps.get(key)
+        if job is not None:
+            if not job.phase.terminal:
+                effects += self._finish_map(job, Phase.ABORTED, reason)
+            return effects
+        task = self.tasks.get(key)
+        if task is not None and not task.phase.terminal:
+            self._abort_task(task, reason, effects)
+            self._finished.append((task.finished_at, task.key))
+            effects.append(Finished(task.key))
+        return effects
+
+    def forget(self, key: str) -> None:
+        """Drop a finished task or map from memory (after its result was delivered)."""
+        job = self.maps.pop(key, None)
+        if job is not None:
+            return
+        task = self.tasks.get(key)
+        if task is not None and task.phase.terminal:
+            del self.tasks[key]
+
+    # ------------------------------------------------------------------------------------------- replicas
+
+    def replica_connected(
+        self, replica_id: str, token: str, fleet_key: str, capacity: int, running: List[str] = ()
+    ) -> List[Effect]:
+        replica = self.replicas.get(replica_id)
+        if replica is None or not secrets.compare_digest(replica.token, token) or replica.fleet_key != fleet_key:
+            return [Refuse(replica_id, f"replica {replica_id!r} of {fleet_key!r} is unknown or its token is wrong")]
+        if replica.state is ReplicaState.STOPPING:
+            return [Refuse(replica_id, f"replica {replica_id!r} is being stopped")]
+        now = self.clock()
+        replica.state = ReplicaState.READY
+        replica.capacity = max(1, capacity)
+        replica.last_seen = now
+        replica.idle_since = now
+        fleet = self.fleets[fleet_key]
+        fleet.start_failures = 0
+        # A reconnecting replica keeps the leases we still hold for it; the rest it must drop.
+        for lease_id in running:
+            task = self.leases.get(lease_id)
+            if task is not None and task.replica_id == replica_id:
+                replica.leases.add(lease_id)
+        effects: List[Effect] = []
+        self._dispatch(fleet, effects)
+        return effects
+
+    def abandoned_leases(self, replica_id: str, running: List[str]) -> List[str]:
+        replica = self.replicas.get(replica_id)
+        held = replica.leases if replica else set()
+        return [lease for lease in running if lease not in held]
+
+    def heartbeat(self, replica_id: str) -> None:
+        replica = self.replicas.get(replica_id)
+        if replica is not None:
+            replica.last_seen = self.clock()
+
+    def replica_gone(self, replica_id: str, cause: str) -> List[Effect]:
+        """The replica's stream broke, its process exited or its pod went away."""
+        replica = self.replicas.pop(replica_id, None)
+        if replica is None:
+            return []
+        fleet = self.fleets[replica.fleet_key]
+        fleet.replicas.pop(replica_id, None)
+        effects: List[Effect] = []
+        if replica.state is ReplicaState.STARTING:
+            fleet.start_failures += 1
+            fleet.last_start_error = cause
+            if self._cannot_start(fleet):
+                fleet.failed_at = self.clock()
+                self._fail_queue(fleet, self._start_error(fleet), effects)
+        for lease_id in sorted(replica.leases):
+            task = self.leases.pop(lease_id, None)
+            if task is not None and not task.phase.terminal:
+                self._lease_lost(task, f"replica {replica_id} was lost: {cause}", effects)
+        if replica.state is not ReplicaState.STOPPING or fleet.queue:
+            self._scale(fleet, effects)
+        return effects
+
+    def stop_replica(self, replica_id: str, reason: str) -> List[Effect]:
+        replica = self.replicas.get(replica_id)
+        if replica is None or replica.state is ReplicaState.STOPPING:
+            return []
+        replica.state = ReplicaState.STOPPING
+        return [Stop(replica_id, reason)]
+
+    # --------------------------------------------------------------------------------------------- reports
+
+    def report(
+        self,
+        replica_id: str,
+        lease_id: str,
+        outcome: Outcome,
+        outputs: Optional[bytes] = None,
+        error: Optional[bytes] = None,
+        message: str = "",
+        retryable: bool = False,
+    ) -> List[Effect]:
+        """A replica reports how a lease ended. Always acked; ignored unless the lease is still current."""
+        effects: List[Effect] = [Ack(replica_id, lease_id)]
+        replica = self.replicas.get(replica_id)
+        now = self.clock()
+        if replica is not None:
+            replica.last_seen = now
+            if lease_id in replica.leases:
+                replica.leases.discard(lease_id)
+                replica.tasks_run += 1
+                if not replica.leases:
+                    replica.idle_since = now
+        task = self.leases.pop(lease_id, None)
+        if task is not None and task.lease_id == lease_id and not task.phase.terminal:
+            if outcome is Outcome.SUCCEEDED:
+                self._finish_task(task, Phase.SUCCEEDED, message, effects, outputs=outputs)
+            elif outcome is Outcome.FAILED:
+                phase = Phase.RETRYABLE_FAILED if retryable else Phase.FAILED
+                self._finish_task(task, phase, message, effects, error=error)
+            elif outcome is Outcome.LOST:
+                self._lease_lost(task, message or f"the executor on replica {replica_id} died", effects)
+            else:  # cancelled by the replica on its own: only at shutdown, so lease it again
+                self._lease_lost(task, message or f"replica {replica_id} gave the task back", effects)
+        if replica is not None and replica.state is ReplicaState.READY:
+            self._dispatch(self.fleets[replica.fleet_key], effects)
+        return effects
+
+    # ------------------------------------------------------------------------------------------------ time
+
+    def tick(self) -> List[Effect]:
+        """Act on everything due by now: lease deadlines, silent replicas, idle replicas past their TTL."""
+        now = self.clock()
+        effects: List[Effect] = []
+        while self._finished and self._finished[0][0] + self.retain <= now:
+            self.forget(self._finished.popleft()[1])
+        for task in [t for t in self.leases.values() if t.deadline is not None and t.deadline <= now]:
+            effects.append(CancelLease(task.replica_id, task.lease_id, "timed out"))
+            self.leases.pop(task.lease_id, None)
+            self._finish_task(
+                task,
+                Phase.RETRYABLE_FAILED,
+                f"Task {task.name or task.key} did not finish within its timeout of {task.timeout_seconds:g}s "
+                f"(replica {task.replica_id} did not report it in time).",
+                effects,
+            )
+        for replica in list(self.replicas.values()):
+            if replica.state is ReplicaState.READY and now - replica.last_seen > self.heartbeat_timeout:
+                replica.state = ReplicaState.STOPPING
+                effects.append(Stop(replica.id, "no heartbeat"))
+                effects += self.replica_gone(replica.id, f"no heartbeat for {now - replica.last_seen:.0f}s")
+            elif replica.state is ReplicaState.READY and not replica.leases:
+                fleet = self.fleets[replica.fleet_key]
+                if now - replica.idle_since >= fleet.spec.ttl_seconds and not fleet.queue:
+                    effects += self.stop_replica(replica.id, f"idle for {fleet.spec.ttl_seconds:g}s (ttl_seconds)")
+        return effects
+
+    def next_deadline(self) -> Optional[float]:
+        """When ``tick`` next has something to do, so the caller can sleep exactly until then."""
+        times = [t.deadline for t in self.leases.values() if t.deadline is not None]
+        if self._finished:
+            times.append(self._finished[0][0] + self.retain)
+        for replica in self.replicas.values():
+            if replica.state is ReplicaState.READY:
+                times.append(replica.last_seen + self.heartbeat_timeout)
+                if not replica.leases:
+                    times.append(replica.idle_since + self.fleets[replica.fleet_key].spec.ttl_seconds)
+        return min(times) if times else None
+
+    def drain(self) -> List[Effect]:
+        """Stop everything: used at shutdown. Queued and running tasks fail as retryable."""
+        self.draining = True
+        effects: List[Effect] = []
+        for job in list(self.maps.values()):
+            if not job.phase.terminal:
+                effects += self._finish_map(job, Phase.RETRYABLE_FAILED, "the actor agent shut down")
+        for task in list(self.tasks.values()):
+            if not task.phase.terminal:
+                self._abort_task(task, "the actor agent shut down", effects, Phase.RETRYABLE_FAILED)
+                self._finished.append((task.finished_at, task.key))
+                effects.append(Finished(task.key))
+        for replica in list(self.replicas.values()):
+            effects += self.stop_replica(replica.id, "the actor agent shut down")
+        return effects
+
+    # ------------------------------------------------------------------------------------------- internals
+
+    def _new_task(self, request: TaskRequest, parent: Optional[MapJob] = None, index: int = 0) -> TaskState:
+        fleet = self.fleets.get(request.fleet.key)
+        if fleet is None:
+            fleet = self.fleets[request.fleet.key] = Fleet(spec=request.fleet)
+        elif request.fleet.replica_count != fleet.spec.replica_count or request.fleet.ttl_seconds != fleet.spec.ttl_seconds:
+            fleet.spec = request.fleet  # the latest registration decides the fleet's size and TTL
+        return TaskState(
+            key=request.key,
+            fleet_key=request.fleet.key,
+            payload=request.payload,
+            timeout_seconds=request.timeout_seconds,
+            name=request.name,
+            submitted_at=self.clock(),
+            parent=parent,
+            index=index,
+        )
+
+    def _enqueue(self, task: TaskState, front: bool = False) -> List[Effect]:
+        effects: List[Effect] = []
+        fleet = self.fleets[task.fleet_key]
+        task.phase = Phase.QUEUED
+        if self.draining:
+            self._finish_task(task, Phase.RETRYABLE_FAILED, "the actor agent is shutting down", effects)
+            return effects
+        if self._cannot_start(fleet) and self.clock() - fleet.failed_at < self.start_retry_after:
+            self._finish_task(task, Phase.FAILED, self._start_error(fleet), effects)
+            return effects
+        if front:
+            fleet.queue.appendleft(task)
+        else:
+            fleet.queue.append(task)
+        self._dispatch(fleet, effects)
+        self._scale(fleet, effects)
+        return effects
+
+    def _cannot_start(self, fleet: Fleet) -> bool:
+        return fleet.start_failures >= self.start_failure_limit and not any(
+            r.state is ReplicaState.READY for r in fleet.replicas.values()
+        )
+
+    def _start_error(self, fleet: Fleet) -> str:
+        return (
+            f"Replicas of actor environment {fleet.spec.name!r} cannot start ({fleet.start_failures} tries): "
+            f"{fleet.last_start_error}"
+        )
+
+    def _dispatch(self, fleet: Fleet, effects: List[Effect]) -> None:
+        """Give queued tasks to the busiest ready replica with a free slot, so idle ones can expire."""
+        while fleet.queue:
+            best: Optional[Replica] = None
+            for replica in fleet.replicas.values():
+                if replica.state is ReplicaState.READY and len(replica.leases) < replica.capacity:
+                    if best is None or len(replica.leases) > len(best.leases):
+                        best = replica
+            if best is None:
+                return
+            task = fleet.queue.popleft()
+            if task.phase is not Phase.QUEUED:
+                continue
+            now = self.clock()
+            lease_id = self.new_id()
+            task.phase = Phase.RUNNING
+            task.lease_id = lease_id
+            task.replica_id = best.id
+            task.leases += 1
+            task.started_at = task.started_at or now
+            task.deadline = now + task.timeout_seconds + self.lease_grace if task.timeout_seconds else None
+            best.leases.add(lease_id)
+            self.leases[lease_id] = task
+            effects.append(Assign(best.id, lease_id, task))
+
+    def _scale(self, fleet: Fleet, effects: List[Effect]) -> None:
+        """Launch replicas for the work at hand, up to ``replica_count``; never scale down (TTL does)."""
+        if self.draining:
+            return
+        running = sum(len(r.leases) for r in fleet.replicas.values())
+        demand = len(fleet.queue) + running
+        desired = min(fleet.spec.replica_count, math.ceil(demand / max(1, fleet.spec.parallelism)))
+        alive = [r for r in fleet.replicas.values() if r.state is not ReplicaState.STOPPING]
+        for _ in range(desired - len(alive)):
+            replica = Replica(id=self.new_id(), token=self.new_token(), fleet_key=fleet.spec.key, launched_at=self.clock())
+            fleet.replicas[replica.id] = replica
+            self.replicas[replica.id] = replica
+            effects.append(Launch(replica.id, replica.token, fleet.spec))
+
+    def _lease_lost(self, task: TaskState, cause: str, effects: List[Effect]) -> None:
+        task.lease_id = None
+        task.replica_id = None
+        task.deadline = None
+        if task.leases >= self.max_leases:
+            self._finish_task(
+                task,
+                Phase.RETRYABLE_FAILED,
+                f"Task {task.name or task.key} was lost {task.leases} times; last: {cause}",
+                effects,
+            )
+        else:
+            effects += self._enqueue(task, front=True)
+
+    def _fail_queue(self, fleet: Fleet, message: str, effects: List[Effect]) -> None:
+        while fleet.queue:
+            task = fleet.queue.popleft()
+            if task.phase is Phase.QUEUED:
+                self._finish_task(task, Phase.FAILED, message, effects)
+
+    def _abort_task(self, task: TaskState, reason: str, effects: List[Effect], phase: Phase = Phase.ABORTED) -> None:
+        if task.phase is Phase.QUEUED:
+            fleet = self.fleets[task.fleet_key]
+            try:
+                fleet.queue.remove(task)
+            except ValueError:
+                pass
+        elif task.phase is Phase.RUNNING and task.lease_id is not None:
+            # The replica keeps the slot until it reports the lease cancelled; its late report is only acked.
+            effects.append(CancelLease(task.replica_id, task.lease_id, reason))
+            self.leases.pop(task.lease_id, None)
+        task.phase = phase
+        task.message = reason
+        task.finished_at = self.clock()
+
+    def _finish_task(
+        self,
+        task: TaskState,
+        phase: Phase,
+        message: str,
+        effects: List[Effect],
+        outputs: Optional[bytes] = None,
+        error: Optional[bytes] = None,
+    ) -> None:
+        task.phase = phase
+        task.message = message
+        task.outputs = outputs
+        task.error = error
+        task.finished_at = self.clock()
+        task.deadline = None
+        if task.parent is None:
+            self._finished.append((task.finished_at, task.key))
+            effects.append(Finished(task.key))
+        else:
+            self._element_finished(task.parent, task, effects)
+
+    # ------------------------------------------------------------------------------------------- actor maps
+
+    def _feed_map(self, job: MapJob, effects: List[Effect]) -> None:
+        while job.phase is Phase.RUNNING and job.next_index < job.size and len(job.in_flight) < job.concurrency:
+            index = job.next_index
+            job.next_index += 1
+            task = self._new_task(job.make_element(index), parent=job, index=index)
+            job.in_flight[index] = task
+            effects += self._enqueue(task)
+
+    def _element_finished(self, job: MapJob, task: TaskState, effects: List[Effect]) -> None:
+        job.in_flight.pop(task.index, None)
+        if job.phase.terminal:
+            return
+        if task.phase is Phase.SUCCEEDED:
+            job.succeeded += 1
+            job.outputs[task.index] = task.outputs
+        else:
+            job.failed += 1
+            job.errors[task.index] = task.message
+            if job.failed > job.allowed_failures:
+                phase = Phase.RETRYABLE_FAILED if task.phase is Phase.RETRYABLE_FAILED else Phase.FAILED
+                effects += self._finish_map(
+                    job,
+                    phase,
+                    f"{job.failed} of {job.size} elements failed, more than min_success_ratio="
+                    f"{job.min_success_ratio:g} allows; element {task.index}: {task.message}",
+                )
+                return
+        if job.succeeded + job.failed == job.size:
+            effects += self._finish_map(job, Phase.SUCCEEDED, f"{job.succeeded} of {job.size} elements succeeded")
+        else:
+            self._feed_map(job, effects)
+
+    def _finish_map(self, job: MapJob, phase: Phase, message: str) -> List[Effect]:
+        effects: List[Effect] = []
+        job.phase = phase
+        job.message = message
+        job.finished_at = self.clock()
+        for task in list(job.in_flight.values()):
+            self._abort_task(task, f"actor map {job.key} ended: {message}", effects)
+        job.in_flight.clear()
+        self._finished.append((job.finished_at, job.key))
+        effects.append(Finished(job.key))
+        return effects
