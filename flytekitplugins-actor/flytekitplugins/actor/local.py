@@ -85,6 +85,17 @@ def run_on_fleet(task: Union["ActorTask", "ActorMapTask"], ctx: FlyteContext, in
             f"'flyte-actors-agent', or set {LOCAL_MODE_ENV}={INPROCESS} to run actor tasks in this process."
         ) from e
     from flyteidl.core.execution_pb2 import TaskExecution
+
+    template, output_prefix = local_template(task, ctx)
+    resource = local_agent().run(template, inputs=inputs, output_prefix=output_prefix)
+    if resource.phase != TaskExecution.SUCCEEDED:
+        raise ActorTaskFailed(f"Actor task {task.name} failed: {resource.message}")
+    return resource.outputs if resource.outputs is not None else LiteralMap(literals={})
+
+
+def local_template(task: Union["ActorTask", "ActorMapTask"], ctx: FlyteContext):
+    """Serialize ``task`` for a run on local replicas: its TaskTemplate with local output paths filled in, and
+    its output prefix."""
     from flytekit.tools.translator import get_serializable
 
     settings = ctx.serialization_settings or SerializationSettings(ImageConfig.auto_default_image())
@@ -102,10 +113,7 @@ def run_on_fleet(task: Union["ActorTask", "ActorMapTask"], ctx: FlyteContext, in
         at = args.index("--resolver")
         args[at:at] = ["--dynamic-dest-dir", code_root]
     template.container._args = args
-    resource = local_agent().run(template, inputs=inputs, output_prefix=output_prefix)
-    if resource.phase != TaskExecution.SUCCEEDED:
-        raise ActorTaskFailed(f"Actor task {task.name} failed: {resource.message}")
-    return resource.outputs if resource.outputs is not None else LiteralMap(literals={})
+    return template, output_prefix
 
 
 def _code_root(module_name: str) -> Optional[str]:

@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +133,7 @@ class KubeCluster:
         """A client authenticated as the admin user (group system:masters)."""
         return kubernetes.client.ApiClient(self._client_configuration())
 
-    def impersonating_client(self, user: str, groups: list[str] = ()) -> kubernetes.client.ApiClient:
+    def impersonating_client(self, user: str, groups: Iterable[str] = ()) -> kubernetes.client.ApiClient:
         """A client acting as ``user``, e.g. ``system:serviceaccount:NS:NAME``. For a service account with no
         ``groups`` the apiserver adds its groups (system:serviceaccounts[:NS]) itself, as for a real token."""
         return _ImpersonatingApiClient(self._client_configuration(), user, list(groups))
@@ -156,9 +157,10 @@ class KubeCluster:
         deadline = time.monotonic() + self.timeout_s
         while not ready():
             if process.poll() is not None or time.monotonic() > deadline:
-                state = f"exited with {process.returncode}" if process.returncode is not None else "not ready"
+                state = f"exited with code {process.returncode}" if process.returncode is not None else (
+                    f"not ready after {self.timeout_s}s")
                 log_tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{name} {state} after {self.timeout_s}s at most; log tail:\n{log_tail}")
+                raise RuntimeError(f"{name} {state}; end of its log:\n{log_tail}")
             time.sleep(0.2)
 
     def _start_etcd(self) -> str:

@@ -1,0 +1,105 @@
+"""Actor tasks that exercise the replica runtime: state wipe, failures, timeouts, executor deaths."""
+
+import os
+import sys
+import threading
+import time
+import uuid
+
+from flytekitplugins.actor import ActorEnvironment, actor_cache
+
+actor = ActorEnvironment(name="runtime-test", replica_count=1, ttl_seconds=60)
+wide = ActorEnvironment(name="runtime-wide", replica_count=4, ttl_seconds=60)
+broken = ActorEnvironment(name="runtime-broken", replica_count=1, environment={"PYTHONMALLOC": "broken-image"})
+
+COUNTER = 0
+
+
+@actor.task
+def bump() -> int:
+    global COUNTER
+    COUNTER += 1
+    return COUNTER
+
+
+@actor.task
+def set_env() -> str:
+    os.environ["ACTOR_TEST_LEAK"] = "leaked"
+    os.chdir("/")
+    return os.environ["ACTOR_TEST_LEAK"]
+
+
+@actor.task
+def read_env() -> str:
+    return f"{os.environ.get('ACTOR_TEST_LEAK', '')}|{os.getcwd() != '/'}"
+
+
+@actor_cache
+def token() -> str:
+    return uuid.uuid4().hex
+
+
+@actor.task
+def cached_token() -> str:
+    return token()
+
+
+@actor.task
+def whoami() -> int:
+    return os.getppid()  # the replica worker process
+
+
+@actor.task
+def fail(message: str) -> int:
+    if message:
+        raise ValueError(message)
+    return 0
+
+
+@actor.task
+def exit_task(code: int) -> int:
+    sys.exit(code)
+    return code
+
+
+@actor.task
+def die() -> int:
+    os.kill(os.getpid(), 9)  # what the kernel's OOM killer does
+    return 0
+
+
+@actor.task
+def sleep_for(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@actor.task(timeout=2)
+def too_slow() -> int:
+    time.sleep(60)
+    return 0
+
+
+@actor.task
+def leak_thread() -> int:
+    threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()
+    return threading.active_count()
+
+
+@wide.task
+def record(i: int, log: str) -> int:
+    with open(log, "a") as f:
+        f.write(f"{i}\n")
+    return i * 2
+
+
+@wide.task
+def odd_fails(i: int) -> int:
+    if i % 2:
+        raise ValueError(f"odd {i}")
+    return i
+
+
+@broken.task
+def never_runs() -> int:
+    return 0
