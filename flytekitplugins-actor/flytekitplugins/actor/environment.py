@@ -151,13 +151,14 @@ class ActorEnvironment:
 
     def spec(self, image: str) -> Dict[str, Any]:
         """What a replica of this environment is, as plain JSON, given the image resolved at serialization."""
-        from flytekit.core.pod_template import serialize_pod_template
-
         pod_template = None
         if self.pod_template is not None:
+            from kubernetes.client import ApiClient
+
             pod_template = {
                 "primary_container_name": self.pod_template.primary_container_name,
-                "pod_spec": serialize_pod_template(self.pod_template.pod_spec),
+                # Kubernetes' own JSON form (camelCase, no nulls), as a PodTemplateSpec's spec.
+                "pod_spec": ApiClient().sanitize_for_serialization(self.pod_template.pod_spec),
                 "labels": dict(self.pod_template.labels or {}),
                 "annotations": dict(self.pod_template.annotations or {}),
             }
