@@ -25,6 +25,7 @@ setup(
         "protobuf>=7.35,<8",
         "kubernetes>=29,<37",
         "prometheus-client>=0.20,<1",
+        "grpcio-health-checking>=1.85,<2",
     ],
     extras_require={
         "dev": [

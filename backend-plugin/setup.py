@@ -12,6 +12,7 @@ setup(
         "grpcio>=1.85,<2",
         "kubernetes>=29,<37",
         "prometheus-client>=0.20,<1",
+        "grpcio-health-checking>=1.85,<2",
     ],
     entry_points={"console_scripts": ["flyte-actor-agent=flyte_actor_agent.server:main"]},
 )

@@ -56,14 +56,21 @@ class ActorAgent:
         lease_host: str = "127.0.0.1",
         lease_port: int = 0,
         advertise_host: Optional[str] = None,
+        advertised_port: Optional[int] = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL_SECONDS,
         metrics: Optional[Metrics] = None,
+        max_ttl_seconds: Optional[float] = None,
+        recovery_grace: float = 60.0,
         **scheduler_options: Any,
     ):
         self._launcher_factory = launcher_factory
         self._lease_host = lease_host
         self._lease_port = lease_port
         self._advertise_host = advertise_host
+        self._advertised_port = advertised_port
+        self.max_ttl_seconds = max_ttl_seconds
+        self.recovery_grace = recovery_grace
+        self._recovering_until = 0.0
         self.heartbeat_interval = heartbeat_interval
         self.metrics = metrics or Metrics()
         self.scheduler = core.Scheduler(
@@ -138,6 +145,9 @@ class ActorAgent:
             )
         task = self.scheduler.tasks.get(key)
         if task is None:
+            if time.monotonic() < self._recovering_until:
+                return TaskView(key, core.Phase.RUNNING, "the actor agent restarted; waiting for a replica to report "
+                                "this task (up to --recovery-grace-seconds)")
             return None
         message = task.message
         if task.phase is core.Phase.QUEUED:
@@ -175,8 +185,27 @@ class ActorAgent:
         if port == 0:
             raise OSError(f"cannot listen for replicas on {self._lease_host}:{self._lease_port}")
         await self._server.start()
-        self.lease_address = f"{self._advertise_host or self._lease_host}:{port}"
-        log.info("lease service listening on %s", self.lease_address)
+        self.lease_address = f"{self._advertise_host or self._lease_host}:{self._advertised_port or port}"
+        log.info("lease service listening on port %s; replicas dial %s", port, self.lease_address)
+        adopt = getattr(self.launcher, "adopt", None)
+        if adopt is not None:
+            adopted = await adopt()
+            for replica in adopted:
+                self.scheduler.adopt_replica(replica.replica_id, replica.token, _fleet_of(replica, self.max_ttl_seconds))
+            if adopted:
+                log.info("adopted %d replicas left by a previous agent", len(adopted))
+            # Tasks GetTask asks about that this agent does not know may still be running on a replica.
+            self._recovering_until = time.monotonic() + self.recovery_grace
+            self._arm_timer()
+
+    def shutdown(self, grace: float) -> None:
+        """Graceful stop of a served agent: take no new work, let running tasks finish for up to ``grace``
+        seconds, then stop. A launcher whose replicas outlive the agent (Kubernetes) leaves them running."""
+        deadline = time.monotonic() + grace
+        self.call(setattr, self.scheduler, "draining", True).result(timeout=10)
+        while time.monotonic() < deadline and self.call(lambda: bool(self.scheduler.leases)).result(timeout=10):
+            time.sleep(0.2)
+        self.stop()
 
     async def _stop(self) -> None:
         self._apply(self.scheduler.drain())
@@ -275,6 +304,19 @@ class ActorAgent:
     def _tick(self) -> None:
         self._timer = None
         self._apply(self.scheduler.tick())
+
+
+def _fleet_of(replica, max_ttl: Optional[float]) -> core.Fleet.Spec:
+    environment = replica.environment
+    ttl = min(environment.ttl_seconds, max_ttl) if max_ttl else environment.ttl_seconds
+    return core.Fleet.Spec(
+        key=replica.fleet_key,
+        name=environment.name,
+        replica_count=environment.replica_count,
+        ttl_seconds=ttl,
+        parallelism=environment.parallelism,
+        extra={"environment": environment, "context": replica.context},
+    )
 
 
 class _LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):

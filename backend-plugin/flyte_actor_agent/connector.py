@@ -81,7 +81,7 @@ class ActorConnector(AsyncConnectorBase):
             )
         command = TaskCommand.from_args(list(task_template.container.args))
         key = _task_key(task_execution_metadata) or uuid.uuid4().hex
-        fleet = fleet_spec(custom.environment, task_execution_metadata)
+        fleet = fleet_spec(custom.environment, task_execution_metadata, agent.max_ttl_seconds)
         env = _task_environment(task_template, task_execution_metadata)
         timeout = task_template.metadata.timeout.total_seconds() if task_template.metadata.timeout else 0.0
         name = task_template.id.name or "task"
@@ -171,9 +171,13 @@ def resource_of(view: Optional[TaskView], meta: ActorMetadata) -> Resource:
     return Resource(phase=phase, message=message, outputs=outputs, custom_info=custom_info)
 
 
-def fleet_spec(environment: EnvironmentSpec, metadata: Optional[TaskExecutionMetadata]) -> core.Fleet.Spec:
+def fleet_spec(
+    environment: EnvironmentSpec, metadata: Optional[TaskExecutionMetadata], max_ttl: Optional[float] = None
+) -> core.Fleet.Spec:
     namespace = getattr(metadata, "namespace", None) or ""
     context: Dict[str, str] = {"namespace": namespace}
+    if getattr(metadata, "k8s_service_account", None):
+        context["service_account"] = metadata.k8s_service_account
     exec_id = _execution_id(metadata)
     if exec_id is not None:
         context.update(project=exec_id.project, domain=exec_id.domain)
@@ -182,7 +186,7 @@ def fleet_spec(environment: EnvironmentSpec, metadata: Optional[TaskExecutionMet
         key=environment.key + (f".{namespace}" if namespace else ""),
         name=environment.name,
         replica_count=environment.replica_count,
-        ttl_seconds=environment.ttl_seconds,
+        ttl_seconds=min(environment.ttl_seconds, max_ttl) if max_ttl else environment.ttl_seconds,
         parallelism=environment.parallelism,
         extra={"environment": environment, "context": context},
     )

@@ -8,9 +8,10 @@ whoever waits on a task). The agent's reactor is the only caller in production; 
     >>> env = Fleet.Spec(key="hello-abc", name="hello", replica_count=1, ttl_seconds=60, parallelism=1)
     >>> [type(e).__name__ for e in s.submit(TaskRequest(key="t1", fleet=env, payload="spec"))]
     ['Launch']
-    >>> [type(e).__name__ for e in s.replica_connected("r1", "t", "hello-abc", capacity=1)]
-    ['Assign']
-    >>> [type(e).__name__ for e in s.report("r1", "l1", Outcome.SUCCEEDED, outputs=b"")]
+    >>> (assign,) = s.replica_connected("r1", "t", "hello-abc", capacity=1)
+    >>> type(assign).__name__, assign.lease_id
+    ('Assign', 'l1|t1')
+    >>> [type(e).__name__ for e in s.report("r1", assign.lease_id, Outcome.SUCCEEDED, outputs=b"")]
     ['Ack', 'Finished']
 """
 
@@ -28,8 +29,12 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Union
 HEARTBEAT_TIMEOUT_SECONDS = 30.0
 #: After replicas of a fleet failed to start, tasks for it fail at once for this long, then a launch is retried.
 START_RETRY_AFTER_SECONDS = 60.0
+#: Lease ids are "<random id>|<task key>", so an agent that restarted learns from a replica which task it runs.
+LEASE_KEY_SEPARATOR = "|"
 #: How long a finished task's result is kept for GetTask (propeller stops asking once it saw a terminal phase).
 RETAIN_SECONDS = 3600.0
+#: A replica that has not connected this long after its launch is stopped and counts as a failed start.
+START_TIMEOUT_SECONDS = 600.0
 #: Extra time the agent gives a replica past a task's own timeout before taking the lease back.
 LEASE_GRACE_SECONDS = 30.0
 
@@ -161,6 +166,7 @@ class Replica:
     idle_since: float = 0.0
     last_seen: float = 0.0
     tasks_run: int = 0
+    adopted: bool = False
 
 
 @dataclass(eq=False)
@@ -223,6 +229,7 @@ class Scheduler:
         lease_grace: float = LEASE_GRACE_SECONDS,
         start_retry_after: float = START_RETRY_AFTER_SECONDS,
         retain: float = RETAIN_SECONDS,
+        start_timeout: float = START_TIMEOUT_SECONDS,
     ):
         self.clock = clock
         self.new_id = new_id
@@ -233,6 +240,7 @@ class Scheduler:
         self.lease_grace = lease_grace
         self.start_retry_after = start_retry_after
         self.retain = retain
+        self.start_timeout = start_timeout
         self._finished: Deque[tuple] = deque()  # (finished_at, key), oldest first, to forget results in O(1)
         self.fleets: Dict[str, Fleet] = {}
         self.tasks: Dict[str, TaskState] = {}
@@ -322,12 +330,40 @@ class Scheduler:
         fleet.start_failures = 0
         # A reconnecting replica keeps the leases we still hold for it; the rest it must drop.
         for lease_id in running:
+            if replica.adopted and lease_id not in self.leases:
+                self._recover_lease(replica, lease_id)
             task = self.leases.get(lease_id)
             if task is not None and task.replica_id == replica_id:
                 replica.leases.add(lease_id)
         effects: List[Effect] = []
         self._dispatch(fleet, effects)
         return effects
+
+    def adopt_replica(self, replica_id: str, token: str, fleet: "Fleet.Spec") -> None:
+        """Take back a replica a previous agent launched (after a restart); it counts as starting until it
+        connects and reports what it runs."""
+        if replica_id in self.replicas:
+            return
+        fleet_state = self.fleets.get(fleet.key)
+        if fleet_state is None:
+            fleet_state = self.fleets[fleet.key] = Fleet(spec=fleet)
+        replica = Replica(id=replica_id, token=token, fleet_key=fleet.key, launched_at=self.clock(), adopted=True)
+        fleet_state.replicas[replica_id] = replica
+        self.replicas[replica_id] = replica
+
+    def _recover_lease(self, replica: Replica, lease_id: str) -> None:
+        """A reconnecting adopted replica runs ``lease_id``, which this agent never issued: rebuild its task
+        from the key in the lease id, so GetTask finds it and the replica's report completes it."""
+        key = lease_id.partition(LEASE_KEY_SEPARATOR)[2]
+        if not key or key in self.tasks or key in self.maps:
+            return
+        task = TaskState(
+            key=key, fleet_key=replica.fleet_key, payload=None, timeout_seconds=0.0, name=key,
+            submitted_at=self.clock(), phase=Phase.RUNNING, lease_id=lease_id, replica_id=replica.id, leases=1,
+            started_at=self.clock(),
+        )
+        self.tasks[key] = task
+        self.leases[lease_id] = task
 
     def abandoned_leases(self, replica_id: str, running: List[str]) -> List[str]:
         replica = self.replicas.get(replica_id)
@@ -347,7 +383,7 @@ class Scheduler:
         fleet = self.fleets[replica.fleet_key]
         fleet.replicas.pop(replica_id, None)
         effects: List[Effect] = []
-        if replica.state is ReplicaState.STARTING:
+        if replica.state is ReplicaState.STARTING and not replica.adopted:
             fleet.start_failures += 1
             fleet.last_start_error = cause
             if self._cannot_start(fleet):
@@ -415,6 +451,8 @@ class Scheduler:
         while self._finished and self._finished[0][0] + self.retain <= now:
             self.forget(self._finished.popleft()[1])
         for task in [t for t in self.leases.values() if t.deadline is not None and t.deadline <= now]:
+            if self.leases.get(task.lease_id) is not task:
+                continue  # already ended by an earlier one in this loop (its actor map ended)
             effects.append(CancelLease(task.replica_id, task.lease_id, "timed out"))
             self.leases.pop(task.lease_id, None)
             self._finish_task(
@@ -425,7 +463,11 @@ class Scheduler:
                 effects,
             )
         for replica in list(self.replicas.values()):
-            if replica.state is ReplicaState.READY and now - replica.last_seen > self.heartbeat_timeout:
+            if replica.state is ReplicaState.STARTING and now - replica.launched_at >= self.start_timeout:
+                effects.append(Stop(replica.id, "did not connect in time"))
+                effects += self.replica_gone(
+                    replica.id, f"replica {replica.id} did not connect within {self.start_timeout:g}s of its launch")
+            elif replica.state is ReplicaState.READY and now - replica.last_seen > self.heartbeat_timeout:
                 replica.state = ReplicaState.STOPPING
                 effects.append(Stop(replica.id, "no heartbeat"))
                 effects += self.replica_gone(replica.id, f"no heartbeat for {now - replica.last_seen:.0f}s")
@@ -441,7 +483,9 @@ class Scheduler:
         if self._finished:
             times.append(self._finished[0][0] + self.retain)
         for replica in self.replicas.values():
-            if replica.state is ReplicaState.READY:
+            if replica.state is ReplicaState.STARTING:
+                times.append(replica.launched_at + self.start_timeout)
+            elif replica.state is ReplicaState.READY:
                 times.append(replica.last_seen + self.heartbeat_timeout)
                 if not replica.leases:
                     times.append(replica.idle_since + self.fleets[replica.fleet_key].spec.ttl_seconds)
@@ -525,7 +569,7 @@ class Scheduler:
             if task.phase is not Phase.QUEUED:
                 continue
             now = self.clock()
-            lease_id = self.new_id()
+            lease_id = f"{self.new_id()}{LEASE_KEY_SEPARATOR}{task.key}"
             task.phase = Phase.RUNNING
             task.lease_id = lease_id
             task.replica_id = best.id
@@ -554,7 +598,9 @@ class Scheduler:
         task.lease_id = None
         task.replica_id = None
         task.deadline = None
-        if task.leases >= self.max_leases:
+        if task.payload is None:
+            self._finish_task(task, Phase.RETRYABLE_FAILED, f"Task {task.key} was lost after an agent restart: {cause}", effects)
+        elif task.leases >= self.max_leases:
             self._finish_task(
                 task,
                 Phase.RETRYABLE_FAILED,

@@ -6,10 +6,9 @@
 
 Replicas drop the user's modules between tasks, so the decorated function is created anew by each task; the
 store therefore lives here, in this module (which is never dropped), keyed by the function's module, qualified
-name and arguments. It is bounded (least recently used entries go first) and safe to use from threads.
-
-The bound is ``maxsize`` entries per process, 128 unless set by ``@actor_cache(maxsize=...)`` or the replica
-environment variable ``FLYTE_ACTOR_CACHE_MAXSIZE``.
+name and arguments. Each function keeps at most ``maxsize`` results, least recently used out first: 128 unless
+set by ``@actor_cache(maxsize=...)`` or the replica environment variable ``FLYTE_ACTOR_CACHE_MAXSIZE``. It is
+safe to use from threads, and two threads asking for the same missing value compute it once.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import functools
 import os
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 DEFAULT_MAXSIZE = 128
 
@@ -26,54 +25,57 @@ _MISSING = object()
 
 
 class _Store:
-    """One least-recently-used map for the whole process, shared by every decorated function."""
+    """The results of every decorated function of this process, one least-recently-used map per function."""
 
     def __init__(self):
         self._lock = threading.RLock()
-        self._entries: "OrderedDict[Hashable, Any]" = OrderedDict()
-        # One lock per key, so two threads asking for the same value compute it once.
-        self._key_locks: dict = {}
+        self._functions: Dict[Hashable, "OrderedDict[Hashable, Any]"] = {}
+        self._key_locks: Dict[Tuple[Hashable, Hashable], threading.Lock] = {}
         self.hits = 0
         self.misses = 0
 
-    def maxsize(self) -> int:
+    def default_maxsize(self) -> int:
         return int(os.environ.get("FLYTE_ACTOR_CACHE_MAXSIZE", DEFAULT_MAXSIZE))
 
-    def get_or_compute(self, key: Hashable, compute: Callable[[], Any], maxsize: int) -> Any:
+    def get_or_compute(self, function: Hashable, key: Hashable, compute: Callable[[], Any], maxsize: int) -> Any:
         with self._lock:
-            value = self._lookup(key)
+            value = self._lookup(function, key)
             if value is not _MISSING:
                 return value
-            key_lock = self._key_locks.setdefault(key, threading.Lock())
+            key_lock = self._key_locks.setdefault((function, key), threading.Lock())
         with key_lock:
-            with self._lock:
-                value = self._lookup(key)
-                if value is not _MISSING:
-                    return value
-                self.misses += 1
-            value = compute()
-            with self._lock:
-                self._entries[key] = value
-                self._entries.move_to_end(key)
-                while len(self._entries) > maxsize:
-                    self._entries.popitem(last=False)
-                self._key_locks.pop(key, None)
-            return value
+            try:
+                with self._lock:
+                    value = self._lookup(function, key)
+                    if value is not _MISSING:
+                        return value
+                    self.misses += 1
+                value = compute()
+                with self._lock:
+                    entries = self._functions.setdefault(function, OrderedDict())
+                    entries[key] = value
+                    while len(entries) > maxsize:
+                        entries.popitem(last=False)
+                return value
+            finally:
+                with self._lock:
+                    self._key_locks.pop((function, key), None)
 
-    def _lookup(self, key: Hashable) -> Any:
-        value = self._entries.get(key, _MISSING)
+    def _lookup(self, function: Hashable, key: Hashable) -> Any:
+        entries = self._functions.get(function)
+        value = _MISSING if entries is None else entries.get(key, _MISSING)
         if value is not _MISSING:
-            self._entries.move_to_end(key)
+            entries.move_to_end(key)
             self.hits += 1
         return value
 
     def clear(self) -> None:
         with self._lock:
-            self._entries.clear()
+            self._functions.clear()
             self.hits = self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(len(entries) for entries in self._functions.values())
 
 
 store = _Store()
@@ -89,9 +91,11 @@ def actor_cache(fn: Optional[Callable] = None, *, maxsize: Optional[int] = None)
 
         @functools.wraps(func)
         def cached(*args, **kwargs):
-            key = (identity, _freeze(args, kwargs, func))
             return store.get_or_compute(
-                key, lambda: func(*args, **kwargs), maxsize if maxsize is not None else store.maxsize()
+                identity,
+                _freeze(args, kwargs, func),
+                lambda: func(*args, **kwargs),
+                maxsize if maxsize is not None else store.default_maxsize(),
             )
 
         cached.cache_clear = store.clear  # type: ignore[attr-defined]

@@ -159,7 +159,8 @@ class TaskCommand:
                     break
             elif arg in cls._OPTIONS and i + 1 < len(args):
                 value = args[i + 1]
-                values[cls._OPTIONS[arg]] = None if value.startswith("{{") or value == "" else value
+                # Propeller renders an absent previous checkpoint as the two characters "" (as flytekit reads it).
+                values[cls._OPTIONS[arg]] = None if value.startswith("{{") or value in ("", '""') else value
                 i += 1
             i += 1
         if not executable_seen or not values.get("resolver") or not resolver_args:

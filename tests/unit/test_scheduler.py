@@ -1,0 +1,635 @@
+"""Unit tests of the scheduling core (``flyte_actor_agent.scheduler``), driven with a fake clock and deterministic ids.
+
+Covered: scale-up on demand, dispatch to the busiest replica, idempotent submit, at-least-once report de-duplication,
+failure phases, lost leases and replicas (re-queue, re-lease, ``max_leases``), replicas that cannot start, refused
+connections, cancellation, ``tick`` (TTL, heartbeat timeout, lease deadline, forgetting results), ``next_deadline``,
+actor maps (concurrency, output order, ``min_success_ratio``, cancel, empty maps), ``drain`` and the module doctest.
+"""
+
+from __future__ import annotations
+
+import doctest
+import itertools
+from typing import Dict, List, Tuple
+
+import pytest
+
+from flyte_actor_agent import scheduler as scheduler_module
+from flyte_actor_agent.scheduler import (
+    Ack,
+    Assign,
+    CancelLease,
+    Finished,
+    Fleet,
+    Launch,
+    Outcome,
+    Phase,
+    Refuse,
+    ReplicaState,
+    Scheduler,
+    Stop,
+    TaskRequest,
+    TaskState,
+)
+
+
+class Clock:
+    """A clock that only moves when the test sets ``now``."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_scheduler(clock: Clock, **kwargs) -> Scheduler:
+    ids = itertools.count(1)
+    tokens = itertools.count(1)
+    return Scheduler(
+        clock=clock, new_id=lambda: f"id{next(ids)}", new_token=lambda: f"token{next(tokens)}", **kwargs
+    )
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def sched(clock: Clock) -> Scheduler:
+    return make_scheduler(clock)
+
+
+def fleet_spec(replica_count: int = 1, parallelism: int = 1, ttl_seconds: float = 60, name: str = "env") -> Fleet.Spec:
+    return Fleet.Spec(
+        key=f"{name}-v1", name=name, replica_count=replica_count, ttl_seconds=ttl_seconds, parallelism=parallelism
+    )
+
+
+def request(key: str, fleet: Fleet.Spec, timeout: float = 0.0) -> TaskRequest:
+    return TaskRequest(key=key, fleet=fleet, payload=f"payload of {key}", timeout_seconds=timeout, name=key)
+
+
+def elements(fleet: Fleet.Spec, map_key: str = "m", timeout: float = 0.0):
+    """``make_element`` for ``submit_map``: element ``i`` is ``m[i]`` with payload ``i``."""
+    return lambda i: TaskRequest(key=f"{map_key}[{i}]", fleet=fleet, payload=i, timeout_seconds=timeout)
+
+
+def only(effects: list, kind: type) -> list:
+    return [e for e in effects if isinstance(e, kind)]
+
+
+def assigned(effects: list) -> Dict[str, Assign]:
+    """The Assign effects, by task key."""
+    return {e.task.key: e for e in only(effects, Assign)}
+
+
+def connect(sched: Scheduler, launch: Launch) -> list:
+    return sched.replica_connected(launch.replica_id, launch.token, launch.fleet.key, capacity=launch.fleet.parallelism)
+
+
+def submit_all(sched: Scheduler, fleet: Fleet.Spec, *keys: str, timeout: float = 0.0) -> List[Launch]:
+    """Submit tasks; return the replicas launched for them."""
+    launches: List[Launch] = []
+    for key in keys:
+        launches += only(sched.submit(request(key, fleet, timeout)), Launch)
+    return launches
+
+
+def start_one(sched: Scheduler, fleet: Fleet.Spec, key: str = "t1", timeout: float = 0.0) -> Assign:
+    """Submit one task to an empty fleet and connect the replica launched for it: the task's Assign."""
+    (launch,) = submit_all(sched, fleet, key, timeout=timeout)
+    return assigned(connect(sched, launch))[key]
+
+
+def report(sched: Scheduler, assign: Assign, outcome: Outcome = Outcome.SUCCEEDED, **kwargs) -> list:
+    return sched.report(assign.replica_id, assign.lease_id, outcome, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ scale and dispatch
+
+
+def test_replicas_start_on_demand_up_to_replica_count(sched):
+    fleet = fleet_spec(replica_count=3, parallelism=2)
+    assert sched.replicas == {}
+    launches: List[Launch] = []
+    launched_after_each_submit = []
+    for n in range(1, 9):
+        launches += submit_all(sched, fleet, f"t{n}")
+        launched_after_each_submit.append(len(launches))
+    # ceil(demand / parallelism), capped at replica_count
+    assert launched_after_each_submit == [1, 1, 2, 2, 3, 3, 3, 3]
+    assert len({launch.replica_id for launch in launches}) == 3
+    assert all(launch.fleet == fleet for launch in launches)
+    assert all(sched.replicas[launch.replica_id].token == launch.token for launch in launches)
+
+
+def test_dispatch_prefers_the_busiest_replica_with_a_free_slot(sched):
+    fleet = fleet_spec(replica_count=2, parallelism=2)
+    a, b = submit_all(sched, fleet, "t1", "t2", "t3")
+    on_a = assigned(connect(sched, a))
+    assert {k: e.replica_id for k, e in on_a.items()} == {"t1": a.replica_id, "t2": a.replica_id}
+    on_b = assigned(connect(sched, b))
+    assert {k: e.replica_id for k, e in on_b.items()} == {"t3": b.replica_id}
+
+    report(sched, on_a["t1"])
+    report(sched, on_b["t3"])  # a runs one task, b none
+
+    effects = sched.submit(request("t4", fleet))
+    assert only(effects, Launch) == []
+    assert assigned(effects)["t4"].replica_id == a.replica_id  # b stays idle, so it can expire
+    effects = sched.submit(request("t5", fleet))  # a is full now
+    assert assigned(effects)["t5"].replica_id == b.replica_id
+
+
+def test_a_report_that_frees_a_slot_assigns_the_next_queued_task_at_once(sched):
+    fleet = fleet_spec()
+    (launch,) = submit_all(sched, fleet, "t1", "t2")
+    first = assigned(connect(sched, launch))
+    assert list(first) == ["t1"]
+    assert sched.tasks["t2"].phase is Phase.QUEUED
+
+    effects = report(sched, first["t1"], outputs=b"out")
+    assert effects[:2] == [Ack(launch.replica_id, first["t1"].lease_id), Finished("t1")]
+    (assign,) = only(effects, Assign)
+    assert (assign.replica_id, assign.task.key) == (launch.replica_id, "t2")
+    assert sched.tasks["t2"].phase is Phase.RUNNING
+
+
+def test_submitting_the_same_key_again_is_a_no_op(sched):
+    fleet = fleet_spec()
+    (launch,) = submit_all(sched, fleet, "t1")
+    assert sched.submit(TaskRequest(key="t1", fleet=fleet, payload="other")) == []
+    assert list(sched.fleets[fleet.key].queue) == [sched.tasks["t1"]]
+    assert sched.tasks["t1"].payload == "payload of t1"
+
+    report(sched, assigned(connect(sched, launch))["t1"], outputs=b"out")
+    assert sched.submit(request("t1", fleet)) == []
+    assert sched.tasks["t1"].phase is Phase.SUCCEEDED
+
+
+# ----------------------------------------------------------------------------------------------------------- reports
+
+
+def test_reports_of_unknown_replicas_or_leases_are_only_acked(sched):
+    assert sched.report("ghost", "no-such-lease", Outcome.SUCCEEDED, outputs=b"x") == [Ack("ghost", "no-such-lease")]
+    assign = start_one(sched, fleet_spec())
+    assert sched.report(assign.replica_id, "no-such-lease", Outcome.FAILED) == [Ack(assign.replica_id, "no-such-lease")]
+    assert sched.tasks["t1"].phase is Phase.RUNNING
+
+
+def test_duplicate_terminal_reports_are_acked_and_ignored(sched):
+    assign = start_one(sched, fleet_spec())
+    assert report(sched, assign, outputs=b"first") == [Ack(assign.replica_id, assign.lease_id), Finished("t1")]
+    # At-least-once delivery: the replica sends the same report again, or a different one for the same lease.
+    assert report(sched, assign, outputs=b"first") == [Ack(assign.replica_id, assign.lease_id)]
+    assert report(sched, assign, Outcome.FAILED, error=b"late") == [Ack(assign.replica_id, assign.lease_id)]
+    task = sched.tasks["t1"]
+    assert (task.phase, task.outputs, task.error) == (Phase.SUCCEEDED, b"first", None)
+    assert sched.replicas[assign.replica_id].tasks_run == 1
+
+
+@pytest.mark.parametrize("retryable, phase", [(True, Phase.RETRYABLE_FAILED), (False, Phase.FAILED)])
+def test_failed_reports_end_the_task_retryably_or_not(sched, retryable, phase):
+    assign = start_one(sched, fleet_spec())
+    effects = report(sched, assign, Outcome.FAILED, error=b"error pb", message="ValueError: boom", retryable=retryable)
+    assert effects == [Ack(assign.replica_id, assign.lease_id), Finished("t1")]
+    task = sched.tasks["t1"]
+    assert (task.phase, task.message, task.error, task.leases) == (phase, "ValueError: boom", b"error pb", 1)
+
+
+# -------------------------------------------------------------------------------------------------- lost leases
+
+
+def test_a_lost_replicas_task_goes_back_to_the_front_of_the_queue(sched):
+    fleet = fleet_spec()
+    (a,) = submit_all(sched, fleet, "t1", "t2")
+    first = assigned(connect(sched, a))["t1"]
+
+    effects = sched.replica_gone(a.replica_id, "OOMKilled")
+    (b,) = only(effects, Launch)  # the queue still holds work, so a replacement starts
+    assert sched.tasks["t1"].phase is Phase.QUEUED
+    assert [t.key for t in sched.fleets[fleet.key].queue] == ["t1", "t2"]
+
+    again = assigned(connect(sched, b))
+    assert list(again) == ["t1"]
+    assert again["t1"].lease_id != first.lease_id
+    assert sched.tasks["t1"].leases == 2
+    # The dead replica's report of its old lease arrives late: acked, ignored.
+    assert report(sched, first, outputs=b"stale") == [Ack(a.replica_id, first.lease_id)]
+    assert sched.tasks["t1"].phase is Phase.RUNNING
+
+
+def test_a_lost_replicas_task_is_leased_again_to_a_free_replica(sched):
+    fleet = fleet_spec(replica_count=2)
+    a, b = submit_all(sched, fleet, "t1", "t2")
+    on_a = assigned(connect(sched, a))["t1"]
+    report(sched, assigned(connect(sched, b))["t2"])  # b is free
+
+    effects = sched.replica_gone(a.replica_id, "node drained")
+    (again,) = only(effects, Assign)
+    assert only(effects, Launch) == []
+    assert (again.replica_id, again.task.key) == (b.replica_id, "t1")
+    assert again.lease_id != on_a.lease_id
+    assert sched.tasks["t1"].lease_id == again.lease_id
+    assert on_a.lease_id not in sched.leases
+
+
+def test_a_task_lost_max_leases_times_fails_retryably_naming_the_replica_and_cause(clock):
+    sched = make_scheduler(clock, max_leases=3)
+    fleet = fleet_spec()
+    (launch,) = submit_all(sched, fleet, "t1")
+    for attempt in range(1, 4):
+        assign = assigned(connect(sched, launch))["t1"]
+        effects = sched.replica_gone(assign.replica_id, f"pod evicted ({attempt})")
+        if attempt < 3:
+            (launch,) = only(effects, Launch)
+            assert sched.tasks["t1"].phase is Phase.QUEUED
+    assert effects == [Finished("t1")]
+    task = sched.tasks["t1"]
+    assert task.phase is Phase.RETRYABLE_FAILED
+    assert "lost 3 times" in task.message
+    assert assign.replica_id in task.message and "pod evicted (3)" in task.message
+
+
+@pytest.mark.parametrize("outcome", [Outcome.LOST, Outcome.CANCELLED])
+def test_a_lease_reported_lost_is_leased_again_until_max_leases(clock, outcome):
+    sched = make_scheduler(clock, max_leases=3)
+    assign = start_one(sched, fleet_spec())
+    leases = [assign.lease_id]
+    for _ in range(2):
+        effects = report(sched, assign, outcome)
+        (assign,) = only(effects, Assign)  # the replica's slot is free again: same replica, new lease
+        assert assign.task.key == "t1"
+        leases.append(assign.lease_id)
+    assert len(set(leases)) == 3
+
+    effects = report(sched, assign, outcome)
+    assert effects == [Ack(assign.replica_id, assign.lease_id), Finished("t1")]
+    task = sched.tasks["t1"]
+    assert task.phase is Phase.RETRYABLE_FAILED
+    assert "lost 3 times" in task.message and assign.replica_id in task.message
+
+
+# ---------------------------------------------------------------------------------------------- start failures
+
+
+def test_replicas_that_cannot_start_fail_the_queue_then_launches_are_retried_later(clock):
+    sched = make_scheduler(clock, start_failure_limit=2, start_retry_after=60)
+    fleet = fleet_spec(name="gpu-env")
+    cause = "ErrImagePull: ghcr.io/x/y:1 not found"
+    (first,) = submit_all(sched, fleet, "t1")
+
+    (second,) = only(sched.replica_gone(first.replica_id, cause), Launch)  # one failure: try again
+    assert sched.tasks["t1"].phase is Phase.QUEUED
+
+    assert sched.replica_gone(second.replica_id, cause) == [Finished("t1")]
+    task = sched.tasks["t1"]
+    assert task.phase is Phase.FAILED
+    assert cause in task.message and "'gpu-env'" in task.message and "2 tries" in task.message
+
+    clock.now = 59.5  # new work fails at once, without a launch
+    effects = sched.submit(request("t2", fleet))
+    assert effects == [Finished("t2")]
+    assert sched.tasks["t2"].phase is Phase.FAILED and cause in sched.tasks["t2"].message
+
+    clock.now = 60.0  # the wait is over: launch again
+    (third,) = submit_all(sched, fleet, "t3")
+    assert sched.tasks["t3"].phase is Phase.QUEUED
+    assert assigned(connect(sched, third))["t3"].replica_id == third.replica_id
+
+
+# ------------------------------------------------------------------------------------------------ connections
+
+
+@pytest.mark.parametrize(
+    "replica_id, token, fleet_key",
+    [
+        ("id1", "wrong-token", "env-v1"),
+        ("unknown", "token1", "env-v1"),
+        ("id1", "token1", "other-v1"),
+    ],
+    ids=["wrong-token", "unknown-replica", "wrong-fleet"],
+)
+def test_connections_that_do_not_match_a_launch_are_refused(sched, replica_id, token, fleet_key):
+    (launch,) = submit_all(sched, fleet_spec(), "t1")
+    assert (launch.replica_id, launch.token, launch.fleet.key) == ("id1", "token1", "env-v1")
+
+    effects = sched.replica_connected(replica_id, token, fleet_key, capacity=1)
+    assert [type(e) for e in effects] == [Refuse] and effects[0].replica_id == replica_id
+    assert sched.replicas["id1"].state is ReplicaState.STARTING
+    assert sched.tasks["t1"].phase is Phase.QUEUED
+
+
+def test_a_replica_being_stopped_is_refused(sched):
+    (launch,) = submit_all(sched, fleet_spec(), "t1")
+    sched.stop_replica(launch.replica_id, "test")
+    assert [type(e) for e in connect(sched, launch)] == [Refuse]
+
+
+# ------------------------------------------------------------------------------------------------------- cancel
+
+
+def test_cancelling_a_queued_task_removes_it_from_the_queue(sched):
+    fleet = fleet_spec()
+    (launch,) = submit_all(sched, fleet, "t1")
+    assert sched.cancel("t1", "user asked") == [Finished("t1")]
+    task = sched.tasks["t1"]
+    assert (task.phase, task.message) == (Phase.ABORTED, "user asked")
+    assert not sched.fleets[fleet.key].queue
+    assert only(connect(sched, launch), Assign) == []
+    assert sched.cancel("t1") == []
+    assert sched.cancel("never-submitted") == []
+
+
+def test_cancelling_a_running_task_cancels_its_lease_and_keeps_the_slot_until_the_replica_reports(sched):
+    fleet = fleet_spec()
+    (launch,) = submit_all(sched, fleet, "t1", "t2")
+    running = assigned(connect(sched, launch))["t1"]
+
+    effects = sched.cancel("t1", "user asked")
+    assert effects == [CancelLease(launch.replica_id, running.lease_id, "user asked"), Finished("t1")]
+    assert sched.tasks["t1"].phase is Phase.ABORTED
+    assert sched.tasks["t2"].phase is Phase.QUEUED  # the replica has not given the slot back yet
+
+    effects = report(sched, running, Outcome.CANCELLED)
+    assert only(effects, Finished) == []
+    assert effects[0] == Ack(launch.replica_id, running.lease_id)
+    assert assigned(effects)["t2"].replica_id == launch.replica_id
+    assert sched.tasks["t1"].phase is Phase.ABORTED
+
+
+# ---------------------------------------------------------------------------------------------------------- tick
+
+
+def test_an_idle_replica_is_stopped_once_its_ttl_has_passed(sched, clock):
+    assign = start_one(sched, fleet_spec(ttl_seconds=20))
+    clock.now = 5.0
+    report(sched, assign)  # idle from now on
+
+    clock.now = 24.9
+    assert sched.tick() == []
+    clock.now = 25.0
+    assert sched.tick() == [Stop(assign.replica_id, "idle for 20s (ttl_seconds)")]
+    assert sched.replicas[assign.replica_id].state is ReplicaState.STOPPING
+    assert sched.tick() == []
+    assert sched.replica_gone(assign.replica_id, "stopped") == []  # no replacement: nothing to do
+
+
+def test_a_busy_replica_is_not_stopped_by_its_ttl(sched, clock):
+    assign = start_one(sched, fleet_spec(ttl_seconds=20))
+    for now in range(10, 200, 10):
+        clock.now = float(now)
+        sched.heartbeat(assign.replica_id)
+        assert sched.tick() == []
+    assert sched.replicas[assign.replica_id].state is ReplicaState.READY
+
+
+def test_an_idle_replica_is_not_stopped_while_its_fleet_has_queued_work(sched, clock):
+    """Every public call dispatches queued work to free replicas first, so this state is set up by hand: the TTL
+    check itself must not stop a replica its fleet still has work for."""
+    fleet = fleet_spec(ttl_seconds=20)
+    assign = start_one(sched, fleet)
+    report(sched, assign)
+    queued = TaskState(key="x", fleet_key=fleet.key, payload=None, timeout_seconds=0, name="x", submitted_at=0)
+    sched.fleets[fleet.key].queue.append(queued)
+    clock.now = 25.0
+    assert sched.tick() == []
+    sched.fleets[fleet.key].queue.clear()
+    assert sched.tick() == [Stop(assign.replica_id, "idle for 20s (ttl_seconds)")]
+
+
+def test_a_silent_replica_is_stopped_and_its_leases_queued_again(clock):
+    sched = make_scheduler(clock, heartbeat_timeout=30)
+    fleet = fleet_spec(ttl_seconds=600)
+    assign = start_one(sched, fleet)
+    clock.now = 20.0
+    sched.heartbeat(assign.replica_id)
+
+    clock.now = 50.0
+    assert sched.tick() == []
+    clock.now = 50.5
+    effects = sched.tick()
+    assert effects[0] == Stop(assign.replica_id, "no heartbeat")
+    (replacement,) = only(effects, Launch)
+    assert assign.replica_id not in sched.replicas and assign.lease_id not in sched.leases
+    task = sched.tasks["t1"]
+    assert (task.phase, task.lease_id) == (Phase.QUEUED, None)
+    assert assigned(connect(sched, replacement))["t1"].lease_id != assign.lease_id
+
+
+def test_a_lease_past_its_timeout_and_grace_is_cancelled_and_fails_retryably(clock):
+    sched = make_scheduler(clock, heartbeat_timeout=1e9, lease_grace=30)
+    assign = start_one(sched, fleet_spec(), key="train", timeout=100)
+    assert sched.next_deadline() == 130.0
+
+    clock.now = 129.9
+    assert sched.tick() == []
+    clock.now = 130.0
+    assert sched.tick() == [CancelLease(assign.replica_id, assign.lease_id, "timed out"), Finished("train")]
+    task = sched.tasks["train"]
+    assert task.phase is Phase.RETRYABLE_FAILED
+    assert "train" in task.message and "timeout of 100s" in task.message
+    assert report(sched, assign, outputs=b"late") == [Ack(assign.replica_id, assign.lease_id)]
+    assert sched.tasks["train"].phase is Phase.RETRYABLE_FAILED
+
+
+def test_next_deadline_is_the_earliest_lease_deadline_heartbeat_ttl_or_forget_time(clock):
+    sched = make_scheduler(clock, heartbeat_timeout=30, lease_grace=5, retain=100)
+    assert sched.next_deadline() is None
+    fleet = fleet_spec(parallelism=2, ttl_seconds=20)
+    (launch,) = submit_all(sched, fleet, "short", timeout=10)
+    submit_all(sched, fleet, "long")
+    running = assigned(connect(sched, launch))
+    assert sched.next_deadline() == 15.0  # the lease deadline of "short": 0 + 10 + 5
+
+    clock.now = 2.0
+    report(sched, running["short"])
+    assert sched.next_deadline() == 32.0  # heartbeat; "short" is forgotten at 102, the replica is busy
+
+    clock.now = 3.0
+    report(sched, running["long"])
+    assert sched.next_deadline() == 23.0  # the idle replica's TTL
+    clock.now = 23.0
+    assert sched.tick() == [Stop(launch.replica_id, "idle for 20s (ttl_seconds)")]
+    assert sched.next_deadline() == 102.0  # only the results are left to forget
+
+
+def test_finished_results_are_forgotten_after_retain(clock):
+    sched = make_scheduler(clock, heartbeat_timeout=1e9, retain=100)
+    fleet = fleet_spec(ttl_seconds=10_000)
+    assign = start_one(sched, fleet)
+    sched.submit_map("empty", fleet, 0, elements(fleet, "empty"))
+    clock.now = 5.0
+    report(sched, assign, outputs=b"out")
+
+    clock.now = 99.9
+    sched.tick()
+    assert "empty" in sched.maps and "t1" in sched.tasks
+    clock.now = 100.0
+    sched.tick()
+    assert "empty" not in sched.maps and "t1" in sched.tasks
+    clock.now = 105.0
+    sched.tick()
+    assert "t1" not in sched.tasks
+    # The key is free again: a new submission runs on the warm replica.
+    assert assigned(sched.submit(request("t1", fleet)))["t1"].replica_id == assign.replica_id
+
+
+# ----------------------------------------------------------------------------------------------------- actor maps
+
+
+def test_a_map_keeps_at_most_concurrency_elements_in_flight_and_gathers_outputs_in_order(sched):
+    fleet = fleet_spec(replica_count=3)
+    effects = sched.submit_map("m", fleet, 5, elements(fleet), concurrency=2)
+    launches = only(effects, Launch)
+    assert len(launches) == 2  # concurrency also bounds the scale-up
+    running: Dict[str, Tuple[str, int]] = {}  # lease id -> (replica id, element index)
+    started: List[int] = []
+
+    def track(effects: list) -> None:
+        for assign in only(effects, Assign):
+            running[assign.lease_id] = (assign.replica_id, assign.task.payload)
+            started.append(assign.task.payload)
+
+    for launch in launches:
+        track(connect(sched, launch))
+    job = sched.maps["m"]
+    while running:
+        assert len(running) <= 2 and len(job.in_flight) <= 2
+        # Finish the highest index first, so outputs arrive out of order.
+        lease_id, (replica_id, index) = max(running.items(), key=lambda item: item[1][1])
+        del running[lease_id]
+        effects = sched.report(replica_id, lease_id, Outcome.SUCCEEDED, outputs=f"out{index}".encode())
+        track(effects)
+    assert started == [0, 1, 2, 3, 4]
+    assert effects[-1] == Finished("m")
+    assert job.phase is Phase.SUCCEEDED
+    assert job.outputs == [b"out0", b"out1", b"out2", b"out3", b"out4"]
+    assert len(sched.replicas) == 2
+
+
+def start_map(sched: Scheduler, size: int, min_success_ratio: float) -> Dict[int, Assign]:
+    """A map whose elements all run at once on one replica: the Assign of each element, by index."""
+    fleet = fleet_spec(parallelism=size)
+    (launch,) = only(sched.submit_map("m", fleet, size, elements(fleet), min_success_ratio=min_success_ratio), Launch)
+    running = {assign.task.payload: assign for assign in only(connect(sched, launch), Assign)}
+    assert sorted(running) == list(range(size))
+    return running
+
+
+def test_a_map_succeeds_with_failures_that_min_success_ratio_allows(sched):
+    running = start_map(sched, 4, min_success_ratio=0.5)
+    report(sched, running[0], outputs=b"0")
+    report(sched, running[1], Outcome.FAILED, message="bad 1")
+    report(sched, running[2], outputs=b"2")
+    assert sched.maps["m"].phase is Phase.RUNNING
+    effects = report(sched, running[3], Outcome.FAILED, message="bad 3")
+    assert effects[-1] == Finished("m")
+    job = sched.maps["m"]
+    assert job.phase is Phase.SUCCEEDED
+    assert job.outputs == [b"0", None, b"2", None]
+    assert job.errors == {1: "bad 1", 3: "bad 3"}
+
+
+def test_a_map_fails_once_failures_exceed_min_success_ratio_and_aborts_the_rest(sched):
+    running = start_map(sched, 4, min_success_ratio=0.5)
+    report(sched, running[0], Outcome.FAILED, message="bad 0")
+    report(sched, running[1], Outcome.FAILED, message="bad 1")
+    assert sched.maps["m"].phase is Phase.RUNNING
+
+    effects = report(sched, running[2], Outcome.FAILED, message="bad 2")
+    assert effects[0] == Ack(running[2].replica_id, running[2].lease_id)
+    (cancel,) = only(effects, CancelLease)
+    assert (cancel.replica_id, cancel.lease_id) == (running[3].replica_id, running[3].lease_id)
+    assert effects[-1] == Finished("m")
+    job = sched.maps["m"]
+    assert job.phase is Phase.FAILED
+    assert "3 of 4 elements failed" in job.message and "bad 2" in job.message
+    assert running[3].task.phase is Phase.ABORTED
+    # The aborted element's late result changes nothing.
+    assert report(sched, running[3], outputs=b"3") == [Ack(running[3].replica_id, running[3].lease_id)]
+    assert job.outputs[3] is None and job.phase is Phase.FAILED
+
+
+def test_an_empty_map_succeeds_at_once(sched):
+    fleet = fleet_spec()
+    assert sched.submit_map("m", fleet, 0, elements(fleet)) == [Finished("m")]
+    job = sched.maps["m"]
+    assert (job.phase, job.outputs) == (Phase.SUCCEEDED, [])
+    assert sched.replicas == {}
+
+
+def test_submitting_a_map_twice_is_a_no_op(sched):
+    fleet = fleet_spec()
+    first = sched.submit_map("m", fleet, 2, elements(fleet))
+    assert only(first, Launch)
+    assert sched.submit_map("m", fleet, 5, elements(fleet)) == []
+    assert sched.maps["m"].size == 2
+
+
+def test_cancelling_a_map_aborts_its_running_and_queued_elements(sched):
+    fleet = fleet_spec()
+    (launch,) = only(sched.submit_map("m", fleet, 3, elements(fleet)), Launch)
+    running = assigned(connect(sched, launch))["m[0]"]
+    in_flight = dict(sched.maps["m"].in_flight)
+    assert sorted(in_flight) == [0, 1, 2]
+
+    effects = sched.cancel("m", "user asked")
+    (cancel,) = only(effects, CancelLease)
+    assert (cancel.replica_id, cancel.lease_id) == (launch.replica_id, running.lease_id)
+    assert effects[-1] == Finished("m")
+    assert sched.maps["m"].phase is Phase.ABORTED
+    assert all(task.phase is Phase.ABORTED for task in in_flight.values())
+    assert not sched.fleets[fleet.key].queue
+    assert report(sched, running, Outcome.CANCELLED) == [Ack(launch.replica_id, running.lease_id)]
+    assert sched.cancel("m") == []
+
+
+def test_a_map_ending_in_a_tick_cancels_each_lease_once_and_leaves_aborted_elements_aborted(clock):
+    """Two elements pass their deadline in one tick: the first timeout fails the map, which aborts the second."""
+    sched = make_scheduler(clock, heartbeat_timeout=1e9, lease_grace=0)
+    fleet = fleet_spec(parallelism=2)
+    (launch,) = only(sched.submit_map("m", fleet, 2, elements(fleet, timeout=10)), Launch)
+    running = assigned(connect(sched, launch))
+
+    clock.now = 10.0
+    effects = sched.tick()
+    cancelled = [e.lease_id for e in only(effects, CancelLease)]
+    assert sorted(cancelled) == sorted(a.lease_id for a in running.values())  # one CancelLease per lease
+    assert effects.count(Finished("m")) == 1
+    assert sched.maps["m"].phase is Phase.RETRYABLE_FAILED
+    phases = sorted(a.task.phase.value for a in running.values())
+    assert phases == sorted([Phase.RETRYABLE_FAILED.value, Phase.ABORTED.value])
+
+
+# ---------------------------------------------------------------------------------------------------------- drain
+
+
+def test_drain_fails_everything_retryably_and_stops_every_replica(sched):
+    fleet = fleet_spec(replica_count=2)
+    a, b = submit_all(sched, fleet, "t1", "t2", "t3")
+    running = assigned(connect(sched, a))["t1"]  # b never connects
+    sched.submit_map("m", fleet, 1, elements(fleet))
+
+    effects = sched.drain()
+    assert set(only(effects, Finished)) == {Finished(k) for k in ("t1", "t2", "t3", "m")}
+    assert only(effects, CancelLease) == [CancelLease(a.replica_id, running.lease_id, "the actor agent shut down")]
+    assert {e.replica_id for e in only(effects, Stop)} == {a.replica_id, b.replica_id}
+    assert all(sched.tasks[k].phase is Phase.RETRYABLE_FAILED for k in ("t1", "t2", "t3"))
+    assert sched.maps["m"].phase is Phase.RETRYABLE_FAILED
+    assert not sched.fleets[fleet.key].queue
+
+    assert sched.submit(request("t4", fleet)) == [Finished("t4")]
+    assert sched.tasks["t4"].phase is Phase.RETRYABLE_FAILED
+    assert sched.replica_gone(a.replica_id, "stopped") == []  # no replacement while draining
+
+
+# -------------------------------------------------------------------------------------------------------- doctest
+
+
+def test_module_doctest():
+    result = doctest.testmod(scheduler_module)
+    assert result.attempted > 0
+    assert result.failed == 0
