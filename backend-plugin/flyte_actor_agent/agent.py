@@ -187,9 +187,8 @@ class ActorAgent:
         await self._server.start()
         self.lease_address = f"{self._advertise_host or self._lease_host}:{self._advertised_port or port}"
         log.info("lease service listening on port %s; replicas dial %s", port, self.lease_address)
-        adopt = getattr(self.launcher, "adopt", None)
-        if adopt is not None:
-            adopted = await adopt()
+        if self.launcher.replicas_outlive_agent:
+            adopted = await self.launcher.adopt()
             for replica in adopted:
                 self.scheduler.adopt_replica(replica.replica_id, replica.token, _fleet_of(replica, self.max_ttl_seconds))
             if adopted:
@@ -208,7 +207,11 @@ class ActorAgent:
         self.stop()
 
     async def _stop(self) -> None:
-        self._apply(self.scheduler.drain())
+        if self.launcher is not None and self.launcher.replicas_outlive_agent:
+            # Leave replicas and their leases alone: they reconnect to the next agent, which adopts them.
+            self.scheduler.draining = True
+        else:
+            self._apply(self.scheduler.drain())
         if self.launcher is not None:
             await self.launcher.close()
         if self._server is not None:

@@ -1,4 +1,5 @@
-"""A real actor agent with a local-process fleet, driven through the connector as Flyte would drive it."""
+"""A real actor agent (local-process fleet by default, or any launcher), driven through the connector as Flyte
+would drive it."""
 
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ from flytekitplugins.actor.local import local_template
 
 
 class LocalFleet:
-    def __init__(self, **agent_options: Any):
+    def __init__(self, launcher_factory=LocalProcessLauncher, **agent_options: Any):
         self.launchers = []
 
         def launcher(on_exit):
-            made = LocalProcessLauncher(on_exit)
+            made = launcher_factory(on_exit)
             self.launchers.append(made)
             return made
 
@@ -29,16 +30,16 @@ class LocalFleet:
         self.connector = ActorConnector(lambda: self.agent)
 
     @property
-    def launcher(self) -> LocalProcessLauncher:
-        return self.launchers[0]
+    def launcher(self):
+        return self.launchers[-1]
 
-    def submit(self, task, ttl_seconds: Optional[float] = None, **inputs: Any) -> ActorMetadata:
+    def submit(self, task, ttl_seconds: Optional[float] = None, metadata=None, **inputs: Any) -> ActorMetadata:
         ctx = FlyteContextManager.current_context()
         template, output_prefix = local_template(task, ctx)
         if ttl_seconds is not None:
             template.custom["environment"]["ttl_seconds"] = ttl_seconds
         literals = TypeEngine.dict_to_literal_map(ctx, inputs, task.get_input_types())
-        return asyncio.run(self.connector.create(template, output_prefix, literals))
+        return asyncio.run(self.connector.create(template, output_prefix, literals, metadata))
 
     def get(self, meta: ActorMetadata) -> Resource:
         return asyncio.run(self.connector.get(meta))
@@ -67,6 +68,14 @@ class LocalFleet:
 
     def stop(self) -> None:
         self.agent.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def output(resource: Resource, name: str = "o0") -> Any:

@@ -39,6 +39,9 @@ class ReplicaLaunch:
 
 
 class Launcher(abc.ABC):
+    #: Whether replicas keep running when the agent stops (pods), so that the next agent adopts them.
+    replicas_outlive_agent = False
+
     def __init__(self, on_exit: OnExit):
         self.on_exit = on_exit
 
@@ -52,4 +55,8 @@ class Launcher(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None:
-        """Stop every replica this launcher started and wait until they are gone."""
+        """Release the launcher: stop the replicas it started, unless they outlive the agent."""
+
+    async def adopt(self) -> list:
+        """Replicas a previous agent left running (only where they outlive the agent)."""
+        return []

@@ -66,6 +66,8 @@ class AdoptedReplica:
 
 
 class KubernetesLauncher(Launcher):
+    replicas_outlive_agent = True
+
     def __init__(
         self,
         on_exit: OnExit,

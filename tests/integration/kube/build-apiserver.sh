@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Ensure a kube-apiserver binary (built from Debian bookworm's `kubernetes` 1.20.2 source package) and Debian's
 # etcd are present, then print the binary's path. Idempotent; needs root and network access to the Debian mirror.
-# A build takes about 7 minutes on 2 cores; its log goes to $CACHE/build-apiserver.log.
+# A build takes 7-9 minutes on 2 cores; its log goes to $CACHE/build-apiserver.log.
 set -euo pipefail
 
 CACHE="${FLYTE_ACTORS_CACHE:-$HOME/.cache/flyte-actors}"
@@ -56,23 +56,22 @@ if [[ -x "$BIN" ]]; then
     exit 0
 fi
 
-apt_install golang-go build-essential dpkg-dev rsync ca-certificates
+apt_install golang-go build-essential dpkg-dev rsync
 ensure_deb_src
 
 WORK=$(mktemp -d "$CACHE/kube-src.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
-echo "build-apiserver: fetching and building kubernetes source in $WORK (about 7 minutes)" >&2
+echo "build-apiserver: fetching and building kubernetes source in $WORK (7-9 minutes)" >&2
 (cd "$WORK" && apt-get source kubernetes/bookworm) >>"$LOG" 2>&1 || fail "apt-get source kubernetes failed"
 SRC=$(find "$WORK" -mindepth 1 -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
 
-# The source package has no .git, so the build would stamp the binary as v0.0.0; give it the real version
-# (discovery clients such as helm read it). Debian versions look like 1.20.5+really1.20.2-1.
+# The source package has no .git, so the binary would report v0.0.0-master; give it the real version (discovery
+# clients such as helm read it). The Debian version is 1.20.5+really1.20.2-1.1+deb12u1.
 VERSION=$(dpkg-parsechangelog -l "$SRC/debian/changelog" -SVersion | sed -E 's/-[^-]*$//; s/.*really//; s/[+~].*//')
 cat >"$WORK/version.env" <<EOF
 KUBE_GIT_VERSION='v$VERSION'
 KUBE_GIT_MAJOR='${VERSION%%.*}'
 KUBE_GIT_MINOR='$(cut -d. -f2 <<<"$VERSION")'
-KUBE_GIT_TREE_STATE='archive'
 EOF
 
 # Everything the Go build writes (module and build caches) stays under $WORK; vendor/ is complete, so no proxy.
@@ -83,5 +82,6 @@ EOF
     make WHAT=cmd/kube-apiserver
 ) >>"$LOG" 2>&1 || fail "make WHAT=cmd/kube-apiserver failed"
 
-install -m 0755 "$SRC/_output/bin/kube-apiserver" "$BIN"
+install -m 0755 "$SRC/_output/bin/kube-apiserver" "$BIN.tmp"
+mv "$BIN.tmp" "$BIN"  # atomically: the check above must never find a half-copied binary
 echo "$BIN"

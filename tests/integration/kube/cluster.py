@@ -201,19 +201,18 @@ class KubeCluster:
             "--bind-address=127.0.0.1",
             "--advertise-address=127.0.0.1",
             f"--secure-port={port}",
-            # 1.20 also serves an unauthenticated, unauthorized HTTP port on localhost:8080 unless told not to.
-            "--insecure-port=0",
             f"--cert-dir={self.ca_path.parent}",
             f"--token-auth-file={self.workdir / 'tokens.csv'}",
             "--authorization-mode=Node,RBAC",
-            # Required since 1.20 (TokenRequest API). The private key also serves as the verification key.
+            # All three are required in 1.20 (TokenRequest is GA). A private key file also serves as the public key.
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-signing-key-file={sa_key}",
             f"--service-account-key-file={sa_key}",
-            # ServiceAccount admission rejects every pod here: it wants the namespace's "default" service account
-            # and a token Secret for it, and only the controller-manager would create those.
+            # ServiceAccount admission rejects pods here: it wants the pod's service account to exist (nothing
+            # creates "default" in a new namespace) and, unless automountServiceAccountToken is false, a token
+            # Secret for it; only the controller-manager would create those.
             "--disable-admission-plugins=ServiceAccount",
-            "--service-cluster-ip-range=10.0.0.0/24",
+            "--service-cluster-ip-range=10.0.0.0/24",  # the implicit default is deprecated and logs a warning
             *self.extra_apiserver_args,
         ])
 

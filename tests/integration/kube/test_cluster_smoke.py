@@ -10,7 +10,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from cluster import KubeCluster, find_binaries, helm_bin_dir  # pytest's default (prepend) import mode puts this directory on sys.path
+from kube.cluster import KubeCluster, find_binaries, helm_bin_dir
 
 NAMESPACE = "smoke"
 SERVICE_ACCOUNT = "robot"
