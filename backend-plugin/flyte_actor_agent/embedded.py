@@ -6,7 +6,6 @@ same connector as a Flyte cluster would, then waits for the task to finish (no p
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import threading
 from typing import Optional
@@ -30,18 +29,24 @@ class EmbeddedAgent:
 
     def run(self, template: TaskTemplate, inputs: LiteralMap, output_prefix: str) -> Resource:
         """Run one actor task or actor map to completion and return its final Resource."""
-        return asyncio.run(self._run(template, inputs, output_prefix))
+        future = self.agent.call(self._run, template, inputs, output_prefix)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()  # the coroutine's cleanup cancels the task on its replica
+            raise
 
     async def _run(self, template: TaskTemplate, inputs: LiteralMap, output_prefix: str) -> Resource:
+        # Runs on the agent loop: the connector's hops onto it complete without blocking.
         meta = await self.connector.create(template, output_prefix, inputs)
         try:
-            await asyncio.wrap_future(self.agent.call(self.agent.wait, meta.key))
+            await self.agent.wait(meta.key)
             return await self.connector.get(meta)
         except BaseException:
-            await self.connector.delete(meta)
+            self.agent.cancel(meta.key, "the local run was interrupted")
             raise
         finally:
-            self.agent.call(self.agent.forget, meta.key)
+            self.agent.forget(meta.key)
 
     def stop(self) -> None:
         self.agent.stop()
