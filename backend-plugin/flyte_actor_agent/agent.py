@@ -357,6 +357,7 @@ class _LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
             abandoned_lease_ids=agent.scheduler.abandoned_leases(replica_id, running),
         )))
         agent.metrics.replica_event(agent._fleet_name(replica_id), "connected")
+        log.info("replica %s connected (worker %s, capacity %d)", replica_id, hello.worker_version, hello.capacity)
         agent._apply(effects)
         reader = asyncio.ensure_future(self._read(context, replica_id))
         getter = None

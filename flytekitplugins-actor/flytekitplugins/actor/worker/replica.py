@@ -182,6 +182,7 @@ class ReplicaWorker:
                         token=self.config.token,
                         capacity=len(self.slots),
                         running_lease_ids=running,
+                        worker_version=_worker_version(),
                     )
                 )
             )
@@ -340,6 +341,17 @@ class ReplicaWorker:
     def _after_slot_freed(self) -> None:
         if self.draining:
             self._drain("drain requested")
+
+
+def _worker_version() -> str:
+    from importlib import metadata
+
+    for distribution in ("flytekitplugins-actor", "flyte-actors"):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 def _death_message(code: Optional[int], replica_id: str) -> str:
