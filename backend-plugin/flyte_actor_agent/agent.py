@@ -28,6 +28,9 @@ from .metrics import Metrics
 log = logging.getLogger("flyte-actor-agent")
 
 HEARTBEAT_INTERVAL_SECONDS = 5.0
+#: Heartbeats a replica may miss before it counts as lost (a closed stream is noticed at once; this catches
+#: half-open connections, generously, since a busy machine can delay a replica's heartbeat).
+HEARTBEAT_MISSES = 6
 
 
 @dataclass
@@ -74,7 +77,7 @@ class ActorAgent:
         self.heartbeat_interval = heartbeat_interval
         self.metrics = metrics or Metrics()
         self.scheduler = core.Scheduler(
-            clock=time.monotonic, heartbeat_timeout=3 * heartbeat_interval, **scheduler_options
+            clock=time.monotonic, heartbeat_timeout=HEARTBEAT_MISSES * heartbeat_interval, **scheduler_options
         )
         self.loop = asyncio.new_event_loop()
         self.launcher: Optional[Launcher] = None

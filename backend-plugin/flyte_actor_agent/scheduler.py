@@ -646,6 +646,7 @@ class Scheduler:
         task.error = error
         task.finished_at = self.clock()
         task.deadline = None
+        task.payload = None  # inputs can be large; a finished task is only read for its result
         if task.parent is None:
             self._finished.append((task.finished_at, task.key))
             effects.append(Finished(task.key))

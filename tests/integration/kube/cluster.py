@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kubernetes
-from urllib3._collections import HTTPHeaderDict
+from urllib3._collections import HTTPHeaderDict  # also exported as urllib3.HTTPHeaderDict, but only since 2.0
 
 HERE = Path(__file__).resolve().parent
 CACHE_DIR = Path(os.environ.get("FLYTE_ACTORS_CACHE", Path.home() / ".cache" / "flyte-actors"))
@@ -44,7 +44,7 @@ def find_binaries() -> Binaries | str:
     """The cached kube-apiserver and etcd, or a sentence saying what is missing and how to get it."""
     apiserver = CACHE_DIR / "bin" / "kube-apiserver"
     etcd = shutil.which("etcd")
-    build = f"run {HERE / 'build-apiserver.sh'} as root (about 7 minutes on 2 cores)"
+    build = f"run {HERE / 'build-apiserver.sh'} as root (7-9 minutes on 2 cores)"
     if not os.access(apiserver, os.X_OK):
         return f"no kube-apiserver at {apiserver}: {build}"
     if etcd is None:
@@ -68,7 +68,8 @@ class _ImpersonatingApiClient(kubernetes.client.ApiClient):
     """An ApiClient that acts as another user through the Impersonate-User/-Group headers.
 
     Several groups need the Impersonate-Group header repeated, which ApiClient's default headers (a plain dict)
-    cannot hold, so the headers are added to each request as a urllib3 HTTPHeaderDict instead.
+    cannot hold, so the headers are added to each request as a urllib3 HTTPHeaderDict instead (urllib3 2 sends each
+    value as its own header line; 1.x would join them with commas into one group name).
     """
 
     def __init__(self, configuration: kubernetes.client.Configuration, user: str, groups: list[str]):
