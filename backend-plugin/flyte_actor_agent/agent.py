@@ -43,6 +43,8 @@ class TaskView:
     outputs: Optional[bytes] = None
     error: Optional[bytes] = None
     replica_id: Optional[str] = None
+    #: Queued while no replica of its fleet is ready (they are starting, or cannot start).
+    waiting_for_replicas: bool = False
     # Actor maps only.
     size: int = 0
     succeeded: int = 0
@@ -152,12 +154,14 @@ class ActorAgent:
                 return TaskView(key, core.Phase.RUNNING, "the actor agent restarted; waiting for a replica to report "
                                 "this task (up to --recovery-grace-seconds)")
             return None
-        message = task.message
+        message, waiting = task.message, False
         if task.phase is core.Phase.QUEUED:
-            message = self._queued_message(task)
+            fleet = self.scheduler.fleets[task.fleet_key]
+            waiting = not any(r.state is core.ReplicaState.READY for r in fleet.replicas.values())
+            message = self._queued_message(fleet)
         elif task.phase is core.Phase.RUNNING:
             message = f"running on replica {task.replica_id}"
-        return TaskView(key, task.phase, message, task.outputs, task.error, task.replica_id)
+        return TaskView(key, task.phase, message, task.outputs, task.error, task.replica_id, waiting)
 
     async def wait(self, key: str) -> Optional[TaskView]:
         """Wait until ``key`` reaches a terminal phase, without polling."""
@@ -169,8 +173,7 @@ class ActorAgent:
         await future
         return self.view(key)
 
-    def _queued_message(self, task: core.TaskState) -> str:
-        fleet = self.scheduler.fleets[task.fleet_key]
+    def _queued_message(self, fleet: core.Fleet) -> str:
         starting = sum(1 for r in fleet.replicas.values() if r.state is core.ReplicaState.STARTING)
         ready = sum(1 for r in fleet.replicas.values() if r.state is core.ReplicaState.READY)
         return (

@@ -158,7 +158,7 @@ def resource_of(view: Optional[TaskView], meta: ActorMetadata) -> Resource:
         custom_info = {"elements": view.size, "succeeded": view.succeeded, "failed": view.failed}
         if not view.phase.terminal:
             message = f"{view.succeeded + view.failed} of {view.size} elements done ({view.failed} failed)"
-    if view.phase is core.Phase.QUEUED and "0 replicas ready" in message:
+    if view.waiting_for_replicas:
         phase = TaskExecution.WAITING_FOR_RESOURCES
     outputs = None
     if view.phase is core.Phase.SUCCEEDED:

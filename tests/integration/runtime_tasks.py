@@ -10,6 +10,7 @@ from flytekitplugins.actor import ActorEnvironment, actor_cache
 
 actor = ActorEnvironment(name="runtime-test", replica_count=1, ttl_seconds=60)
 wide = ActorEnvironment(name="runtime-wide", replica_count=4, ttl_seconds=60)
+parallel = ActorEnvironment(name="runtime-parallel", replica_count=1, parallelism=2)
 broken = ActorEnvironment(name="runtime-broken", replica_count=1, environment={"PYTHONMALLOC": "broken-image"})
 
 COUNTER = 0
@@ -46,7 +47,7 @@ def cached_token() -> str:
 
 @actor.task
 def whoami() -> int:
-    return os.getppid()  # the replica worker process
+    return os.getpgid(0)  # the replica's process group: the worker, its fork server and executors
 
 
 @actor.task
@@ -98,6 +99,18 @@ def odd_fails(i: int) -> int:
     if i % 2:
         raise ValueError(f"odd {i}")
     return i
+
+
+@parallel.task
+def rendezvous(directory: str, me: str, other: str) -> int:
+    """Finishes only if the other task runs at the same time: both must be running on the one replica."""
+    open(os.path.join(directory, me), "w").close()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.path.join(directory, other)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{other} never ran alongside {me}")
+        time.sleep(0.05)
+    return os.getpgid(0)
 
 
 @broken.task

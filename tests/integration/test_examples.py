@@ -127,3 +127,13 @@ def test_actor_map_is_one_task_not_an_array_node(packaged):
     assert custom.map.concurrency == 4 and isinstance(custom.map.concurrency, int)
     assert custom.environment.key == custom_of(packaged["examples.map_model.inference"]).environment.key
     assert TaskCommand.from_args(list(template.container.args)).resolver_args[-1] == "inference"
+
+
+def test_register_dry_run_accepts_the_examples():
+    result = subprocess.run(
+        [PYFLYTE, "register", "--dry-run", "--non-fast", "--version", "v1", "--image", "ghcr.io/example/actors:1",
+         "examples"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Successfully registered 28 entities" in result.stdout

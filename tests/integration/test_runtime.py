@@ -1,14 +1,19 @@
 """The replica runtime against real processes and real gRPC: a local-process fleet behind the connector."""
 
+import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
+import textwrap
 
 import pytest
 from flyteidl.core.execution_pb2 import TaskExecution
 
 import runtime_tasks as rt
+from flytekitplugins.actor import map as actor_map
 from harness import LocalFleet, output
 
 pytestmark = pytest.mark.timeout(300)
@@ -110,6 +115,21 @@ def test_replicas_that_cannot_start_fail_the_task_fast_with_their_error(fleet):
     assert "PYTHONMALLOC" in resource.message, resource.message  # the replica's own error output
 
 
+def live_processes(group: int):
+    """Processes of a process group that are still running (zombies waiting for init to reap them are dead)."""
+    live = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == group and state != "Z":
+            live.append(int(pid))
+    return live
+
+
 def _worker(env_updates):
     env = dict(os.environ, **env_updates)
     return subprocess.run(
@@ -142,10 +162,90 @@ def test_idle_replicas_are_stopped_after_their_ttl_and_leave_no_process():
         meta = fleet.submit(rt.whoami, ttl_seconds=1)
         resource = fleet.wait(meta)
         assert resource.phase == TaskExecution.SUCCEEDED
-        replica_pid = output(resource)
+        replica_group = output(resource)
+        assert len(live_processes(replica_group)) >= 3  # the worker, its fork server and an executor
         fleet.wait_until(lambda: not fleet.launcher.processes, timeout=30, what="the TTL to stop the replica")
         assert not fleet.agent.scheduler.replicas
-        with pytest.raises(ProcessLookupError):
-            os.killpg(replica_pid, 0)  # no process of the replica's group is left
+        assert live_processes(replica_group) == [], "a process of the stopped replica is still running"
+    finally:
+        fleet.stop()
+
+
+def test_a_replica_runs_parallelism_tasks_at_once(fleet, tmp_path):
+    a = fleet.submit(rt.rendezvous, directory=str(tmp_path), me="a", other="b")
+    b = fleet.submit(rt.rendezvous, directory=str(tmp_path), me="b", other="a")
+    first, second = fleet.wait(a), fleet.wait(b)
+    assert first.phase == second.phase == TaskExecution.SUCCEEDED, (first.message, second.message)
+    assert output(first) == output(second), "the two tasks ran on different replicas"
+
+
+def test_actor_map_honours_min_success_ratio_on_the_fleet(fleet):
+    tolerant = fleet.wait(fleet.submit(actor_map(rt.odd_fails, concurrency=3, min_success_ratio=0.5), i=list(range(8))))
+    assert tolerant.phase == TaskExecution.SUCCEEDED, tolerant.message
+    values = [None if lit.scalar.none_type is not None else lit.scalar.primitive.value
+              for lit in tolerant.outputs.literals["o0"].collection.literals]
+    assert values == [0, None, 2, None, 4, None, 6, None]
+    assert tolerant.custom_info == {"elements": 8, "succeeded": 4, "failed": 4}
+    strict = fleet.wait(fleet.submit(actor_map(rt.odd_fails), i=[0, 1, 2]))
+    assert strict.phase == TaskExecution.FAILED
+    assert "ValueError: odd 1" in strict.message
+
+
+def test_actor_map_with_bound_inputs_runs_every_element_once(fleet, tmp_path):
+    log = str(tmp_path / "runs.log")
+    resource = fleet.wait(fleet.submit(actor_map(functools.partial(rt.record, log=log)), i=list(range(30)), log=log))
+    assert resource.phase == TaskExecution.SUCCEEDED, resource.message
+    assert [lit.scalar.primitive.value for lit in resource.outputs.literals["o0"].collection.literals] == [
+        2 * i for i in range(30)]
+    with open(log) as f:
+        assert sorted(int(line) for line in f) == list(range(30))
+
+
+def test_fast_registered_code_bundle_is_downloaded_once_and_run(tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "bundled_tasks.py").write_text(textwrap.dedent('''
+        from flytekitplugins.actor import ActorEnvironment
+
+        actor = ActorEnvironment(name="bundled", replica_count=1)
+
+        @actor.task
+        def where(x: int) -> str:
+            return f"{x}:{__file__}"
+    '''))
+    bundle = tmp_path / "fast-bundle.tar.gz"
+    with tarfile.open(bundle, "w:gz") as tar:
+        tar.add(code / "bundled_tasks.py", arcname="bundled_tasks.py")
+    sys.path.insert(0, str(code))
+    try:
+        import bundled_tasks
+    finally:
+        sys.path.remove(str(code))
+    shutil.rmtree(code)  # from now on the code exists only in the bundle
+
+    fleet = LocalFleet()
+    try:
+        from flytekit import FlyteContextManager
+        from flytekit.core.type_engine import TypeEngine
+        from flytekitplugins.actor.local import local_template
+
+        ctx = FlyteContextManager.current_context()
+        results = []
+        for x in (1, 2):
+            template, prefix = local_template(bundled_tasks.where, ctx)
+            args = [a for a in template.container.args]
+            at = args.index("--dynamic-dest-dir")
+            del args[at:at + 2]
+            template.container._args = ["pyflyte-fast-execute", "--additional-distribution", f"file://{bundle}",
+                                        "--dest-dir", ".", "--", *args]
+            inputs = TypeEngine.dict_to_literal_map(ctx, {"x": x}, bundled_tasks.where.get_input_types())
+            import asyncio
+
+            meta = asyncio.run(fleet.connector.create(template, prefix, inputs))
+            results.append(fleet.wait(meta))
+        assert [r.phase for r in results] == [TaskExecution.SUCCEEDED] * 2, [r.message for r in results]
+        first, second = (output(r).split(":", 1) for r in results)
+        assert first[0] == "1" and second[0] == "2"
+        assert first[1] == second[1] and "bundles" in first[1], "the bundle was not unpacked once into the cache"
     finally:
         fleet.stop()
