@@ -245,7 +245,7 @@ class ActorAgent:
                 self.metrics.replica_event(effect.fleet.name, "launched")
                 self._background_task(self._launch(effect))
             elif isinstance(effect, core.Stop):
-                self.metrics.replica_event(self._fleet_name(effect.replica_id), f"stopped: {effect.reason}")
+                self.metrics.replica_event(self._fleet_name(effect.replica_id), "stop requested")
                 queue = self._streams.get(effect.replica_id)
                 if queue is not None:
                     queue.put_nowait(lease_pb2.AgentMessage(drain=lease_pb2.Drain(reason=effect.reason)))
@@ -285,6 +285,11 @@ class ActorAgent:
         queue = self._streams.pop(replica_id, None)
         if queue is not None:
             queue.put_nowait(None)
+        self._replica_gone(replica_id, cause)
+
+    def _replica_gone(self, replica_id: str, cause: str) -> None:
+        if replica_id in self.scheduler.replicas:
+            self.metrics.replica_gone(self._fleet_name(replica_id), cause)
         self._apply(self.scheduler.replica_gone(replica_id, cause))
 
     def _fleet_name(self, replica_id: str) -> str:
@@ -325,6 +330,7 @@ def _fleet_of(replica, max_ttl: Optional[float]) -> core.Fleet.Spec:
         ttl_seconds=ttl,
         parallelism=environment.parallelism,
         extra={"environment": environment, "context": replica.context},
+        lineage=f"{environment.name}.{replica.context.get('namespace', '')}",
     )
 
 
@@ -384,7 +390,7 @@ class _LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
             if agent._streams.get(replica_id) is queue:
                 # The stream ended while the replica was still ours: treat it as lost.
                 del agent._streams[replica_id]
-                agent._apply(agent.scheduler.replica_gone(replica_id, "its lease stream closed"))
+                agent._replica_gone(replica_id, "its lease stream closed")
 
     async def _read(self, context, replica_id: str) -> None:
         agent = self.agent

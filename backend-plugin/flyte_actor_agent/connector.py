@@ -189,6 +189,7 @@ def fleet_spec(
         ttl_seconds=min(environment.ttl_seconds, max_ttl) if max_ttl else environment.ttl_seconds,
         parallelism=environment.parallelism,
         extra={"environment": environment, "context": context},
+        lineage=f"{environment.name}.{namespace}",
     )
 
 

@@ -59,9 +59,24 @@ class Metrics:
     def finished(self, view: "TaskView") -> None:
         self.task_outcomes.labels(view.phase.value).inc()
 
+    def replica_gone(self, environment: str, cause: str) -> None:
+        self.replica_events.labels(environment, "gone: " + _cause_label(cause)).inc()
+
     def replica_event(self, environment: str, event: str) -> None:
-        # Keep label values bounded: the reason's first words, not the replica's own message.
-        self.replica_events.labels(environment, event.split(":")[0] if ":" in event else event).inc()
+        """``event`` must come from a small fixed set (it is a label value)."""
+        self.replica_events.labels(environment, event).inc()
+
+
+# Replica loss causes as bounded label values, most specific first.
+_CAUSES = (
+    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CrashLoopBackOff", "CreateContainerConfigError",
+    "CreateContainerError", "OOMKilled", "Unschedulable", "was deleted", "no heartbeat", "lease stream closed",
+    "did not connect", "could not launch", "stopped", "killed by signal", "exited with code", "terminated",
+)
+
+
+def _cause_label(cause: str) -> str:
+    return next((c for c in _CAUSES if c in cause), "other")
 
 
 class _SchedulerCollector:

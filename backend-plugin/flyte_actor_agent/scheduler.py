@@ -181,8 +181,12 @@ class Fleet:
         ttl_seconds: float
         parallelism: int
         extra: Any = field(default=None, compare=False, hash=False)
+        #: Fleets of one lineage are versions of one environment in one place; the newest one replaces the others.
+        lineage: str = ""
 
     spec: Spec
+    #: A newer version of the environment is in use: this fleet's replicas stop as soon as they are idle.
+    superseded: bool = False
     queue: Deque[TaskState] = field(default_factory=deque)
     replicas: Dict[str, Replica] = field(default_factory=dict)
     start_failures: int = 0
@@ -255,9 +259,10 @@ class Scheduler:
         """Queue a task; a second submit with the same key is a no-op (CreateTask may be retried)."""
         if request.key in self.tasks or request.key in self.maps:
             return []
+        effects = self._use_fleet(request.fleet)
         task = self._new_task(request)
         self.tasks[task.key] = task
-        return self._enqueue(task)
+        return effects + self._enqueue(task)
 
     def submit_map(
         self,
@@ -282,7 +287,7 @@ class Scheduler:
             outputs=[None] * size,
         )
         self.maps[key] = job
-        effects: List[Effect] = []
+        effects = self._use_fleet(fleet)
         if size == 0:
             return self._finish_map(job, Phase.SUCCEEDED, "no elements")
         self._feed_map(job, effects)
@@ -439,7 +444,10 @@ class Scheduler:
             else:  # cancelled by the replica on its own: only at shutdown, so lease it again
                 self._lease_lost(task, message or f"replica {replica_id} gave the task back", effects)
         if replica is not None and replica.state is ReplicaState.READY:
-            self._dispatch(self.fleets[replica.fleet_key], effects)
+            fleet = self.fleets[replica.fleet_key]
+            self._dispatch(fleet, effects)
+            if fleet.superseded and not replica.leases and not fleet.queue:
+                effects += self.stop_replica(replica.id, f"environment {fleet.spec.name!r} has a new version")
         return effects
 
     # ------------------------------------------------------------------------------------------------ time
@@ -509,12 +517,24 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------- internals
 
-    def _new_task(self, request: TaskRequest, parent: Optional[MapJob] = None, index: int = 0) -> TaskState:
-        fleet = self.fleets.get(request.fleet.key)
+    def _use_fleet(self, spec: Fleet.Spec) -> List[Effect]:
+        """Make ``spec``'s fleet the current version of its environment: older versions' replicas stop when idle."""
+        effects: List[Effect] = []
+        fleet = self.fleets.get(spec.key)
         if fleet is None:
-            fleet = self.fleets[request.fleet.key] = Fleet(spec=request.fleet)
-        elif request.fleet.replica_count != fleet.spec.replica_count or request.fleet.ttl_seconds != fleet.spec.ttl_seconds:
-            fleet.spec = request.fleet  # the latest registration decides the fleet's size and TTL
+            fleet = self.fleets[spec.key] = Fleet(spec=spec)
+        elif spec.replica_count != fleet.spec.replica_count or spec.ttl_seconds != fleet.spec.ttl_seconds:
+            fleet.spec = spec  # the latest registration decides the fleet's size and TTL
+        fleet.superseded = False
+        for other in self.fleets.values():
+            if other is not fleet and other.spec.lineage == spec.lineage and spec.lineage and not other.superseded:
+                other.superseded = True
+                for replica in list(other.replicas.values()):
+                    if replica.state is ReplicaState.READY and not replica.leases and not other.queue:
+                        effects += self.stop_replica(replica.id, f"environment {spec.name!r} has a new version")
+        return effects
+
+    def _new_task(self, request: TaskRequest, parent: Optional[MapJob] = None, index: int = 0) -> TaskState:
         return TaskState(
             key=request.key,
             fleet_key=request.fleet.key,

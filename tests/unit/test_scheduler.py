@@ -633,3 +633,23 @@ def test_module_doctest():
     result = doctest.testmod(scheduler_module)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_a_new_environment_version_stops_the_old_versions_replicas_once_idle():
+    clock = Clock()
+    s = make_scheduler(clock)
+    old = Fleet.Spec(key="env-v1", name="env", replica_count=2, ttl_seconds=600, parallelism=1, lineage="env.ns")
+    new = Fleet.Spec(key="env-v2", name="env", replica_count=1, ttl_seconds=600, parallelism=1, lineage="env.ns")
+    (launch_a,) = s.submit(TaskRequest(key="a", fleet=old, payload="p"))
+    (launch_b,) = s.submit(TaskRequest(key="b", fleet=old, payload="p"))
+    (assign_a,) = s.replica_connected(launch_a.replica_id, launch_a.token, "env-v1", capacity=1)
+    (assign_b,) = s.replica_connected(launch_b.replica_id, launch_b.token, "env-v1", capacity=1)
+    s.report(launch_b.replica_id, assign_b.lease_id, Outcome.SUCCEEDED, outputs=b"")  # b's replica is idle
+    effects = s.submit(TaskRequest(key="c", fleet=new, payload="p"))
+    stops = [e for e in effects if isinstance(e, Stop)]
+    assert [e.replica_id for e in stops] == [launch_b.replica_id] and "new version" in stops[0].reason
+    assert any(isinstance(e, Launch) and e.fleet.key == "env-v2" for e in effects)
+    # The busy old replica finishes its task, then stops instead of waiting for its TTL.
+    effects = s.report(launch_a.replica_id, assign_a.lease_id, Outcome.SUCCEEDED, outputs=b"")
+    assert [e.replica_id for e in effects if isinstance(e, Stop)] == [launch_a.replica_id]
+    assert s.tasks["a"].phase is Phase.SUCCEEDED
