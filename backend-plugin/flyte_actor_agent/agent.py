@@ -123,12 +123,19 @@ class ActorAgent:
     # ------------------------------------------------------------------------ loop-side API (for the connector)
 
     def submit(self, request: core.TaskRequest) -> None:
+        if self._known(request.key):
+            return  # a retried CreateTask
         self.metrics.submitted(request.fleet.name)
         self._apply(self.scheduler.submit(request))
 
     def submit_map(self, key: str, fleet: core.Fleet.Spec, size: int, make_element, concurrency, ratio) -> None:
+        if self._known(key):
+            return
         self.metrics.submitted(fleet.name)
         self._apply(self.scheduler.submit_map(key, fleet, size, make_element, concurrency, ratio))
+
+    def _known(self, key: str) -> bool:
+        return key in self.scheduler.tasks or key in self.scheduler.maps
 
     def cancel(self, key: str, reason: str) -> None:
         self._apply(self.scheduler.cancel(key, reason))

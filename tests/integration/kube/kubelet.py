@@ -44,8 +44,9 @@ class FakeKubelet:
     def stop(self) -> None:
         self._stop.set()
         with self._lock:
-            for proc in self.processes.values():
-                _kill(proc)
+            processes, self.processes = list(self.processes.values()), {}
+        for proc in processes:
+            _kill(proc)  # no status is reported for these: the API server may be stopping too
         self._thread.join(timeout=10)
 
     def kill(self, pod_name: str) -> None:
