@@ -5,7 +5,9 @@ runs the replica worker), else from the image, resources and variables of the en
 lives in a Secret of its own and reaches the worker through ``secretKeyRef``, never in the pod spec. Secrets the
 tasks request go through Flyte's secret-injection webhook (the same label and annotations propeller sets).
 Labels identify the environment, its version, the project and domain; annotations carry what the agent needs to
-adopt the pod after a restart. Where the agent runs in the same namespace, its pod owns the replica pods.
+adopt the pod after a restart. Replica pods have no owner: they must outlive the agent's pod (an upgrade or an
+eviction replaces it) so that the next agent adopts them; a replica that loses the agent for 5 minutes exits, and
+the next agent deletes finished replica pods.
 
 One watch per namespace follows the replica pods: a pod that cannot start (image pull errors, a crash before
 it connects, unschedulable past a grace, OOM) is reported with its reason, a pod that ends or disappears is
@@ -20,7 +22,6 @@ import base64
 import copy
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -74,7 +75,6 @@ class KubernetesLauncher(Launcher):
         namespaces: List[str] = (),
         api_client: Optional[client.ApiClient] = None,
         unschedulable_grace: float = 120.0,
-        agent_pod: Optional[Dict[str, str]] = None,
     ):
         super().__init__(on_exit)
         if api_client is None:
@@ -86,11 +86,6 @@ class KubernetesLauncher(Launcher):
         self.api = client.CoreV1Api(api_client)
         self.namespaces = list(namespaces)
         self.unschedulable_grace = unschedulable_grace
-        self.agent_pod = agent_pod if agent_pod is not None else {
-            "name": os.environ.get("FLYTE_ACTOR_POD_NAME", ""),
-            "namespace": os.environ.get("FLYTE_ACTOR_POD_NAMESPACE", ""),
-            "uid": os.environ.get("FLYTE_ACTOR_POD_UID", ""),
-        }
         self.loop = asyncio.get_running_loop()
         self.pods: Dict[str, tuple] = {}  # replica id -> (namespace, pod name)
         self._reported: set = set()
@@ -107,7 +102,7 @@ class KubernetesLauncher(Launcher):
                 "to the agent's --namespaces (and its RBAC) or run the workflow in an allowed namespace"
             )
         self._ensure_watch(namespace)
-        secret, pod = build_replica(replica, namespace, self.agent_pod)
+        secret, pod = build_replica(replica, namespace)
         name = pod["metadata"]["name"]
         self.pods[replica.replica_id] = (namespace, name)
         await asyncio.to_thread(self.api.create_namespaced_secret, namespace, secret)
@@ -144,7 +139,10 @@ class KubernetesLauncher(Launcher):
             else:
                 pods = await asyncio.to_thread(self.api.list_namespaced_pod, namespace, label_selector=f"{REPLICA_LABEL}=true")
             for pod in pods.items:
-                if pod.metadata.deletion_timestamp is not None or pod.status.phase in ("Succeeded", "Failed"):
+                if pod.metadata.deletion_timestamp is not None:
+                    continue
+                if pod.status.phase in ("Succeeded", "Failed"):  # gave up on the previous agent: clean up
+                    await asyncio.to_thread(self._delete_pod, pod.metadata.namespace, pod.metadata.name)
                     continue
                 annotations = pod.metadata.annotations or {}
                 try:
@@ -264,7 +262,7 @@ def pod_failure(pod: client.V1Pod, unschedulable_since: Dict[str, float], now: f
     return None
 
 
-def build_replica(replica: ReplicaLaunch, namespace: str, agent_pod: Dict[str, str]):
+def build_replica(replica: ReplicaLaunch, namespace: str):
     """The Secret holding the replica's token and the replica's Pod, as Kubernetes JSON."""
     environment = replica.environment
     spec = environment.replica
@@ -292,6 +290,7 @@ def build_replica(replica: ReplicaLaunch, namespace: str, agent_pod: Dict[str, s
         if values:
             resources.setdefault(kind, {}).update({k: v for k, v in values.items() if k not in resources.get(kind, {})})
     pod_spec["restartPolicy"] = "Never"
+    pod_spec.setdefault("enableServiceLinks", False)  # Service variables would clash with FLYTE_ACTOR_AGENT_*
     if replica.context.get("service_account") and not pod_spec.get("serviceAccountName"):
         pod_spec["serviceAccountName"] = replica.context["service_account"]
 
@@ -314,10 +313,6 @@ def build_replica(replica: ReplicaLaunch, namespace: str, agent_pod: Dict[str, s
         annotations.update(flyte_secret_annotations(secrets))
 
     metadata: Dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations}
-    if agent_pod.get("uid") and agent_pod.get("namespace") == namespace:
-        metadata["ownerReferences"] = [
-            {"apiVersion": "v1", "kind": "Pod", "name": agent_pod["name"], "uid": agent_pod["uid"]}
-        ]
     secret = {
         "apiVersion": "v1",
         "kind": "Secret",

@@ -63,7 +63,6 @@ def kube_fleet(cluster, **options) -> LocalFleet:
     return LocalFleet(
         lambda on_exit: KubernetesLauncher(
             on_exit, namespaces=[NAMESPACE], api_client=cluster.api_client(), unschedulable_grace=0,
-            agent_pod={"name": "", "namespace": "", "uid": ""},
         ),
         **options,
     )
