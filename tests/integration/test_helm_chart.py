@@ -563,17 +563,6 @@ def test_the_agent_serves_with_the_environment_the_chart_renders(helm, tmp_path)
 # ------------------------------------------------------------------------------- a real install (kube-apiserver)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    from kube.cluster import KubeCluster, find_binaries
-
-    binaries = find_binaries()
-    if isinstance(binaries, str):
-        pytest.skip(binaries)
-    with KubeCluster(binaries) as cluster:
-        yield cluster
-
-
 def _access(cluster, user: str, verb: str, resource: str, namespace: str | None) -> bool:
     from kubernetes import client
 

@@ -10,19 +10,10 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kube.cluster import KubeCluster, find_binaries, helm_bin_dir
+from kube.cluster import helm_bin_dir
 
 NAMESPACE = "smoke"
 SERVICE_ACCOUNT = "robot"
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    binaries = find_binaries()
-    if isinstance(binaries, str):
-        pytest.skip(binaries)
-    with KubeCluster(binaries) as running:
-        yield running
 
 
 def _status_of(call) -> int:

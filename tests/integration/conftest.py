@@ -1,0 +1,15 @@
+"""Fixtures shared by the integration tiers."""
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A fresh etcd + kube-apiserver for the test module; skipped, with the reason, where it cannot be had."""
+    from kube.cluster import KubeCluster, find_binaries
+
+    binaries = find_binaries()
+    if isinstance(binaries, str):
+        pytest.skip(binaries)
+    with KubeCluster(binaries) as running:
+        yield running
