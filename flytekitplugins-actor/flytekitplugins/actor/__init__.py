@@ -26,19 +26,35 @@ task, so they skip pod start-up and keep what ``@actor_cache`` loaded.
    map
 """
 
-from .cache import actor_cache
-from .environment import ActorEnvironment
-from .map import ActorMapTask, map
-from .spec import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE
-from .task import ActorConfig, ActorTask
+from importlib import import_module
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "ACTOR_MAP_TASK_TYPE",
-    "ACTOR_TASK_TYPE",
-    "ActorConfig",
-    "ActorEnvironment",
-    "ActorMapTask",
-    "ActorTask",
-    "actor_cache",
-    "map",
-]
+# The public API, name -> module. Loaded on first use, so that a replica's worker process (which imports
+# flytekitplugins.actor.worker and .protocol) does not pay for importing flytekit.
+_API = {
+    "ActorEnvironment": ".environment",
+    "ActorConfig": ".task",
+    "ActorTask": ".task",
+    "ActorMapTask": ".map",
+    "map": ".map",
+    "actor_cache": ".cache",
+    "ACTOR_TASK_TYPE": ".spec",
+    "ACTOR_MAP_TASK_TYPE": ".spec",
+}
+
+__all__ = sorted(_API)
+
+if TYPE_CHECKING:
+    from .cache import actor_cache
+    from .environment import ActorEnvironment
+    from .map import ActorMapTask, map
+    from .spec import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE
+    from .task import ActorConfig, ActorTask
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'flytekitplugins.actor' has no attribute {name!r}")
+    value = getattr(import_module(_API[name], __name__), name)
+    globals()[name] = value
+    return value

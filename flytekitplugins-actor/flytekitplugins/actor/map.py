@@ -20,7 +20,6 @@ from typing import Any, Dict, List, Optional, Union
 from flytekit import FlyteContext
 from flytekit.configuration import SerializationSettings
 from flytekit.core import tracker
-from flytekit.core.array_node_map_task import ArrayNodeMapTask
 from flytekit.core.interface import transform_interface_to_list_interface
 from flytekit.core.python_auto_container import PythonAutoContainerTask
 from flytekit.models.literals import LiteralMap
@@ -156,23 +155,3 @@ def map(
 ) -> ActorMapTask:
     """Map an actor task over list inputs: ``map(t, concurrency=4)(x=[1, 2, 3])`` returns a list."""
     return ActorMapTask(target, concurrency=concurrency, min_success_ratio=min_success_ratio)
-
-
-def _refuse_actor_tasks_in_array_node(init):
-    @functools.wraps(init)
-    def __init__(self, python_function_task, *args, **kwargs):
-        if actor_task_of(python_function_task) is not None:
-            raise TypeError(
-                f"flytekit.map_task cannot map actor task {actor_task_of(python_function_task).name}: Flyte's "
-                "ArrayNode cannot run agent tasks. Use flytekitplugins.actor.map(task)(...) instead, which spreads "
-                "the elements over the actor's replicas."
-            )
-        init(self, python_function_task, *args, **kwargs)
-
-    return __init__
-
-
-# flytekit.map_task offers no hook to refuse a sub-task, so its constructor is wrapped once, at import.
-if not getattr(ArrayNodeMapTask.__init__, "_refuses_actor_tasks", False):
-    ArrayNodeMapTask.__init__ = _refuse_actor_tasks_in_array_node(ArrayNodeMapTask.__init__)
-    ArrayNodeMapTask.__init__._refuses_actor_tasks = True  # type: ignore[attr-defined]

@@ -8,11 +8,13 @@ replica it is an ordinary Python function task.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 from flytekit import FlyteContext
 from flytekit.configuration import SerializationSettings
+from flytekit.core.array_node_map_task import ArrayNodeMapTask
 from flytekit.core.python_function_task import PythonFunctionTask
 from flytekit.extend import TaskPlugins
 from flytekit.models.literals import LiteralMap
@@ -74,3 +76,24 @@ def actor_task_of(target: Any) -> Optional[ActorTask]:
     """The actor task behind ``target`` (a task or a ``functools.partial`` of one), else ``None``."""
     func = getattr(target, "func", target)
     return func if isinstance(func, ActorTask) else None
+
+
+def _refuse_actor_tasks_in_array_node(init):
+    @functools.wraps(init)
+    def __init__(self, python_function_task, *args, **kwargs):
+        if actor_task_of(python_function_task) is not None:
+            raise TypeError(
+                f"flytekit.map_task cannot map actor task {actor_task_of(python_function_task).name}: Flyte's "
+                "ArrayNode cannot run agent tasks. Use flytekitplugins.actor.map(task)(...) instead, which spreads "
+                "the elements over the actor's replicas."
+            )
+        init(self, python_function_task, *args, **kwargs)
+
+    return __init__
+
+
+# flytekit.map_task offers no hook to refuse a sub-task, so its constructor is wrapped once, when actor tasks are
+# first imported (before any actor task exists).
+if not getattr(ArrayNodeMapTask.__init__, "_refuses_actor_tasks", False):
+    ArrayNodeMapTask.__init__ = _refuse_actor_tasks_in_array_node(ArrayNodeMapTask.__init__)
+    ArrayNodeMapTask.__init__._refuses_actor_tasks = True  # type: ignore[attr-defined]
