@@ -20,6 +20,8 @@ import sys
 import uuid
 from typing import Dict, List
 
+from flytekitplugins.actor.protocol import lease_pb2
+
 from .common import (
     ROOT, Fleet, NullLauncher, Results, log, median, ms, now, percentile, python_env, rss_bytes, runs_note,
 )
@@ -93,10 +95,9 @@ def child(sizes: List[int]) -> Dict:
                 batch = []
                 for _ in range(min(BATCH, size - len(keys))):
                     key = uuid.uuid4().hex
-                    payload = type(request.payload)()
-                    payload.CopyFrom(request.payload)
-                    payload.output_prefix = f"{fleet.root}/{key}"
-                    batch.append(type(request)(key=key, fleet=request.fleet, payload=payload,
+                    spec = lease_pb2.TaskSpec.FromString(request.payload)
+                    spec.output_prefix = f"{fleet.root}/{key}"
+                    batch.append(type(request)(key=key, fleet=request.fleet, payload=spec.SerializeToString(),
                                                timeout_seconds=request.timeout_seconds, name=request.name))
                     keys.append(key)
                 began = now()

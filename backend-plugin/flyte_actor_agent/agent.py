@@ -237,10 +237,11 @@ class ActorAgent:
     def _apply(self, effects: List[core.Effect]) -> None:
         for effect in effects:
             if isinstance(effect, core.Assign):
-                spec = effect.task.payload
                 self.metrics.dispatched(effect.task)
-                self._send(effect.replica_id, lease_pb2.AgentMessage(
-                    assignment=lease_pb2.Assignment(lease_id=effect.lease_id, task=spec)))
+                message = lease_pb2.AgentMessage()
+                message.assignment.lease_id = effect.lease_id
+                message.assignment.task.MergeFromString(effect.task.payload)  # the connector's TaskSpec bytes
+                self._send(effect.replica_id, message)
             elif isinstance(effect, core.Ack):
                 self._send(effect.replica_id, lease_pb2.AgentMessage(ack=lease_pb2.Ack(lease_id=effect.lease_id)))
             elif isinstance(effect, core.CancelLease):

@@ -7,6 +7,7 @@ import time
 import uuid
 
 from flytekitplugins.actor import ActorEnvironment, actor_cache
+from flytekitplugins.actor.cache import actor_cache as cache_from_its_module
 
 actor = ActorEnvironment(name="runtime-test", replica_count=1, ttl_seconds=60)
 wide = ActorEnvironment(name="runtime-wide", replica_count=4, ttl_seconds=60)
@@ -43,6 +44,17 @@ def token() -> str:
 @actor.task
 def cached_token() -> str:
     return token()
+
+
+@cache_from_its_module
+def other_token() -> str:
+    return uuid.uuid4().hex
+
+
+@actor.task
+def plugin_identity() -> str:
+    """What must stay the same from task to task: the plugin's modules and the cache reached through them."""
+    return f"{id(sys.modules['flytekitplugins.actor.task'])}:{id(sys.modules['flytekitplugins.actor.cache'])}:{other_token()}"
 
 
 @actor.task

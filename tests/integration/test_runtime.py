@@ -35,6 +35,8 @@ def test_state_is_wiped_between_tasks_but_actor_cache_survives(fleet):
     first = output(fleet.run(rt.cached_token))
     assert output(fleet.run(rt.cached_token)) == first, "@actor_cache lost its entry between tasks"
     assert output(fleet.run(rt.whoami)) == replica, "the tasks did not share one replica"
+    plugin = output(fleet.run(rt.plugin_identity))
+    assert output(fleet.run(rt.plugin_identity)) == plugin, "the plugin itself was wiped between tasks"
 
 
 def test_user_exception_fails_with_its_message(fleet):

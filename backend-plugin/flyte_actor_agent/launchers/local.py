@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -100,6 +101,8 @@ class LocalProcessLauncher(Launcher):
         watchers = list(self._watchers.values())
         if watchers:
             await asyncio.gather(*watchers, return_exceptions=True)
+        # Replica logs and scratch space go too; a replica that failed left its log's tail in the task's error.
+        shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def pid(self, replica_id: str) -> Optional[int]:
         process = self.processes.get(replica_id)

@@ -26,6 +26,9 @@ from flytekit.models.core import errors as error_models
 from flytekit.tools.fast_registration import download_distribution
 from flytekit.tools.module_loader import load_object_from_module
 
+# The fork server imports this module before forking executors, so the whole plugin is loaded (and counted as
+# state to keep, not task state to wipe) before any task runs: @actor_cache's store and the task type stay put.
+from .. import cache, environment, local, map, spec, task  # noqa: F401
 from ..protocol import lease_pb2
 from .sandbox import TaskSandbox
 

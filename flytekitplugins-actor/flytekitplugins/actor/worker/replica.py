@@ -103,10 +103,8 @@ class Slot:
         self.timer: Optional[asyncio.TimerHandle] = None
 
     def start(self) -> None:
-        from .executor import serve
-
         parent, child = self._mp.Pipe()
-        self.process = self._mp.Process(target=serve, args=(child, self._scratch), daemon=True)
+        self.process = self._mp.Process(target=_executor_main, args=(child, self._scratch), daemon=True)
         self.process.start()
         child.close()
         self.conn = parent
@@ -118,6 +116,14 @@ class Slot:
     @property
     def free(self) -> bool:
         return self.lease_id is None
+
+
+def _executor_main(conn, scratch_dir: str) -> None:
+    """An executor's entry point, named here so that this process never imports flytekit (the fork server that
+    forks executors has it preloaded)."""
+    from .executor import serve
+
+    serve(conn, scratch_dir)
 
 
 class ReplicaWorker:

@@ -9,7 +9,8 @@ Reset after every task:
   * the task's temporary directory (``tempfile`` and ``TMPDIR`` point into it while the task runs), which also
     holds flytekit's sandbox of downloaded inputs.
 
-Kept: ``@actor_cache`` entries, installed packages a task imported (they stay imported, with their module state),
+Kept: ``@actor_cache`` entries, installed packages a task imported (they stay imported, with their module state;
+packages installed in editable mode count as installed),
 files a task wrote outside its temporary directory, threads a task started and left running.
 """
 
@@ -34,12 +35,21 @@ def _library_roots() -> List[str]:
     return sorted(os.path.realpath(r) + os.sep for r in roots)
 
 
+def _installed_top_level_names() -> Set[str]:
+    """Top-level packages of installed distributions, editable installs included (they live outside
+    site-packages but are libraries all the same)."""
+    from importlib import metadata
+
+    return set(metadata.packages_distributions())
+
+
 class TaskSandbox:
     """Snapshot the process before a task (``enter``) and put it back after (``exit``)."""
 
     def __init__(self, scratch_root: str):
         self._scratch_root = scratch_root
         self._roots = _library_roots()
+        self._installed = _installed_top_level_names()
         self._modules: Set[str] = set()
         self._environ: Dict[str, str] = {}
         self._cwd = ""
@@ -81,6 +91,8 @@ class TaskSandbox:
     def _is_library(self, module: ModuleType) -> bool:
         spec = getattr(module, "__spec__", None)
         if spec is not None and spec.origin in ("built-in", "frozen"):
+            return True
+        if module.__name__.partition(".")[0] in self._installed:
             return True
         locations = [getattr(module, "__file__", None)] + list(getattr(module, "__path__", None) or [])
         locations = [os.path.realpath(p) for p in locations if isinstance(p, str)]
