@@ -48,7 +48,7 @@ def test_unschedulable_fails_only_after_its_grace():
 def test_secret_annotations_are_encoded_as_flytes_webhook_reads_them():
     # Vectors from flyteplugins' own tests of its secret annotation encoding.
     assert flyte_secret_annotations([{"key": "my_key"}]) == {"flyte.secrets/s0": "nnsxsoraejwxsx2lmv3secq"}
-    encoded = flyte_secret_annotations([{"group": "my_group", "key": "my_key", "mount_requirement": 1}  # ENV_VAR])
+    encoded = flyte_secret_annotations([{"group": "my_group", "key": "my_key", "mount_requirement": 1}])  # ENV_VAR
     assert encoded == {"flyte.secrets/s0": "m4zg54lqhiqce2lzl4txe22voarau12fpe4caitnpfpwwzlzeifg122vnz1f53tfof1ws3tfnvsw34b1ebcu3vs6kzavecq"}
 
 
