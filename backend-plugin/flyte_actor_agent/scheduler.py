@@ -303,8 +303,7 @@ class Scheduler:
         task = self.tasks.get(key)
         if task is not None and not task.phase.terminal:
             self._abort_task(task, reason, effects)
-            self._finished.append((task.finished_at, task.key))
-            effects.append(Finished(task.key))
+            self._announce(task.key, task.finished_at, effects)
         return effects
 
     def forget(self, key: str) -> None:
@@ -509,8 +508,7 @@ class Scheduler:
         for task in list(self.tasks.values()):
             if not task.phase.terminal:
                 self._abort_task(task, "the actor agent shut down", effects, Phase.RETRYABLE_FAILED)
-                self._finished.append((task.finished_at, task.key))
-                effects.append(Finished(task.key))
+                self._announce(task.key, task.finished_at, effects)
         for replica in list(self.replicas.values()):
             effects += self.stop_replica(replica.id, "the actor agent shut down")
         return effects
@@ -651,6 +649,11 @@ class Scheduler:
         task.message = reason
         task.finished_at = self.clock()
 
+    def _announce(self, key: str, finished_at: float, effects: List[Effect]) -> None:
+        """A task or map of ``key`` ended: wake its waiters, and forget its result after ``retain``."""
+        self._finished.append((finished_at, key))
+        effects.append(Finished(key))
+
     def _finish_task(
         self,
         task: TaskState,
@@ -668,8 +671,7 @@ class Scheduler:
         task.deadline = None
         task.payload = None  # inputs can be large; a finished task is only read for its result
         if task.parent is None:
-            self._finished.append((task.finished_at, task.key))
-            effects.append(Finished(task.key))
+            self._announce(task.key, task.finished_at, effects)
         else:
             self._element_finished(task.parent, task, effects)
 
@@ -715,6 +717,5 @@ class Scheduler:
         for task in list(job.in_flight.values()):
             self._abort_task(task, f"actor map {job.key} ended: {message}", effects)
         job.in_flight.clear()
-        self._finished.append((job.finished_at, job.key))
-        effects.append(Finished(job.key))
+        self._announce(job.key, job.finished_at, effects)
         return effects

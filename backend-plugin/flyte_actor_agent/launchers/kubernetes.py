@@ -224,19 +224,20 @@ class KubernetesLauncher(Launcher):
         self.on_exit(replica_id, cause)
 
     def _delete_pod(self, namespace: str, name: str) -> None:
-        for delete in (self.api.delete_namespaced_pod, self.api.delete_namespaced_secret):
-            try:
-                delete(name, namespace)
-            except ApiException as e:
-                if e.status != 404:
-                    raise
+        """Delete a replica pod and its token Secret (they share the name); gone already is fine."""
+        _delete_if_there(self.api.delete_namespaced_pod, namespace, name)
+        self._delete_secret(namespace, name)
 
     def _delete_secret(self, namespace: str, name: str) -> None:
-        try:
-            self.api.delete_namespaced_secret(name, namespace)
-        except ApiException as e:
-            if e.status != 404:
-                raise
+        _delete_if_there(self.api.delete_namespaced_secret, namespace, name)
+
+
+def _delete_if_there(delete, namespace: str, name: str) -> None:
+    try:
+        delete(name, namespace)
+    except ApiException as e:
+        if e.status != 404:
+            raise
 
 
 def pod_failure(pod: client.V1Pod, unschedulable_since: Dict[str, float], now: float, grace: float) -> Optional[str]:

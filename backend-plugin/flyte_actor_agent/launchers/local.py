@@ -16,22 +16,12 @@ import tempfile
 from collections import deque
 from typing import Dict, Optional
 
+from flytekitplugins.actor.spec import replica_variables
+
 from . import Launcher, OnExit, ReplicaLaunch
 
 #: Seconds a replica gets to exit after SIGTERM before it is killed.
 STOP_GRACE_SECONDS = 5.0
-
-
-def replica_environment_variables(replica: ReplicaLaunch) -> Dict[str, str]:
-    spec = replica.environment.replica
-    variables = dict(spec.get("environment") or {})
-    template = spec.get("pod_template") or {}
-    for container in (template.get("pod_spec") or {}).get("containers") or []:
-        if container.get("name") == template.get("primary_container_name"):
-            for var in container.get("env") or []:
-                if var.get("value") is not None:
-                    variables[var["name"]] = var["value"]
-    return variables
 
 
 class _Process:
@@ -51,7 +41,7 @@ class LocalProcessLauncher(Launcher):
 
     async def launch(self, replica: ReplicaLaunch) -> None:
         env = dict(os.environ)
-        env.update(replica_environment_variables(replica))
+        env.update(replica_variables(replica.environment.replica))
         env.update(replica.worker_env())
         env["FLYTE_ACTOR_REPLICA_TOKEN"] = replica.token
         env["FLYTE_ACTOR_RECONNECT_SECONDS"] = str(self.reconnect_seconds)

@@ -12,11 +12,13 @@ import contextlib
 import os
 import sys
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Dict, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 from flytekit import FlyteContext
 from flytekit.configuration import ImageConfig, SerializationSettings
 from flytekit.models.literals import LiteralMap
+
+from .spec import replica_variables
 
 if TYPE_CHECKING:
     from .environment import ActorEnvironment
@@ -45,20 +47,6 @@ def runs_on_local_fleet(ctx: FlyteContext) -> bool:
     return local_mode() == FLEET
 
 
-def environment_variables(environment: "ActorEnvironment") -> Dict[str, str]:
-    """The variables a replica of ``environment`` has: the environment's, then the pod template's primary
-    container's (literal values only; ``valueFrom`` needs a cluster)."""
-    variables = dict(environment.environment or {})
-    template = environment.pod_template
-    if template is not None and template.pod_spec is not None:
-        for container in template.pod_spec.containers or []:
-            if container.name == template.primary_container_name:
-                for var in container.env or []:
-                    if var.value is not None:
-                        variables[var.name] = var.value
-    return variables
-
-
 @contextlib.contextmanager
 def replica_environment(ctx: FlyteContext, environment: "ActorEnvironment") -> Iterator[None]:
     """Apply the environment's variables while a task runs in this process locally (a replica has them already)."""
@@ -67,7 +55,7 @@ def replica_environment(ctx: FlyteContext, environment: "ActorEnvironment") -> I
         yield
         return
     saved = dict(os.environ)
-    os.environ.update(environment_variables(environment))
+    os.environ.update(replica_variables(environment.spec(image="")))
     try:
         yield
     finally:

@@ -115,6 +115,19 @@ class ActorCustom:
         )
 
 
+def replica_variables(replica: Dict[str, Any]) -> Dict[str, str]:
+    """The variables a replica of this spec (``EnvironmentSpec.replica``) runs with outside a cluster: the
+    environment's, then the pod template's primary container's (literal values only; ``valueFrom`` needs one)."""
+    variables = dict(replica.get("environment") or {})
+    template = replica.get("pod_template") or {}
+    for container in (template.get("pod_spec") or {}).get("containers") or []:
+        if container.get("name") == template.get("primary_container_name"):
+            for var in container.get("env") or []:
+                if var.get("value") is not None:
+                    variables[var["name"]] = var["value"]
+    return variables
+
+
 @dataclass
 class TaskCommand:
     """How a replica loads and runs one task, read from the task's container args (as ``pyflyte-execute`` takes

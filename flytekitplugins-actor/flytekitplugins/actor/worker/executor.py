@@ -20,9 +20,9 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any, Dict
 
+from flyteidl.core import errors_pb2
 from flytekit.bin.entrypoint import _dispatch_execute, setup_execution
 from flytekit.core.context_manager import FlyteContextManager
-from flytekit.models.core import errors as error_models
 from flytekit.tools.fast_registration import download_distribution
 from flytekit.tools.module_loader import load_object_from_module
 
@@ -108,20 +108,14 @@ def _result_from(engine_dir: str, task_name: str) -> Dict[str, Any]:
     if errors:
         with open(os.path.join(engine_dir, errors[0]), "rb") as f:
             raw = f.read()
-        doc = error_models.ErrorDocument.from_flyte_idl(_error_pb(raw))
-        retryable = doc.error.kind == error_models.ContainerError.Kind.RECOVERABLE
-        return {"phase": FAILED, "error": raw, "message": doc.error.message, "retryable": retryable}
+        error = errors_pb2.ErrorDocument.FromString(raw).error
+        retryable = error.kind == errors_pb2.ContainerError.RECOVERABLE
+        return {"phase": FAILED, "error": raw, "message": error.message, "retryable": retryable}
     outputs = b""
     if "outputs.pb" in names:
         with open(os.path.join(engine_dir, "outputs.pb"), "rb") as f:
             outputs = f.read()
     return {"phase": SUCCEEDED, "outputs": outputs, "message": f"{task_name} succeeded"}
-
-
-def _error_pb(raw: bytes):
-    from flyteidl.core import errors_pb2
-
-    return errors_pb2.ErrorDocument.FromString(raw)
 
 
 def _failure(message: str, retryable: bool) -> Dict[str, Any]:
