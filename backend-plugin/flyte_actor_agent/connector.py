@@ -25,7 +25,6 @@ from typing import Callable, Dict, List, Optional
 
 from flyteidl.core import literals_pb2
 from flytekit import FlyteContextManager
-from flytekit.core.type_engine import TypeEngine  # noqa: F401  (registers transformers before literals are read)
 from flytekit.extend.backend.base_connector import AsyncConnectorBase, Resource, ResourceMeta
 from flyteidl.core.execution_pb2 import TaskExecution
 from flytekit.models.literals import Literal, LiteralCollection, LiteralMap, Scalar, Void
