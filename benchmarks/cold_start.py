@@ -26,8 +26,8 @@ def run(results: Results, quick: bool) -> None:
             async def one():
                 started = now()
                 meta = await fleet.create(template)
-                await fleet.wait(meta.key)
-                check(await fleet.get(meta), "the first task")
+                await fleet.finished(meta.key)
+                check(await fleet.connector.get(meta), "the first task")
                 return meta.key, started, now()
 
             key, started, ended = asyncio.run(one())
@@ -40,7 +40,7 @@ def run(results: Results, quick: bool) -> None:
             submitted, leased, finished, replica_id, launched = fleet.on_loop(read)
         finally:
             fleet.stop()
-        connected = fleet.connected_at[replica_id]
+        connected = fleet.connected_at()[replica_id]
         parts["lease"].append(leased - submitted)
         parts["launch"].append(launched - submitted)
         parts["connect"].append(connected - launched)

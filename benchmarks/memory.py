@@ -133,7 +133,7 @@ def _get_latency(fleet: Fleet, keys: List[str]) -> Dict[str, float]:
         times = []
         for i, meta in enumerate(metas):
             started = now()
-            resource = await fleet.get(meta)
+            resource = await fleet.connector.get(meta)
             elapsed = now() - started
             if resource.phase not in (TaskExecution.QUEUED, TaskExecution.WAITING_FOR_RESOURCES):
                 raise RuntimeError(f"a queued task reads as phase {resource.phase}")
