@@ -103,21 +103,26 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
             )
         replica_id = hello.replica_id
         running = list(hello.running_lease_ids)
+        try:
+            self.reactor.authenticate(replica_id, hello.token, hello.environment_key)
+        except core.ReplicaRefused as refused:
+            log.warning("refused replica: %s", refused)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(refused))
         if replica_id in self._streams:
             # One live stream per replica: a second Hello (someone holding the token, or the replica itself before
             # the agent saw its old stream end) is refused, never swapped in. The replica retries ALREADY_EXISTS.
-            log.warning("refused a second stream for replica %.64r", replica_id)
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                                f"replica {replica_id[:64]!r} already has a live lease stream")
+            log.warning("refused a second stream for replica %s", replica_id)
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"replica {replica_id} already has a live lease stream")
         queue: asyncio.Queue = asyncio.Queue()
-        # Mapped before the reactor hears of the replica, so the leases it hands out at once reach this stream.
+        # Mapped before the reactor hears of the replica, so the leases it hands out at once reach this stream;
+        # no await between the check above and here, so two Hellos cannot both pass it.
         self._streams[replica_id] = queue
         try:
             abandoned = self.reactor.replica_connected(replica_id, hello.token, hello.environment_key, hello.capacity,
                                                        running)
         except core.ReplicaRefused as refused:
             del self._streams[replica_id]
-            log.warning("refused replica: %.300s", refused)
+            log.warning("refused replica: %s", refused)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(refused))
         welcome = lease_pb2.AgentMessage(welcome=lease_pb2.Welcome(
             heartbeat_interval_seconds=self.reactor.heartbeat_interval, abandoned_lease_ids=abandoned))

@@ -179,6 +179,10 @@ class Reactor:
         self._apply(effects)
         return abandoned
 
+    def authenticate(self, replica_id: str, token: str, fleet_key: str) -> None:
+        """Raises :class:`.scheduler.ReplicaRefused` unless ``token`` is the token of this replica of ours."""
+        self.scheduler.authenticate(replica_id, token, fleet_key)
+
     def heartbeat(self, replica_id: str) -> None:
         self.scheduler.heartbeat(replica_id)
 

@@ -364,11 +364,7 @@ class Scheduler:
         self, replica_id: str, token: str, fleet_key: str, capacity: int, running: List[str] = ()
     ) -> List[Effect]:
         """A replica opened its lease stream; raises :class:`ReplicaRefused` if it is not one of ours."""
-        replica = self.replicas.get(replica_id)
-        if replica is None or not secrets.compare_digest(replica.token, token) or replica.fleet_key != fleet_key:
-            raise ReplicaRefused(f"replica {replica_id!r} of {fleet_key!r} is unknown or its token is wrong")
-        if replica.state is ReplicaState.STOPPING:
-            raise ReplicaRefused(f"replica {replica_id!r} is being stopped")
+        replica = self.authenticate(replica_id, token, fleet_key)
         now = self.clock()
         if replica.connected_at is None:
             replica.connected_at = now
@@ -388,6 +384,15 @@ class Scheduler:
         effects: List[Effect] = []
         self._dispatch(fleet, effects)
         return effects
+
+    def authenticate(self, replica_id: str, token: str, fleet_key: str) -> Replica:
+        """The replica if ``token`` is its token and it may connect; else raises :class:`ReplicaRefused`."""
+        replica = self.replicas.get(replica_id)
+        if replica is None or not secrets.compare_digest(replica.token, token) or replica.fleet_key != fleet_key:
+            raise ReplicaRefused(f"replica {replica_id[:64]!r} of {fleet_key[:200]!r} is unknown or its token is wrong")
+        if replica.state is ReplicaState.STOPPING:
+            raise ReplicaRefused(f"replica {replica_id!r} is being stopped")
+        return replica
 
     def adopt_replica(self, replica_id: str, token: str, fleet: FleetConfig) -> None:
         """Take back a replica a previous agent launched (after a restart); it counts as starting until it

@@ -95,15 +95,18 @@ def _take_token(env) -> str:
         with open(path) as f:
             token = f.read().strip()
         os.unlink(path)
+    return token
+
+
+def _not_dumpable() -> None:
+    """Close /proc/<pid>/environ (which keeps the variables this process started with, token included) and
+    /proc/<pid>/mem to other processes of the same user. Reset by exec, so the fork server and executors, which
+    hold no token, stay debuggable."""
     if sys.platform.startswith("linux"):
-        # Non-dumpable: /proc/<pid>/environ (which keeps the variables this process started with) and
-        # /proc/<pid>/mem are then closed to other processes of the same user. Reset by exec, so the fork server
-        # and executors, which hold no token, stay debuggable.
         import ctypes
 
         PR_SET_DUMPABLE = 4
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0)
-    return token
 
 
 class Refused(Exception):
@@ -397,6 +400,7 @@ def _death_message(code: Optional[int], replica_id: str) -> str:
 
 def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=os.environ.get("FLYTE_ACTOR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    _not_dumpable()
     config = Config.from_env()
 
     async def _main() -> int:
