@@ -53,7 +53,11 @@ ACTOR_TASK_TYPES = (ACTOR_TASK_TYPE, ACTOR_MAP_TASK_TYPE)
 
 def _flag(parser: argparse.ArgumentParser, name: str, env: str, default, help: str, type=str) -> None:
     value = os.environ.get(env, default)
-    parser.add_argument(name, default=type(value) if value is not None else None, type=type, help=f"{help} [{env}]")
+    try:
+        value = type(value) if value is not None else None
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        parser.error(f"{env}={os.environ.get(env)!r} is invalid for {name}: {e}")
+    parser.add_argument(name, default=value, type=type, help=f"{help} [{env}]")
 
 
 def _boolean(value) -> bool:
