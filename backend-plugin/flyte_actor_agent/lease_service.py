@@ -161,7 +161,7 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
                 status = message.status
                 outcome = _OUTCOMES.get(status.phase)
                 if outcome is None:
-                    log.warning("replica %s sent a status with no phase for lease %s", replica_id, status.lease_id)
+                    log.warning("replica %s sent a status with no phase for lease %.120r", replica_id, status.lease_id)
                     continue
                 self.reactor.report(replica_id, status.lease_id, outcome, outputs=status.outputs,
                                     error=status.error or None, message=status.message, retryable=status.retryable,

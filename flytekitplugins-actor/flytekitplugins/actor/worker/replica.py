@@ -10,8 +10,8 @@ Configured by environment variables (set by the agent's launcher):
 ``FLYTE_ACTOR_AGENT_ADDRESS``       ``host:port`` of the agent's lease service
 ``FLYTE_ACTOR_ENVIRONMENT_KEY``     fleet this replica belongs to (``<name>-<version>``)
 ``FLYTE_ACTOR_REPLICA_ID``          id the agent gave this replica
-``FLYTE_ACTOR_REPLICA_TOKEN``       secret the agent gave this replica (or ``..._TOKEN_FD``: a pipe to read it from,
-                                    as the local launcher passes it; or ``..._TOKEN_FILE``: a file holding it)
+``FLYTE_ACTOR_REPLICA_TOKEN``       secret the agent gave this replica; or ``..._TOKEN_FD``: a pipe to read it from
+                                    (the local launcher's way); or ``..._TOKEN_FILE``: a file, deleted once read
 ``FLYTE_ACTOR_AGENT_CA``            PEM of the CA of the lease service's TLS certificate (unset: plain gRPC)
 ``FLYTE_ACTOR_PARALLELISM``         tasks run at once (default 1)
 ``FLYTE_ACTOR_SCRATCH_DIR``         where task temp dirs and code bundles go (default: a temp dir)
