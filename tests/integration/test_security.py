@@ -5,6 +5,7 @@ replicas on a TLS lease port, and answers a bad task with INVALID_ARGUMENT and o
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import os
@@ -196,6 +197,20 @@ def test_a_report_for_a_lease_another_replica_holds_is_refused():
         forger.close()
         assert resource.phase == TaskExecution.SUCCEEDED and output(resource) == "real outputs"
         assert queued.key  # left to the forger; the fleet stops with it
+    finally:
+        fleet.stop()
+
+
+def test_a_resolver_missing_from_the_image_fails_for_good_instead_of_being_retried():
+    fleet = LocalFleet()
+    try:
+        template = fleet.template(st.sleep_then)
+        args = list(template.container.args)
+        args[args.index("--resolver") + 1] = "no_such_package_here.resolver"
+        template.container._args = args
+        resource = asyncio.run(fleet.run_template(template, fleet.inputs(st.sleep_then, seconds=0.0, value="x")))
+        assert resource.phase == TaskExecution.FAILED, resource.message
+        assert "no_such_package_here" in resource.message and "image" in resource.message
     finally:
         fleet.stop()
 

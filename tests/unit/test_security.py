@@ -103,7 +103,9 @@ def test_container_args_without_a_task_module_are_refused():
     base = ["pyflyte-execute", "--inputs", "i", "--resolver", "flytekit.core.python_auto_container.default_task_resolver",
             "--"]
     assert TaskCommand.from_args(base + ["task-module", "m", "task-name", "f"]).resolver_args[1] == "m"
-    for args in (base + ["task-module", "", "task-name", "f"], base + ["task-name", "f"], base):
+    bad_resolver = [a if not a.endswith("resolver") or a == "--resolver" else "../evil; rm" for a in base]
+    for args in (base + ["task-module", "", "task-name", "f"], base + ["task-name", "f"], base,
+                 bad_resolver + ["task-module", "m", "task-name", "f"]):
         with pytest.raises(InvalidTask):
             TaskCommand.from_args(args)
 

@@ -30,6 +30,7 @@ MAX_REPLICA_COUNT = 1000
 MAX_PARALLELISM = 256
 ENVIRONMENT_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _VERSION_RE = re.compile(r"^[a-z0-9]{1,63}$")
+_DOTTED_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 _FIX = "re-register the task with the same flytekitplugins-actor version as the agent"
 
 
@@ -232,6 +233,9 @@ class TaskCommand:
                 "--resolver R -- ARGS' (optionally behind 'pyflyte-fast-execute'). Actor tasks must be flytekit "
                 "Python tasks."
             )
+        if not _DOTTED_RE.match(values["resolver"]):
+            raise InvalidTask(f"container args: --resolver {_show(values['resolver'])} is not a dotted Python name "
+                              f"(module.attribute): {_FIX}")
         for option in ("task-module", "task-name"):  # the default resolver's loader args
             if option in resolver_args[:-1:2] and not resolver_args[resolver_args.index(option) + 1]:
                 raise InvalidTask(f"container args: {option} is empty in {_show(resolver_args)}: {_FIX}")
