@@ -128,3 +128,18 @@ def test_a_restarted_agent_adopts_running_replicas_and_finishes_their_tasks(clus
         assert unknown.phase == TaskExecution.RUNNING  # still within the grace period
     finally:
         second.stop()
+
+
+def test_a_replica_pod_the_pod_policy_refuses_fails_its_task_and_creates_nothing(cluster, kubelet):
+    fleet = kube_fleet(cluster)
+    try:
+        resource = fleet.wait(fleet.submit(kube_tasks.as_root_of_the_node, metadata=metadata("e5")), timeout=60)
+        assert resource.phase == TaskExecution.FAILED
+        assert "spec.containers[0].securityContext.privileged=True" in resource.message
+        assert "--allow-privileged" in resource.message and "podPolicy.allowPrivileged" in resource.message
+        api = client.CoreV1Api(cluster.api_client())
+        assert not [p for p in replica_pods(cluster) if p.metadata.labels.get("flyte-actors.io/environment")
+                    == "kube-privileged"]
+        assert not [s for s in api.list_namespaced_secret(NAMESPACE).items if s.metadata.name.startswith("kube-privileged")]
+    finally:
+        fleet.stop()
