@@ -45,6 +45,10 @@ class TaskView:
     replica_id: Optional[str] = None
     #: Queued while no replica of its fleet is ready (they are starting, or cannot start).
     waiting_for_replicas: bool = False
+    #: Running: where its replica runs (the launcher's placement: pod name, namespace, ...) and when the task
+    #: started there (epoch seconds), for log links.
+    placement: Optional[Dict[str, Any]] = None
+    started_at: Optional[float] = None
     # Actor maps only.
     size: int = 0
     succeeded: int = 0
@@ -168,7 +172,13 @@ class ActorAgent:
             message = self._queued_message(fleet)
         elif task.phase is core.Phase.RUNNING:
             message = f"running on replica {task.replica_id}"
+            return TaskView(key, task.phase, message, replica_id=task.replica_id, **self._placement(task))
         return TaskView(key, task.phase, message, task.outputs, task.error, task.replica_id, waiting)
+
+    def _placement(self, task: core.TaskState) -> Dict[str, Any]:
+        placement = self.launcher.placement(task.replica_id) if self.launcher and task.replica_id else None
+        started = time.time() - (time.monotonic() - task.started_at) if task.started_at is not None else None
+        return {"placement": placement, "started_at": started}
 
     async def wait(self, key: str) -> Optional[TaskView]:
         """Wait until ``key`` reaches a terminal phase, without polling."""
@@ -183,15 +193,18 @@ class ActorAgent:
     def _queued_message(self, fleet: core.Fleet) -> str:
         starting = sum(1 for r in fleet.replicas.values() if r.state is core.ReplicaState.STARTING)
         ready = sum(1 for r in fleet.replicas.values() if r.state is core.ReplicaState.READY)
+        waiting = self.scheduler.waiting_reason(fleet.spec.key)
         return (
             f"queued for actor environment {fleet.spec.name!r}: {len(fleet.queue)} waiting, {ready} replicas ready, "
-            f"{starting} starting (up to {fleet.spec.replica_count})"
+            f"{starting} starting (up to {fleet.spec.replica_count})" + (f"; waiting for resources: {waiting}"
+                                                                           if waiting and not ready else "")
         )
 
     # ------------------------------------------------------------------------------------------- lifecycle
 
     async def _start(self) -> None:
         self.launcher = self._launcher_factory(self._on_replica_exit)
+        self.launcher.on_waiting = self._on_replica_waiting
         self._server = grpc.aio.server(options=GRPC_OPTIONS)
         lease_pb2_grpc.add_LeaseServiceServicer_to_server(_LeaseServicer(self), self._server)
         port = self._server.add_insecure_port(f"{self._lease_host}:{self._lease_port}")
@@ -294,6 +307,11 @@ class ActorAgent:
         if queue is not None:
             queue.put_nowait(None)
         self._replica_gone(replica_id, cause)
+
+    def _on_replica_waiting(self, replica_id: str, reason: Optional[str]) -> None:
+        if reason:
+            log.info("replica %s waits for resources: %s", replica_id, reason)
+        self._apply(self.scheduler.replica_waiting(replica_id, reason))
 
     def _replica_gone(self, replica_id: str, cause: str) -> None:
         if replica_id in self.scheduler.replicas:

@@ -33,6 +33,7 @@ from flytekitplugins.actor.spec import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE
 
 from .agent import ActorAgent
 from .connector import ActorConnector, register
+from .launchers.k8s_config import AgentPodConfig
 
 log = logging.getLogger("flyte-actor-agent")
 ACTOR_TASK_TYPES = (ACTOR_TASK_TYPE, ACTOR_MAP_TASK_TYPE)
@@ -62,11 +63,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
           "after a restart, how long tasks the agent does not know wait for a replica to report them", float)
     _flag(serve, "--shutdown-grace-seconds", "FLYTE_ACTOR_SHUTDOWN_GRACE_SECONDS", 30.0,
           "on SIGTERM, how long running tasks get to finish", float)
-    _flag(serve, "--unschedulable-grace-seconds", "FLYTE_ACTOR_UNSCHEDULABLE_GRACE_SECONDS", 120.0,
-          "how long a replica pod may stay unschedulable before its tasks fail", float)
+    _flag(serve, "--plugins-config", "FLYTE_ACTOR_PLUGINS_CONFIG", None,
+          "YAML file with propeller's plugins.k8s and plugins.logs sections and flyteadmin's task_resources: "
+          "cluster defaults for replica pods and log links (see docs/deploy.md)")
     args = parser.parse_args(argv)
     if args.launcher not in ("local", "kubernetes"):
         parser.error(f"--launcher {args.launcher!r} is not a launcher: use 'kubernetes' or 'local'")
+    try:
+        args.pod_config = AgentPodConfig.load(args.plugins_config)
+    except ValueError as e:
+        parser.error(f"--plugins-config: {e}")
     return args
 
 
@@ -113,7 +119,8 @@ def make_launcher_factory(args: argparse.Namespace):
 
         namespaces = [n.strip() for n in args.namespaces.split(",") if n.strip()]
         return lambda on_exit: KubernetesLauncher(
-            on_exit, namespaces=namespaces, unschedulable_grace=args.unschedulable_grace_seconds
+            on_exit, namespaces=namespaces, pod_config=args.pod_config,
+            agent_namespace=os.environ.get("FLYTE_ACTOR_AGENT_NAMESPACE", ""),
         )
     from .launchers.local import LocalProcessLauncher
 
@@ -131,7 +138,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_ttl_seconds=args.max_ttl_seconds or None,
         recovery_grace=args.recovery_grace_seconds,
     ).start()
-    register(lambda: agent)
+    register(lambda: agent, args.pod_config.logs)
     agent.metrics.watch(agent.scheduler, agent.call)
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=agent.metrics.registry)

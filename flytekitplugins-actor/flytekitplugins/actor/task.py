@@ -30,8 +30,9 @@ class ActorConfig:
     environment: ActorEnvironment
 
 
-def environment_spec(environment: ActorEnvironment, image: str) -> EnvironmentSpec:
-    replica = environment.spec(image)
+def environment_spec(environment: ActorEnvironment, image: str,
+                     settings: Optional[SerializationSettings] = None) -> EnvironmentSpec:
+    replica = environment.spec(image, settings)
     return EnvironmentSpec(
         name=environment.name,
         version=environment_version(replica),
@@ -55,7 +56,7 @@ class ActorTask(PythonFunctionTask[ActorConfig]):
         return self.task_config.environment
 
     def environment_spec(self, settings: SerializationSettings) -> EnvironmentSpec:
-        return environment_spec(self.actor_environment, self.get_image(settings))
+        return environment_spec(self.actor_environment, self.get_image(settings), settings)
 
     def get_custom(self, settings: SerializationSettings) -> Dict[str, Any]:
         return ActorCustom(environment=self.environment_spec(settings)).to_custom()
