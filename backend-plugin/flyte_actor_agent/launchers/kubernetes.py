@@ -95,6 +95,7 @@ class KubernetesLauncher(Launcher):
             except config.ConfigException:
                 config.load_kube_config()
             api_client = client.ApiClient()
+        self.api_client = api_client
         self.api = client.CoreV1Api(api_client)
         self.namespaces = list(namespaces)
         self.pod_config = pod_config or AgentPodConfig()
@@ -171,7 +172,7 @@ class KubernetesLauncher(Launcher):
                 if e.status == 404:
                     continue
                 raise
-            return self.api.api_client.sanitize_for_serialization(template).get("template") or {}
+            return self.api_client.sanitize_for_serialization(template).get("template") or {}
         return None
 
     def check(self, environment: EnvironmentSpec) -> None:
