@@ -402,7 +402,8 @@ def quota_rejection(error: ApiException) -> Optional[str]:
         message = json.loads(error.body or "{}").get("message") or ""
     except ValueError:
         message = str(error.body or "")
-    if "exceeded quota" not in message:
+    # "status unknown for quota": the quota controller has not counted the namespace yet; it will.
+    if "exceeded quota" not in message and "status unknown for quota" not in message:
         return None
     return f"ResourceQuota: {message}"
 

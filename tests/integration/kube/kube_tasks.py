@@ -3,6 +3,9 @@
 import os
 import time
 
+from flytekit import Resources
+from flytekit.extras.accelerators import A100
+
 from flytekitplugins.actor import ActorEnvironment
 
 actor = ActorEnvironment(name="kube-actor", container_image="ghcr.io/example/actors:1", replica_count=1)
@@ -18,3 +21,20 @@ def slow(seconds: float) -> str:
 @unpullable.task
 def never() -> int:
     return 0
+
+
+gpu = ActorEnvironment(
+    name="kube-gpu",
+    container_image="ghcr.io/example/actors:1",
+    replica_count=1,
+    requests=Resources(cpu="1", mem="2Gi", gpu="1"),
+    accelerator=A100.partition_1g_5gb,
+    interruptible=True,
+)
+
+
+@gpu.task
+def on_gpu(seconds: float) -> str:
+    """The cluster default variable the replica got, after ``seconds`` (so a test sees it RUNNING)."""
+    time.sleep(seconds)
+    return os.environ.get("FLYTE_AWS_ENDPOINT", "")
