@@ -460,7 +460,9 @@ def build_replica(replica: ReplicaLaunch, namespace: str, pod_config: Optional[A
             f"actor environment {environment.name!r} names accelerator {accelerator.get('device')!r} but asks for no "
             f"GPU ({pod_config.k8s.gpu_resource_name}); set requests=Resources(gpu=\"1\") or drop the accelerator")
     pod_spec["restartPolicy"] = "Never"
-    pod_spec.setdefault("enableServiceLinks", False)  # Service variables would clash with FLYTE_ACTOR_AGENT_*
+    # Service variables would clash with FLYTE_ACTOR_AGENT_*: off unless the environment's own template turns them
+    # on (a base pod template read back from the API server has the default, true).
+    pod_spec["enableServiceLinks"] = bool((template.get("pod_spec") or {}).get("enableServiceLinks", False))
 
     labels = dict(template.get("labels") or {})
     labels.update({

@@ -138,6 +138,7 @@ def test_a_gpu_pod_waits_unschedulable_then_runs_as_propeller_would_build_it(clu
         assert container.image == "ghcr.io/example/actors:1"
         assert pod.metadata.labels["from-template"] == "yes"
         assert pod.metadata.annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+        assert spec.enable_service_links is False and spec.restart_policy == "Never"  # not the template's defaults
 
         kubelet.release()  # a GPU node came
         running = fleet.wait_until(lambda: (r := fleet.get(meta)).phase == TaskExecution.RUNNING and r,
