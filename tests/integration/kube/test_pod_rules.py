@@ -101,17 +101,18 @@ def test_a_gpu_pod_waits_unschedulable_then_runs_as_propeller_would_build_it(clu
         "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
         if "nvidia.com/gpu" in ((pod.spec.containers[0].resources or client.V1ResourceRequirements()).limits or {})
         else None)
-    fleet = pods_fleet(cluster, start_timeout=2.0)
+    fleet = pods_fleet(cluster)
     try:
         meta = fleet.submit(kube_tasks.on_gpu, seconds=3.0, metadata=metadata("gpu1"))
         waiting = fleet.wait_until(
             lambda: (r := fleet.get(meta)).phase == TaskExecution.WAITING_FOR_RESOURCES and "Insufficient" in r.message
             and r, what="the task to wait for a GPU node")
         assert "Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in waiting.message
-        time.sleep(3.0)  # past the agent's start timeout: a waiting replica is not a failed start
-        still = fleet.get(meta)
-        assert still.phase == TaskExecution.WAITING_FOR_RESOURCES, still.message
-        assert all(f.start_failures == 0 for f in fleet.agent.scheduler.fleets.values())
+        # A waiting replica is not a failed start: no start timeout runs for it (tests/unit/test_waiting.py).
+        scheduler = fleet.agent.scheduler
+        (replica,) = fleet.agent.call(lambda: list(scheduler.replicas.values())).result(timeout=10)
+        assert replica.waiting.startswith("Unschedulable") and replica.state.value == "starting"
+        assert fleet.agent.call(scheduler.next_deadline).result(timeout=10) is None
 
         pod = the_pod(cluster, "kube-gpu")
         spec = pod.spec
@@ -126,7 +127,8 @@ def test_a_gpu_pod_waits_unschedulable_then_runs_as_propeller_would_build_it(clu
             ("cloud.google.com/gke-accelerator", "In", ["nvidia-tesla-a100"]),
             ("cloud.google.com/gke-gpu-partition-size", "In", ["1g.5gb"]),
         ]
-        assert [(t.key, t.value) for t in spec.tolerations] == [
+        # (node.kubernetes.io/* tolerations are the API server's own, from its DefaultTolerationSeconds admission.)
+        assert [(t.key, t.value) for t in spec.tolerations if not t.key.startswith("node.kubernetes.io/")] == [
             ("cloud.google.com/gke-spot", "true"), ("dedicated", "flyte"),
             ("cloud.google.com/gke-accelerator", "nvidia-tesla-a100"),
             ("cloud.google.com/gke-gpu-partition-size", "1g.5gb"),
