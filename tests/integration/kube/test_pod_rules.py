@@ -3,6 +3,7 @@ accelerator + interruptible environment, the cluster defaults and default pod te
 config, waiting (Unschedulable, over quota) that is not failing, log links on the RUNNING answer."""
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -153,6 +154,12 @@ def test_a_gpu_pod_waits_unschedulable_then_runs_as_propeller_would_build_it(clu
         done = fleet.wait(meta)
         assert done.phase == TaskExecution.SUCCEEDED, done.message
         assert output(done) == "http://minio.flyte:9000"
+        # The replica's log bounds the task with its execution id, so a slice per task can be found.
+        key = "flytesnacks/development/gpu1/n0/0"
+        with open(os.path.join(kubelet.logs, f"{pod.metadata.name}.log")) as f:
+            replica_log = f.read()
+        assert f"task start: {key} " in replica_log and f"task end: {key} SUCCEEDED" in replica_log
+        assert replica_log.index(f"task start: {key}") < replica_log.index(f"task end: {key}")
     finally:
         fleet.stop()
 
