@@ -14,5 +14,8 @@ setup(
         "prometheus-client>=0.20,<1",
         "grpcio-health-checking>=1.85,<2",
     ],
-    entry_points={"console_scripts": ["flyte-actor-agent=flyte_actor_agent.server:main"]},
+    entry_points={
+        "console_scripts": ["flyte-actor-agent=flyte_actor_agent.server:main"],
+        "flytekitplugins.actor.local_fleet": ["embedded=flyte_actor_agent.embedded:local_agent"],
+    },
 )

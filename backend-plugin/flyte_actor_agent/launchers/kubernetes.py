@@ -29,15 +29,15 @@ import copy
 import json
 import logging
 import threading
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-from flytekitplugins.actor.spec import EnvironmentSpec
+from flytekitplugins.actor.contract import SerializedEnvironment
 
-from . import Launcher, OnExit, ReplicaLaunch
+from ..placement import Placement
+from . import AdoptedReplica, ExitReason, Launcher, OnExit, ReplicaExit, ReplicaLaunch
 from . import pods
 from .k8s_config import AgentPodConfig
 
@@ -49,31 +49,23 @@ LABEL_VERSION = "flyte-actors.io/version"
 LABEL_REPLICA_ID = "flyte-actors.io/replica-id"
 ANNOTATION_FLEET = "flyte-actors.io/fleet-key"
 ANNOTATION_ENVIRONMENT = "flyte-actors.io/environment"
+ANNOTATION_PLACEMENT = "flyte-actors.io/placement"
 #: The container that runs the replica worker (whose logs the log links show).
 ANNOTATION_CONTAINER = "flyte-actors.io/container"
 TOKEN_KEY = "token"
 DEFAULT_CONTAINER = "actor"
 #: Waiting reasons after which a container will not start without a change to the environment.
 START_FAILURES = {
-    "ErrImagePull",
-    "ImagePullBackOff",
-    "InvalidImageName",
-    "CrashLoopBackOff",
-    "CreateContainerConfigError",
-    "CreateContainerError",
+    "ErrImagePull": ExitReason.IMAGE_PULL,
+    "ImagePullBackOff": ExitReason.IMAGE_PULL,
+    "InvalidImageName": ExitReason.IMAGE_PULL,
+    "CrashLoopBackOff": ExitReason.CRASH_LOOP,
+    "CreateContainerConfigError": ExitReason.CONFIG_ERROR,
+    "CreateContainerError": ExitReason.CONFIG_ERROR,
 }
 # Flyte's secret webhook reads each requested secret from these annotations: the protobuf text form of a
 # flyteidl core.Secret, base32 with this alphabet and no padding (flyteplugins' encoding package).
 _FLYTE_BASE32 = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", "abcdefghijklmnopqrstuvwxyz123456")
-
-
-@dataclass
-class AdoptedReplica:
-    replica_id: str
-    token: str
-    fleet_key: str
-    environment: EnvironmentSpec
-    context: Dict[str, str]
 
 
 class KubernetesLauncher(Launcher):
@@ -114,7 +106,7 @@ class KubernetesLauncher(Launcher):
     # ---------------------------------------------------------------------------------------------- launch
 
     async def launch(self, replica: ReplicaLaunch) -> None:
-        namespace = replica.context.get("namespace") or (self.namespaces[0] if self.namespaces else "default")
+        namespace = replica.placement.namespace or (self.namespaces[0] if self.namespaces else "default")
         if self.namespaces and namespace not in self.namespaces:
             raise ValueError(
                 f"namespace {namespace!r} is not one this agent may create replicas in ({self.namespaces}); add it "
@@ -135,7 +127,8 @@ class KubernetesLauncher(Launcher):
         if created is None:  # stopped, or past the pod pending timeout, while it waited for quota
             await asyncio.to_thread(self._delete_secret, namespace, name)
             if replica.replica_id not in self._reported:
-                self._gone(replica.replica_id, f"pod {namespace}/{name} was stopped before it could be created")
+                self._gone(replica.replica_id, ReplicaExit(
+                    ExitReason.STOPPED, f"pod {namespace}/{name} was stopped before it could be created"))
             return
         self._remember_placement(replica.replica_id, created)
         # The Secret goes when its pod goes, even if the agent is not there to delete it.
@@ -175,11 +168,11 @@ class KubernetesLauncher(Launcher):
             return self.api_client.sanitize_for_serialization(template).get("template") or {}
         return None
 
-    def check(self, environment: EnvironmentSpec) -> None:
+    def check(self, environment: SerializedEnvironment) -> None:
         """Build a replica pod of ``environment`` without creating it, so a setting the cluster can never honour
         fails the first task that names it, instead of a pod the API server rejects again and again."""
         probe = ReplicaLaunch(replica_id="check", token="", fleet_key=environment.key, environment=environment,
-                              agent_address="", context={})
+                              agent_address="", placement=Placement())
         build_replica(probe, "default", self.pod_config, None)
 
     def placement(self, replica_id: str) -> Optional[Dict[str, Any]]:
@@ -231,7 +224,9 @@ class KubernetesLauncher(Launcher):
                 try:
                     secret = await asyncio.to_thread(self.api.read_namespaced_secret, pod.metadata.name, pod.metadata.namespace)
                     token = base64.b64decode(secret.data[TOKEN_KEY]).decode()
-                    environment = EnvironmentSpec.from_custom(json.loads(annotations[ANNOTATION_ENVIRONMENT]))
+                    environment = SerializedEnvironment.from_custom(json.loads(annotations[ANNOTATION_ENVIRONMENT]))
+                    placement = Placement.from_json(annotations[ANNOTATION_PLACEMENT]) if ANNOTATION_PLACEMENT in annotations \
+                        else Placement(namespace=pod.metadata.namespace)
                 except (ApiException, KeyError, ValueError) as e:
                     log.warning("cannot adopt replica pod %s/%s (%s); deleting it", pod.metadata.namespace, pod.metadata.name, e)
                     await asyncio.to_thread(self._delete_pod, pod.metadata.namespace, pod.metadata.name)
@@ -245,7 +240,7 @@ class KubernetesLauncher(Launcher):
                     token=token,
                     fleet_key=annotations[ANNOTATION_FLEET],
                     environment=environment,
-                    context={"namespace": pod.metadata.namespace},
+                    placement=placement,
                 ))
         return adopted
 
@@ -292,15 +287,16 @@ class KubernetesLauncher(Launcher):
             return
         where = f"pod {pod.metadata.namespace}/{pod.metadata.name}"
         if kind == "DELETED":
-            self._gone(replica_id, f"{where} was deleted")
+            self._gone(replica_id, ReplicaExit(ExitReason.DELETED, f"{where} was deleted"))
             return
         if pod.metadata.deletion_timestamp is not None:
             return
         if replica_id in self.placements and pod.spec is not None and pod.spec.node_name:
             self.placements[replica_id]["node_name"] = pod.spec.node_name
-        cause = pod_failure(pod)
-        if cause is not None:
-            self._fail(replica_id, f"{where}: {cause}", pod.metadata.namespace, pod.metadata.name)
+        failure = pod_failure(pod)
+        if failure is not None:
+            self._fail(replica_id, ReplicaExit(failure.reason, f"{where}: {failure.detail}"), pod.metadata.namespace,
+                       pod.metadata.name)
             return
         self._set_waiting(replica_id, pod_waiting(pod))
 
@@ -329,14 +325,14 @@ class KubernetesLauncher(Launcher):
         if reason is None or where is None or replica_id in self._reported:
             return
         timeout = self.pod_config.k8s.pod_pending_timeout
-        self._fail(replica_id, f"pod {where[0]}/{where[1]} was pending for {timeout:g}s (the pod-pending-timeout): "
-                   f"{reason}", *where)
+        self._fail(replica_id, ReplicaExit(ExitReason.UNSCHEDULABLE, f"pod {where[0]}/{where[1]} was pending for "
+                   f"{timeout:g}s (the pod-pending-timeout): {reason}"), *where)
 
-    def _fail(self, replica_id: str, cause: str, namespace: str, name: str) -> None:
-        self._gone(replica_id, cause)
+    def _fail(self, replica_id: str, exit: ReplicaExit, namespace: str, name: str) -> None:
+        self._gone(replica_id, exit)
         asyncio.ensure_future(asyncio.to_thread(self._delete_pod, namespace, name))
 
-    def _gone(self, replica_id: str, cause: str) -> None:
+    def _gone(self, replica_id: str, exit: ReplicaExit) -> None:
         self._reported.add(replica_id)
         self.pods.pop(replica_id, None)
         self.placements.pop(replica_id, None)
@@ -345,7 +341,7 @@ class KubernetesLauncher(Launcher):
         timer = self._pending_timers.pop(replica_id, None)
         if timer is not None:
             timer.cancel()
-        self.on_exit(replica_id, cause)
+        self.on_exit(replica_id, exit)
 
     def _delete_pod(self, namespace: str, name: str) -> None:
         """Delete a replica pod and its token Secret (they share the name); gone already is fine."""
@@ -364,7 +360,7 @@ def _delete_if_there(delete, namespace: str, name: str) -> None:
             raise
 
 
-def pod_failure(pod: client.V1Pod) -> Optional[str]:
+def pod_failure(pod: client.V1Pod) -> Optional[ReplicaExit]:
     """Why a replica pod will not (or no longer) run, or ``None`` while it may still be fine."""
     status = pod.status
     if status is None:
@@ -372,12 +368,18 @@ def pod_failure(pod: client.V1Pod) -> Optional[str]:
     for container in status.container_statuses or []:
         state = container.state
         if state and state.waiting and state.waiting.reason in START_FAILURES:
-            return f"container {container.name}: {state.waiting.reason}: {state.waiting.message or ''}".rstrip(": ")
+            return ReplicaExit(
+                START_FAILURES[state.waiting.reason],
+                f"container {container.name}: {state.waiting.reason}: {state.waiting.message or ''}".rstrip(": "),
+            )
         if state and state.terminated:
             t = state.terminated
-            return f"container {container.name} terminated: {t.reason or 'Error'} (exit code {t.exit_code}) {t.message or ''}".rstrip()
+            reason = ExitReason.OOM_KILLED if t.reason == "OOMKilled" else ExitReason.EXITED
+            return ReplicaExit(reason, f"container {container.name} terminated: {t.reason or 'Error'} "
+                               f"(exit code {t.exit_code}) {t.message or ''}".rstrip())
     if status.phase in ("Failed", "Succeeded"):
-        return f"pod {status.phase.lower()}: {status.reason or ''} {status.message or ''}".strip()
+        return ReplicaExit(ExitReason.EXITED,
+                           f"pod {status.phase.lower()}: {status.reason or ''} {status.message or ''}".strip())
     return None
 
 
@@ -449,7 +451,7 @@ def build_replica(replica: ReplicaLaunch, namespace: str, pod_config: Optional[A
         primary_name,
         interruptible=bool(spec.get("interruptible")),
         accelerator=accelerator,
-        service_account=replica.context.get("service_account", ""),
+        service_account=replica.placement.service_account,
         config=pod_config.k8s,
         platform=pod_config.platform,
         base_template=base_template,
@@ -471,12 +473,14 @@ def build_replica(replica: ReplicaLaunch, namespace: str, pod_config: Optional[A
         LABEL_VERSION: environment.version,
         LABEL_REPLICA_ID: replica.replica_id,
     })
-    for key in ("project", "domain"):
-        if replica.context.get(key):
-            labels[key] = replica.context[key]
+    placement = replica.placement
+    for key, value in (("project", placement.project), ("domain", placement.domain)):
+        if value:
+            labels[key] = value
     annotations = dict(template.get("annotations") or {})
     annotations[ANNOTATION_FLEET] = replica.fleet_key
     annotations[ANNOTATION_ENVIRONMENT] = json.dumps(environment.to_custom(), sort_keys=True)
+    annotations[ANNOTATION_PLACEMENT] = placement.to_json()
     annotations[ANNOTATION_CONTAINER] = primary_name
     secrets = spec.get("secrets") or []
     if secrets:

@@ -12,13 +12,15 @@ import contextlib
 import os
 import sys
 from collections import OrderedDict
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Iterator, Optional, Union
 
+from flyteidl.core.execution_pb2 import TaskExecution
 from flytekit import FlyteContext
 from flytekit.configuration import ImageConfig, SerializationSettings
 from flytekit.models.literals import LiteralMap
 
-from .spec import replica_variables
+from .contract import replica_variables
 
 if TYPE_CHECKING:
     from .environment import ActorEnvironment
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
     from .task import ActorTask
 
 LOCAL_MODE_ENV = "FLYTE_ACTOR_LOCAL_MODE"
+#: Entry point group under which the agent package offers its embedded agent (a function returning it).
+LOCAL_FLEET_ENTRY_POINT_GROUP = "flytekitplugins.actor.local_fleet"
 FLEET, INPROCESS = "fleet", "inprocess"
 
 
@@ -55,7 +59,7 @@ def replica_environment(ctx: FlyteContext, environment: "ActorEnvironment") -> I
         yield
         return
     saved = dict(os.environ)
-    os.environ.update(replica_variables(environment.spec(image="")))
+    os.environ.update(replica_variables(environment.replica_template(image="")))
     try:
         yield
     finally:
@@ -65,20 +69,26 @@ def replica_environment(ctx: FlyteContext, environment: "ActorEnvironment") -> I
 
 def run_on_fleet(task: Union["ActorTask", "ActorMapTask"], ctx: FlyteContext, inputs: LiteralMap) -> LiteralMap:
     """Run one actor task (or actor map) on the embedded local fleet and return its outputs."""
-    try:
-        from flyte_actor_agent.embedded import local_agent
-    except ImportError as e:
-        raise ImportError(
-            f"Running actor task {task.name} locally needs the actor agent package ({e}). Install "
-            f"'flyte-actors-agent', or set {LOCAL_MODE_ENV}={INPROCESS} to run actor tasks in this process."
-        ) from e
-    from flyteidl.core.execution_pb2 import TaskExecution
+    local_agent = _local_fleet_entry_point(task.name)
 
     template, output_prefix = local_template(task, ctx)
     resource = local_agent().run(template, inputs=inputs, output_prefix=output_prefix)
     if resource.phase != TaskExecution.SUCCEEDED:
         raise ActorTaskFailed(f"Actor task {task.name} failed: {resource.message}")
     return resource.outputs if resource.outputs is not None else LiteralMap(literals={})
+
+
+def _local_fleet_entry_point(task_name: str):
+    """The embedded agent, found through the entry point the agent package declares (this package does not
+    depend on the agent)."""
+    found = entry_points(group=LOCAL_FLEET_ENTRY_POINT_GROUP)
+    if not found:
+        raise ImportError(
+            f"Running actor task {task_name} locally needs the actor agent package (no {LOCAL_FLEET_ENTRY_POINT_GROUP!r} "
+            f"entry point is installed). Install 'flyte-actors-agent', or set {LOCAL_MODE_ENV}={INPROCESS} to run "
+            "actor tasks in this process."
+        )
+    return next(iter(found)).load()
 
 
 def local_template(task: Union["ActorTask", "ActorMapTask"], ctx: FlyteContext):
