@@ -7,7 +7,7 @@ def test_a_waiting_replica_keeps_tasks_queued_past_the_start_timeout_and_runs_th
     now = [0.0]
     s = core.Scheduler(clock=lambda: now[0], new_id=iter(f"id{i}" for i in range(100)).__next__,
                        new_token=lambda: "t", start_timeout=600.0)
-    env = core.Fleet.Spec(key="gpu-v1", name="gpu", replica_count=1, ttl_seconds=60, parallelism=1)
+    env = core.FleetConfig(key="gpu-v1", name="gpu", replica_count=1, ttl_seconds=60, parallelism=1)
     (launch,) = s.submit(core.TaskRequest(key="t1", fleet=env, payload=b""))
     assert s.replica_waiting(launch.replica_id, "Unschedulable: 0/3 nodes have nvidia.com/gpu") == []
     assert s.waiting_reason("gpu-v1") == "Unschedulable: 0/3 nodes have nvidia.com/gpu"
@@ -23,7 +23,7 @@ def test_a_waiting_replica_keeps_tasks_queued_past_the_start_timeout_and_runs_th
 
 def test_waiting_of_a_replica_that_connected_or_is_unknown_is_ignored():
     s = core.Scheduler(clock=lambda: 0.0, new_id=iter(["r1", "l1"]).__next__, new_token=lambda: "t")
-    env = core.Fleet.Spec(key="e", name="e", replica_count=1, ttl_seconds=60, parallelism=1)
+    env = core.FleetConfig(key="e", name="e", replica_count=1, ttl_seconds=60, parallelism=1)
     s.submit(core.TaskRequest(key="t1", fleet=env, payload=b""))
     s.replica_connected("r1", "t", "e", capacity=1)
     assert s.replica_waiting("r1", "late event") == [] and s.replicas["r1"].waiting == ""
