@@ -7,8 +7,9 @@ agent's memory. ``delete`` cancels. Phases map as follows:
 =====================================  ================================================================
 agent                                  Flyte
 =====================================  ================================================================
-queued, waiting for replicas           ``QUEUED`` (``WAITING_FOR_RESOURCES`` while no replica is ready)
-leased to a replica                    ``RUNNING``
+queued, waiting for replicas           ``QUEUED`` (``WAITING_FOR_RESOURCES``, with the pods' reason, while no
+                                       replica is ready)
+leased to a replica                    ``RUNNING``, with log links to the replica's pod
 succeeded                              ``SUCCEEDED`` with the outputs
 user error                             ``FAILED`` (not retried)
 system error, timeout, replica lost    ``RETRYABLE_FAILED`` (retried within the task's retries)
@@ -19,6 +20,7 @@ cancelled                              ``ABORTED``
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -33,7 +35,9 @@ from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 from flytekitplugins.actor.protocol import lease_pb2
 from flytekitplugins.actor.contract import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE, ActorCustom, TaskCommand
 
+from . import logs
 from . import scheduler as core
+from .launchers.k8s_config import LogConfig
 from .placement import Placement, execution_id, fleet_config
 from .reactor import Reactor
 from .views import TaskView
@@ -61,9 +65,11 @@ class ActorMetadata(ResourceMeta):
 class ActorConnector(AsyncConnectorBase):
     name = "Actor Connector"
 
-    def __init__(self, agent: Callable[[], Reactor], task_type_name: str = ACTOR_TASK_TYPE):
+    def __init__(self, agent: Callable[[], Reactor], task_type_name: str = ACTOR_TASK_TYPE,
+                 log_config: Optional[LogConfig] = None):
         super().__init__(task_type_name=task_type_name, metadata_type=ActorMetadata)
         self._agent = agent
+        self.log_config = log_config or LogConfig()
 
     async def create(
         self,
@@ -81,7 +87,9 @@ class ActorConnector(AsyncConnectorBase):
                 "flytekitplugins-actor (which never emits a pod target)."
             )
         command = TaskCommand.from_args(list(task_template.container.args))
-        agent.launcher.check_bundle(command.distribution or "")
+        if agent.launcher is not None:
+            agent.launcher.check_bundle(command.distribution or "")
+            agent.launcher.check(custom.environment)  # a pod the cluster can never run fails here, with the setting
         key = _task_key(task_execution_metadata) or uuid.uuid4().hex
         fleet = fleet_config(custom.environment, Placement.of_execution(task_execution_metadata), agent.max_ttl_seconds)
         env = _task_environment(task_template, task_execution_metadata)
@@ -140,7 +148,12 @@ class ActorConnector(AsyncConnectorBase):
     async def get(self, resource_meta: ActorMetadata, **kwargs) -> Resource:
         agent = self._agent()
         view: Optional[TaskView] = await asyncio.wrap_future(agent.call(agent.view, resource_meta.key))
-        return resource_of(view, resource_meta)
+        resource = resource_of(view, resource_meta)
+        if view is not None and view.phase is core.Phase.RUNNING:
+            # Propeller forwards only the first answer of a phase: the links must be on the first RUNNING one.
+            resource.log_links = logs.task_logs(self.log_config, view.placement, view.key, view.started_at,
+                                                time.time())
+        return resource
 
     async def delete(self, resource_meta: ActorMetadata, **kwargs) -> None:
         agent = self._agent()
@@ -251,11 +264,12 @@ def _read_inputs(uri: Optional[str]) -> LiteralMap:
         return LiteralMap.from_flyte_idl(literals_pb2.LiteralMap.FromString(f.read()))
 
 
-def register(agent: Callable[[], Reactor]) -> List[ActorConnector]:
+def register(agent: Callable[[], Reactor], log_config: Optional[LogConfig] = None) -> List[ActorConnector]:
     """Register connectors for both actor task types with flytekit's ConnectorRegistry."""
     from flytekit.extend.backend.base_connector import ConnectorRegistry
 
-    connectors = [ActorConnector(agent, ACTOR_TASK_TYPE), ActorConnector(agent, ACTOR_MAP_TASK_TYPE)]
+    connectors = [ActorConnector(agent, ACTOR_TASK_TYPE, log_config),
+                  ActorConnector(agent, ACTOR_MAP_TASK_TYPE, log_config)]
     for connector in connectors:
         ConnectorRegistry.register(connector, override=True)
     return connectors

@@ -155,7 +155,14 @@ class Reactor:
         self.scheduler.forget(key)
 
     def view(self, key: str) -> Optional[TaskView]:
-        return task_view(self.scheduler, key, recovering=time.monotonic() < self._recovering_until)
+        view = task_view(self.scheduler, key, recovering=time.monotonic() < self._recovering_until)
+        task = self.scheduler.tasks.get(key)
+        if view is not None and task is not None and view.phase is core.Phase.RUNNING and task.replica_id:
+            # Where the task runs, for its log links: the launcher knows the replica's pod.
+            view.placement = self.launcher.placement(task.replica_id) if self.launcher else None
+            if task.started_at is not None:
+                view.started_at = time.time() - (time.monotonic() - task.started_at)
+        return view
 
     async def wait(self, key: str) -> Optional[TaskView]:
         """Wait until ``key`` reaches a terminal phase, without polling."""
@@ -206,6 +213,7 @@ class Reactor:
         self.channel = channel_factory(self)
         await self.channel.start()
         self.launcher = self._launcher_factory(self._on_replica_exit)
+        self.launcher.on_waiting = self._on_replica_waiting
         if self.launcher.replicas_outlive_agent:
             adopted = await self.launcher.adopt()
             for replica in adopted:
@@ -286,6 +294,11 @@ class Reactor:
         if self.channel is not None:
             self.channel.close(replica_id)
         self._replica_gone(replica_id, exit)
+
+    def _on_replica_waiting(self, replica_id: str, reason: Optional[str]) -> None:
+        if reason:
+            log.info("replica %s waits for resources: %s", replica_id, reason)
+        self._apply(self.scheduler.replica_waiting(replica_id, reason))
 
     def _replica_gone(self, replica_id: str, exit: core.ReplicaExit) -> None:
         if replica_id in self.scheduler.replicas:

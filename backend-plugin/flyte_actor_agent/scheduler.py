@@ -199,6 +199,9 @@ class Replica:
     adopted: bool = False
     #: When it first connected (None while starting).
     connected_at: Optional[float] = None
+    #: Why a starting replica waits for resources (its pod has no node yet, its namespace is over quota); while
+    #: it waits, the start timeout does not run: waiting is not failing.
+    waiting: str = ""
 
 
 @dataclass(frozen=True)
@@ -459,6 +462,23 @@ class Scheduler:
         if replica.state is not ReplicaState.STOPPING or fleet.queue:
             self._scale(fleet, effects)
 
+    def replica_waiting(self, replica_id: str, reason: Optional[str]) -> List[Effect]:
+        """A starting replica waits for resources (``reason``), or no longer does (``None``): its start timeout
+        then counts from now."""
+        replica = self.replicas.get(replica_id)
+        if replica is None or replica.state is not ReplicaState.STARTING:
+            return []
+        if not reason and replica.waiting:
+            replica.launched_at = self.clock()
+        replica.waiting = reason or ""
+        return []
+
+    def waiting_reason(self, fleet_key: str) -> str:
+        """Why a fleet with no ready replica waits, as its starting replicas report it ('' if they do not)."""
+        fleet = self.fleets.get(fleet_key)
+        reasons = [r.waiting for r in fleet.replicas.values() if r.waiting] if fleet else []
+        return reasons[0] if reasons else ""
+
     def stop_replica(self, replica_id: str, reason: str) -> List[Effect]:
         effects: List[Effect] = []
         self._stop_replica(replica_id, reason, effects)
@@ -537,6 +557,8 @@ class Scheduler:
                 effects,
             )
         for replica in list(self.replicas.values()):
+            if replica.state is ReplicaState.STARTING and replica.waiting:
+                continue
             if replica.state is ReplicaState.STARTING and now - replica.launched_at >= self.start_timeout:
                 effects.append(Stop(replica.id, "did not connect in time"))
                 self._replica_gone(replica.id, ReplicaExit(
@@ -559,7 +581,7 @@ class Scheduler:
         if self._finished:
             times.append(self._finished[0][0] + self.retain)
         for replica in self.replicas.values():
-            if replica.state is ReplicaState.STARTING:
+            if replica.state is ReplicaState.STARTING and not replica.waiting:
                 times.append(replica.launched_at + self.start_timeout)
             elif replica.state is ReplicaState.READY:
                 times.append(replica.last_seen + self.heartbeat_timeout)

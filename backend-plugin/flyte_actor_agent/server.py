@@ -44,6 +44,7 @@ from prometheus_client import start_http_server
 from flytekitplugins.actor.contract import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE
 
 from .connector import ActorConnector, register
+from .launchers.k8s_config import AgentPodConfig
 from .lease_service import LeaseService
 from .reactor import Reactor
 
@@ -94,8 +95,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
           "after a restart, how long tasks the agent does not know wait for a replica to report them", float)
     _flag(serve, "--shutdown-grace-seconds", "FLYTE_ACTOR_SHUTDOWN_GRACE_SECONDS", 30.0,
           "on SIGTERM, how long running tasks get to finish", float)
-    _flag(serve, "--unschedulable-grace-seconds", "FLYTE_ACTOR_UNSCHEDULABLE_GRACE_SECONDS", 120.0,
-          "how long a replica pod may stay unschedulable before its tasks fail", float)
     _flag(serve, "--tls-cert", "FLYTE_ACTOR_TLS_CERT", None, "PEM certificate (chain) of the connector port")
     _flag(serve, "--tls-key", "FLYTE_ACTOR_TLS_KEY", None, "PEM private key of --tls-cert")
     _flag(serve, "--tls-client-ca", "FLYTE_ACTOR_TLS_CLIENT_CA", None,
@@ -120,6 +119,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
           "comma-separated Linux capabilities pod templates may add beyond Kubernetes' baseline set")
     _flag(serve, "--trusted-bundle-prefixes", "FLYTE_ACTOR_TRUSTED_BUNDLE_PREFIXES", "",
           "local launcher: comma-separated URL prefixes code bundles may come from besides local paths")
+    _flag(serve, "--plugins-config", "FLYTE_ACTOR_PLUGINS_CONFIG", None,
+          "YAML file with propeller's plugins.k8s and plugins.logs sections and flyteadmin's task_resources: "
+          "cluster defaults for replica pods and log links (see docs/deploy.md)")
     args = parser.parse_args(argv)
     if args.launcher not in ("local", "kubernetes"):
         parser.error(f"--launcher {args.launcher!r} is not a launcher: use 'kubernetes' or 'local'")
@@ -129,6 +131,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error(f"--{flag} and --{flag[:-4]}key go together: give both or neither")
     if args.tls_client_ca and not args.tls_cert:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key (client certificates are checked over TLS)")
+    try:
+        args.pod_config = AgentPodConfig.load(args.plugins_config)
+    except ValueError as e:
+        parser.error(f"--plugins-config: {e}")
     return args
 
 
@@ -241,7 +247,8 @@ def make_launcher_factory(args: argparse.Namespace):
             allowed_capabilities=BASELINE_CAPABILITIES | {c.upper() for c in _names(args.allowed_capabilities)},
         )
         return lambda on_exit: KubernetesLauncher(
-            on_exit, namespaces=namespaces, unschedulable_grace=args.unschedulable_grace_seconds, policy=policy
+            on_exit, namespaces=namespaces, pod_config=args.pod_config, policy=policy,
+            agent_namespace=os.environ.get("FLYTE_ACTOR_AGENT_NAMESPACE", ""),
         )
     from .launchers.local import LocalProcessLauncher
 
@@ -293,7 +300,7 @@ async def serve(args: argparse.Namespace) -> None:
         recovery_grace=args.recovery_grace_seconds,
         lease_key=lease_key(args.lease_key_file),
     ).start(make_lease_service(args))
-    register(lambda: agent)
+    register(lambda: agent, args.pod_config.logs)
     agent.metrics.watch(agent.scheduler, agent.call)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.host, registry=agent.metrics.registry)

@@ -4,7 +4,7 @@ afterwards: what the connector answers GetTask with, and what metrics report."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from . import scheduler as core
 
@@ -21,6 +21,10 @@ class TaskView:
     replica_id: Optional[str] = None
     #: Queued while no replica of its fleet is ready (they are starting, or cannot start).
     waiting_for_replicas: bool = False
+    #: Running: where its replica runs (the launcher's placement: pod name, namespace, ...) and when the task
+    #: started there (epoch seconds), for log links.
+    placement: Optional[Dict[str, Any]] = None
+    started_at: Optional[float] = None
     # Actor maps only.
     size: int = 0
     succeeded: int = 0
@@ -52,16 +56,17 @@ def task_view(scheduler: core.Scheduler, key: str, recovering: bool = False) -> 
     if task.phase is core.Phase.QUEUED:
         fleet = scheduler.fleets[task.fleet_key]
         waiting = not any(r.state is core.ReplicaState.READY for r in fleet.replicas.values())
-        message = queued_message(fleet)
+        message = queued_message(fleet, scheduler.waiting_reason(fleet.config.key))
     elif task.phase is core.Phase.RUNNING:
         message = f"running on replica {task.replica_id}"
     return TaskView(key, task.phase, message, task.outputs, task.error, task.replica_id, waiting)
 
 
-def queued_message(fleet: core.Fleet) -> str:
+def queued_message(fleet: core.Fleet, waiting: str = "") -> str:
     starting = sum(1 for r in fleet.replicas.values() if r.state is core.ReplicaState.STARTING)
     ready = sum(1 for r in fleet.replicas.values() if r.state is core.ReplicaState.READY)
     return (
         f"queued for actor environment {fleet.config.name!r}: {len(fleet.queue)} waiting, {ready} replicas ready, "
         f"{starting} starting (up to {fleet.config.replica_count})"
+        + (f"; waiting for resources: {waiting}" if waiting and not ready else "")
     )

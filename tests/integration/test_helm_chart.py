@@ -45,6 +45,7 @@ EXPECTED_RULES = {
     "pods/log": {"get"},
     "secrets": {"create", "get", "list", "delete", "patch"},
     "events": {"get", "list", "watch"},
+    "podtemplates": {"get"},
 }
 
 #: What the chart needs with the kubernetes launcher: the namespaces replicas may run in (or rbac.clusterWide).
@@ -97,6 +98,24 @@ VALUE_SETS: dict[str, dict] = {
         },
         "metrics": {"serviceMonitor": {"enabled": True, "interval": "15s"}},
         "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
+        "flyteConfig": {
+            "plugins": {
+                "k8s": {
+                    "default-env-vars": {"FLYTE_AWS_ENDPOINT": "http://minio.flyte:9000"},
+                    "default-tolerations": [{"key": "dedicated", "operator": "Equal", "value": "flyte",
+                                             "effect": "NoSchedule"}],
+                    "interruptible-node-selector-requirement": {"key": "spot", "operator": "In", "values": ["true"]},
+                    "gpu-device-node-label": "cloud.google.com/gke-accelerator",
+                    "default-pod-template-name": "flyte-template",
+                    "pod-pending-timeout": "30m",
+                    "co-pilot": {"image": "cr.flyte.org/flyteorg/flytecopilot:v1"},
+                },
+                "logs": {"kubernetes-enabled": True,
+                         "kubernetes-template-uri": "https://k8s.example.com/#/log/{{ .namespace }}/{{ .podName }}",
+                         "templates": [{"displayName": "Grafana", "templateUris": ["https://g/{{ .podName }}"]}]},
+            },
+            "task_resources": {"defaults": {"cpu": "500m", "memory": "1Gi"}, "limits": {"gpu": 4}},
+        },
     },
 }
 
@@ -266,7 +285,9 @@ def test_one_agent_pod_configured_through_env(helm, name):
     assert pod.get("imagePullSecrets", []) == values.get("imagePullSecrets", [])
     for key in ("nodeSelector", "tolerations", "affinity"):
         assert pod.get(key) == values.get(key), key
-    assert spec["template"]["metadata"].get("annotations") == values.get("podAnnotations")
+    annotations = dict(spec["template"]["metadata"]["annotations"])
+    assert annotations.pop("flyte-actors.io/plugins-config")  # rolls the pod when flyteConfig changes
+    assert annotations == values.get("podAnnotations", {})
     sa = values.get("serviceAccount", {}).get("name") or fullname(values)
     assert pod["serviceAccountName"] == sa
     assert one(docs, "ServiceAccount")["metadata"]["name"] == sa
@@ -305,8 +326,16 @@ def test_listed_namespaces_get_a_minimal_role_each_bound_to_the_service_account(
     values = VALUE_SETS[name]
     docs, _ = template(helm, values)
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
-    roles = {r["metadata"]["namespace"]: r for r in by_kind(docs, "Role")}
-    bindings = {b["metadata"]["namespace"]: b for b in by_kind(docs, "RoleBinding")}
+    # The default pod template's Role (only podtemplates get, in the agent's namespace) is checked apart.
+    template_role = f"{fullname(values)}-pod-templates"
+    extra = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == template_role]
+    assert bool(extra) == bool(values.get("flyteConfig", {}).get("plugins", {}).get("k8s", {})
+                               .get("default-pod-template-name"))
+    for role in extra:
+        assert role["metadata"]["namespace"] == NAMESPACE and rules_by_resource(role) == {"podtemplates": {"get"}}
+    roles = {r["metadata"]["namespace"]: r for r in by_kind(docs, "Role") if r["metadata"]["name"] != template_role}
+    bindings = {b["metadata"]["namespace"]: b for b in by_kind(docs, "RoleBinding")
+                if b["metadata"]["name"] != template_role}
     assert set(roles) == set(bindings) == set(values["namespaces"])
     sa = one(docs, "ServiceAccount")["metadata"]
     for namespace, role in roles.items():
@@ -361,7 +390,7 @@ _VERBS = {"create": "create", "read": "get", "list": "list", "patch": "patch", "
           "replace": "update", "watch": "watch"}
 _RESOURCES = {"namespaced_pod": "pods", "pod_for_all_namespaces": "pods", "namespaced_pod_log": "pods/log",
               "namespaced_secret": "secrets", "secret_for_all_namespaces": "secrets", "namespaced_event": "events",
-              "event_for_all_namespaces": "events"}
+              "event_for_all_namespaces": "events", "namespaced_pod_template": "podtemplates"}
 
 
 def launcher_api_calls() -> set[tuple[str, str]]:
@@ -460,7 +489,8 @@ def test_pod_policy_tls_and_lease_key_reach_the_agent(helm, name):
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
-    volumes = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", [])}
+    volumes = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+    assert plain["FLYTE_ACTOR_PLUGINS_CONFIG"].startswith(mounts["plugins-config"] + "/")
     assert plain["FLYTE_ACTOR_AGENT_HOST"] == "0.0.0.0"  # the agent's own default is loopback
     policy = values.get("podPolicy", {})
     assert plain["FLYTE_ACTOR_SERVICE_ACCOUNTS"] == ",".join(policy.get("serviceAccounts", ["default"]))
@@ -514,6 +544,9 @@ def test_pod_policy_tls_and_lease_key_reach_the_agent(helm, name):
     (["--set", "podPolicy.allowPrivileged=yes"], "podPolicy.allowPrivileged"),
     (["--set", "podPolicy.allowedCapabilities[0]=SYS ADMIN"], "podPolicy.allowedCapabilities"),
     (["--set", "tls.secret=agent-tls"], "tls"),
+    (["--set", "flyteConfig.plugins.k8s.default-toleration=x"], "default-toleration"),
+    (["--set", "flyteConfig.plugins.k8s.pod-pending-timeout=soon"], "pod-pending-timeout"),
+    (["--set", "flyteConfig.plugins.logs.kubernetes-enabled=maybe"], "kubernetes-enabled"),
 ])
 def test_bad_values_make_helm_template_fail(helm, args, complaint):
     _, result = template(helm, BASE, *args, check=False)
@@ -585,6 +618,46 @@ def test_every_manifest_validates_against_kubernetes_schemas(helm, name, kube_ve
     assert {"Deployment", "Service", "ServiceAccount"} <= set(validated)
 
 
+# ----------------------------------------------------------------------------------------- flyteConfig
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_flyte_config_reaches_the_agent_as_its_plugins_config(helm, name):
+    """flyteConfig is rendered into a ConfigMap mounted where FLYTE_ACTOR_PLUGINS_CONFIG points, and the agent's
+    own loader reads it back to the same settings; a change of it rolls the pod."""
+    from flyte_actor_agent.launchers.k8s_config import AgentPodConfig
+
+    values = VALUE_SETS[name]
+    docs, _ = template(helm, values)
+    deployment = one(docs, "Deployment")
+    env = container_env(deployment)
+    path = env["FLYTE_ACTOR_PLUGINS_CONFIG"]["value"]
+    assert env["FLYTE_ACTOR_AGENT_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    pod = deployment["spec"]["template"]["spec"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "plugins-config"]
+    (volume,) = [v for v in pod["volumes"] if "configMap" in v]
+    assert path == f"{mount['mountPath']}/plugins.yaml" and volume["name"] == mount["name"]
+    config_map = one(docs, "ConfigMap")
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    data = yaml.safe_load(config_map["data"]["plugins.yaml"])
+    flyte_config = values.get("flyteConfig", {})
+    assert data["plugins"]["k8s"] == flyte_config.get("plugins", {}).get("k8s", {})
+    loaded = AgentPodConfig.from_dict(data)
+    if name == "everything":
+        assert loaded.k8s.default_env_vars == {"FLYTE_AWS_ENDPOINT": "http://minio.flyte:9000"}
+        assert loaded.k8s.pod_pending_timeout == 1800.0 and loaded.k8s.default_pod_template_name == "flyte-template"
+        assert loaded.logs.templates[0].display_name == "Grafana" and loaded.platform.limits == {"nvidia.com/gpu": "4"}
+        # The default pod template may be in the agent's namespace: a Role there to read it.
+        roles = {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in by_kind(docs, "Role")}
+        assert (NAMESPACE, f"{fullname(values)}-pod-templates") in roles
+    else:
+        assert loaded.k8s.pod_pending_timeout == 0.0 and loaded.logs.kubernetes_enabled
+    others, _ = template(helm, {**values, "flyteConfig": {"plugins": {"k8s": {"default-cpus": "2"}}}})
+    annotation = "flyte-actors.io/plugins-config"
+    assert (one(others, "Deployment")["spec"]["template"]["metadata"]["annotations"][annotation]
+            != deployment["spec"]["template"]["metadata"]["annotations"][annotation])
+
+
 # --------------------------------------------------------------------------------- the contract with the server
 
 
@@ -617,6 +690,9 @@ def test_the_agent_serves_with_the_environment_the_chart_renders(helm, tmp_path)
     docs, _ = template(helm, {"launcher": "local", "ports": ports, "shutdownGraceSeconds": 1})
     env = dict(os.environ)
     env.update({n: e["value"] for n, e in container_env(one(docs, "Deployment")).items() if "value" in e})
+    # The ConfigMap the chart mounts, written where the variable points here.
+    (tmp_path / "plugins.yaml").write_text(one(docs, "ConfigMap")["data"]["plugins.yaml"])
+    env["FLYTE_ACTOR_PLUGINS_CONFIG"] = str(tmp_path / "plugins.yaml")
     (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["command"][0] == "flyte-actor-agent"
     log = open(tmp_path / "agent.log", "wb")

@@ -3,14 +3,16 @@
 A launcher is the only code that touches processes or pods. It is handed a callback, ``on_exit(replica_id,
 exit)``, which it must call exactly once for every replica it launched, when that replica is gone for whatever
 reason (exited, killed, pod failed or deleted, could not be created), with a :class:`ReplicaExit`: a bounded
-reason and a detail a person can act on.
+reason and a detail a person can act on. A launcher whose replicas can wait for resources (a pod no node can
+take yet, a namespace over quota) calls ``on_waiting(replica_id, reason)`` while they wait and
+``on_waiting(replica_id, None)`` when they stop waiting: waiting is not a failed start.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from flytekitplugins.actor.contract import SerializedEnvironment
 
@@ -18,6 +20,7 @@ from ..placement import Placement
 from ..scheduler import ExitReason, ReplicaExit
 
 OnExit = Callable[[str, ReplicaExit], None]
+OnWaiting = Callable[[str, Optional[str]], None]
 
 __all__ = ["AdoptedReplica", "ExitReason", "LaunchRefused", "Launcher", "OnExit", "ReplicaExit", "ReplicaLaunch"]
 
@@ -72,6 +75,7 @@ class Launcher(abc.ABC):
 
     def __init__(self, on_exit: OnExit):
         self.on_exit = on_exit
+        self.on_waiting: Optional[OnWaiting] = None
 
     @abc.abstractmethod
     async def launch(self, replica: ReplicaLaunch) -> None:
@@ -92,3 +96,10 @@ class Launcher(abc.ABC):
     async def adopt(self) -> List[AdoptedReplica]:
         """Replicas a previous agent left running (only where they outlive the agent)."""
         return []
+
+    def check(self, environment: SerializedEnvironment) -> None:
+        """Raise ``ValueError`` naming the setting if replicas of ``environment`` can never start here."""
+
+    def placement(self, replica_id: str) -> Optional[Dict[str, Any]]:
+        """Where a replica runs, for log links (pod name, namespace, ...), or ``None`` where there is no pod."""
+        return None

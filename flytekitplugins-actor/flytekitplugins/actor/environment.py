@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
 
 from flytekit import ImageSpec, PodTemplate, Resources, Secret
 from flytekit import task as flytekit_task
@@ -31,6 +31,9 @@ from .contract import (
     SerializedEnvironment,
 )
 from .task import ActorTask
+
+if TYPE_CHECKING:
+    from flytekit.configuration import SerializationSettings
 
 #: Idle time after which replicas are stopped when ``ttl_seconds`` is not given (as in Union's actors).
 DEFAULT_TTL_SECONDS = 900
@@ -113,6 +116,34 @@ class ActorEnvironment:
                 f"ActorEnvironment {self.name!r}: pod_template must be flytekit.PodTemplate, got "
                 f"{type(self.pod_template).__name__}."
             )
+        self._check_gpus()
+
+    def _check_gpus(self) -> None:
+        """GPU settings Kubernetes would refuse for ever fail here, at declaration (so at ``pyflyte register``)."""
+        gpus = {arg: getattr(getattr(self, arg), "gpu", None) for arg in ("requests", "limits")}
+        for arg, value in gpus.items():
+            if value is not None and not str(value).strip().isdigit():
+                raise ValueError(
+                    f"ActorEnvironment {self.name!r}: {arg}=Resources(gpu={value!r}) is not a whole number of GPUs; "
+                    "Kubernetes cannot split a GPU: use gpu=\"1\" (a fraction needs an accelerator partition, "
+                    "for example accelerator=A100.partition_1g_5gb)."
+                )
+        if gpus["requests"] is not None and gpus["limits"] is not None and int(gpus["requests"]) != int(gpus["limits"]):
+            raise ValueError(
+                f"ActorEnvironment {self.name!r}: requests gpu={gpus['requests']!r} and limits gpu={gpus['limits']!r} "
+                "differ; Kubernetes needs GPU requests equal to limits: set one of them, or both to the same number."
+            )
+        template_gpus = any(
+            "gpu" in name
+            for container in (getattr(self.pod_template, "pod_spec", None) and self.pod_template.pod_spec.containers or [])
+            if container.resources is not None
+            for name in list((container.resources.requests or {})) + list((container.resources.limits or {}))
+        )
+        if self.accelerator is not None and not any(v is not None for v in gpus.values()) and not template_gpus:
+            raise ValueError(
+                f"ActorEnvironment {self.name!r}: accelerator={self.accelerator!r} but no GPU is requested, so no "
+                "node with that accelerator would be asked for; add requests=Resources(gpu=\"1\")."
+            )
 
     @property
     def effective_ttl_seconds(self) -> int:
@@ -156,9 +187,9 @@ class ActorEnvironment:
             "secret_requests": list(self.secret_requests or []),
         }
 
-    def serialized(self, image: str) -> SerializedEnvironment:
+    def serialized(self, image: str, settings: Optional["SerializationSettings"] = None) -> SerializedEnvironment:
         """The environment as its tasks carry it to the agent, given the image resolved at serialization."""
-        replica = self.replica_template(image)
+        replica = self.replica_template(image, settings)
         return SerializedEnvironment(
             name=self.name,
             version=environment_version(replica),
@@ -168,16 +199,14 @@ class ActorEnvironment:
             replica=replica,
         )
 
-    def replica_template(self, image: str) -> Dict[str, Any]:
+    def replica_template(self, image: str, settings: Optional["SerializationSettings"] = None) -> Dict[str, Any]:
         """What a replica of this environment is, as plain JSON, given the image resolved at serialization."""
         pod_template = None
         if self.pod_template is not None:
-            from kubernetes.client import ApiClient
-
             pod_template = {
                 "primary_container_name": self.pod_template.primary_container_name,
                 # Kubernetes' own JSON form (camelCase, no nulls), as a PodTemplateSpec's spec.
-                "pod_spec": ApiClient().sanitize_for_serialization(self.pod_template.pod_spec),
+                "pod_spec": _pod_spec(self.pod_template, image, settings),
                 "labels": dict(self.pod_template.labels or {}),
                 "annotations": dict(self.pod_template.annotations or {}),
             }
@@ -193,6 +222,27 @@ class ActorEnvironment:
             "interruptible": self.interruptible,
             "parallelism": self.parallelism,
         }
+
+
+def _pod_spec(pod_template: PodTemplate, image: str, settings: Optional["SerializationSettings"]) -> Dict[str, Any]:
+    """The pod template's spec as flytekit serializes a task's (``_serialize_pod_spec``): images given as an
+    ``ImageSpec`` or ``{{.image.name}}`` become names, the primary container without an image gets the
+    environment's. Command, args and resources of the primary container are the agent's to set."""
+    from flytekit.configuration import ImageConfig, SerializationSettings
+    from flytekit.core.utils import _serialize_pod_spec
+    from flytekit.models import task as task_models
+
+    if settings is None:
+        settings = SerializationSettings(image_config=ImageConfig.auto_default_image())
+    primary = task_models.Container(image=image or None, command=[], args=[],
+                                    resources=task_models.Resources(requests=[], limits=[]), env=None, config={})
+    spec = _serialize_pod_spec(pod_template, primary, settings)
+    for container in spec.get("containers") or []:
+        if container.get("name") == pod_template.primary_container_name:
+            for key in ("command", "args"):
+                if not container.get(key):
+                    container.pop(key, None)
+    return spec
 
 
 def environment_version(replica_template: Dict[str, Any]) -> str:

@@ -61,7 +61,7 @@ class ActorTask(RunsOnActors, PythonFunctionTask["ActorEnvironment"]):
         return self.task_config
 
     def serialized_environment(self, settings: SerializationSettings) -> SerializedEnvironment:
-        return self.actor_environment.serialized(self.get_image(settings))
+        return self.actor_environment.serialized(self.get_image(settings), settings)
 
     def get_custom(self, settings: SerializationSettings) -> Dict[str, Any]:
         return ActorCustom(environment=self.serialized_environment(settings)).to_custom()

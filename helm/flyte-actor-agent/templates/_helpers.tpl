@@ -162,3 +162,8 @@ plugins:
 {{ include "flyte-actor-agent.propellerTasksConfig" . }}
 {{ include "flyte-actor-agent.propellerPluginsConfig" . }}
 {{- end }}
+
+{{/* The plugins config file the agent reads: flyteConfig as YAML. */}}
+{{- define "flyte-actor-agent.pluginsConfig" -}}
+{{- toYaml .Values.flyteConfig }}
+{{- end }}

@@ -44,7 +44,7 @@ def metadata(execution: str, node: str = "n0") -> TaskExecutionMetadata:
 def kube_fleet(cluster, **options) -> LocalFleet:
     return LocalFleet(
         lambda on_exit: KubernetesLauncher(
-            on_exit, namespaces=[NAMESPACE], api_client=cluster.api_client(), unschedulable_grace=0,
+            on_exit, namespaces=[NAMESPACE], api_client=cluster.api_client(),
         ),
         **options,
     )

@@ -287,6 +287,9 @@ class ReplicaWorker:
             self.outbox.put_nowait(msg)
 
     def _report(self, status: lease_pb2.TaskStatus) -> None:
+        # With the start line in _assign, these bound each task's slice of the replica's log (its log links).
+        log.info("task end: %s %s (lease %s)", _task_key(status.lease_id),
+                 lease_pb2.TaskPhase.Name(status.phase), status.lease_id)
         self.unacked[status.lease_id] = status
         self._send(lease_pb2.ReplicaMessage(status=status))
 
@@ -303,6 +306,8 @@ class ReplicaWorker:
             self._report(lease_pb2.TaskStatus(
                 lease_id=assignment.lease_id, phase=lease_pb2.CANCELLED, message="replica has no free slot"))
             return
+        log.info("task start: %s %s (lease %s)", _task_key(assignment.lease_id), assignment.task.task_name,
+                 assignment.lease_id)
         slot.lease_id = assignment.lease_id
         slot.kill_reason = None
         slot.conn.send((assignment.lease_id, assignment.task.SerializeToString()))
@@ -377,6 +382,11 @@ class ReplicaWorker:
     def _after_slot_freed(self) -> None:
         if self.draining:
             self._drain("drain requested")
+
+
+def _task_key(lease_id: str) -> str:
+    """The task execution a lease runs (project/domain/execution/node/attempt): lease ids end with it."""
+    return lease_id.partition("|")[2] or lease_id
 
 
 def _worker_version() -> str:
