@@ -63,6 +63,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
           "after a restart, how long tasks the agent does not know wait for a replica to report them", float)
     _flag(serve, "--shutdown-grace-seconds", "FLYTE_ACTOR_SHUTDOWN_GRACE_SECONDS", 30.0,
           "on SIGTERM, how long running tasks get to finish", float)
+    _flag(serve, "--max-message-bytes", "FLYTE_ACTOR_MAX_MESSAGE_BYTES", 512 * 1024 * 1024,
+          "largest gRPC message the connector port accepts (CreateTask carries the task's inputs inline)", int)
+    _flag(serve, "--max-output-bytes", "FLYTE_ACTOR_MAX_OUTPUT_BYTES", 2 * 1024 ** 3,
+          "a task (or map element) whose outputs.pb is larger fails, naming this cap (0: no cap)", int)
     _flag(serve, "--unschedulable-grace-seconds", "FLYTE_ACTOR_UNSCHEDULABLE_GRACE_SECONDS", 120.0,
           "how long a replica pod may stay unschedulable before its tasks fail", float)
     args = parser.parse_args(argv)
@@ -126,13 +130,17 @@ async def serve(args: argparse.Namespace) -> None:
         make_launcher_factory(args),
         max_ttl_seconds=args.max_ttl_seconds or None,
         recovery_grace=args.recovery_grace_seconds,
+        max_output_bytes=args.max_output_bytes,
     ).start(lambda reactor: LeaseService(reactor, args.host, args.lease_port, args.lease_address or None))
     register(lambda: agent)
     agent.metrics.watch(agent.scheduler, agent.call)
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=agent.metrics.registry)
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", args.max_message_bytes),
+        ("grpc.max_send_message_length", args.max_message_bytes),
+    ])
     add_AsyncAgentServiceServicer_to_server(ActorAgentService(), server)
     add_AgentMetadataServiceServicer_to_server(ActorMetadataService(), server)
     health_servicer = health.aio.HealthServicer()

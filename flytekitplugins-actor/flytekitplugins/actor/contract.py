@@ -59,29 +59,41 @@ class SerializedEnvironment:
 
 @dataclass(frozen=True)
 class MapOptions:
-    """How the agent fans out an actor map. ``concurrency`` ``None`` means as many as the fleet can take."""
+    """How the agent fans out an actor map. ``concurrency`` ``None`` or 0 means as many as the fleet can take.
+    ``min_successes`` (a count), when set, wins over ``min_success_ratio``, as in Flyte's ArrayNode."""
 
     mapped_inputs: List[str]
     bound_inputs: List[str]
     concurrency: Optional[int] = None
     min_success_ratio: float = 1.0
+    min_successes: Optional[int] = None
+
+    @property
+    def optional(self) -> bool:
+        """Whether failed elements may be tolerated, so that outputs are lists of ``Optional`` values."""
+        return self.min_success_ratio < 1 or self.min_successes is not None
 
     def to_custom(self) -> Dict[str, Any]:
-        return {
+        out = {
             "mapped_inputs": list(self.mapped_inputs),
             "bound_inputs": list(self.bound_inputs),
             "concurrency": self.concurrency,
             "min_success_ratio": self.min_success_ratio,
         }
+        if self.min_successes is not None:
+            out["min_successes"] = self.min_successes
+        return out
 
     @classmethod
     def from_custom(cls, data: Dict[str, Any]) -> "MapOptions":
         concurrency = data.get("concurrency")
+        min_successes = data.get("min_successes")
         return cls(
             mapped_inputs=[str(x) for x in data.get("mapped_inputs", [])],
             bound_inputs=[str(x) for x in data.get("bound_inputs", [])],
             concurrency=None if concurrency is None else _int(concurrency),
             min_success_ratio=float(data.get("min_success_ratio", 1.0)),
+            min_successes=None if min_successes is None else _int(min_successes),
         )
 
 

@@ -302,15 +302,7 @@ class ReplicaWorker:
         self._finish_slot(slot)
         if lease_id != expected:
             return  # abandoned while it ran
-        self._report(lease_pb2.TaskStatus(
-            lease_id=lease_id,
-            phase=lease_pb2.SUCCEEDED if result["phase"] == "succeeded" else lease_pb2.FAILED,
-            outputs=result.get("outputs", b""),
-            error=result.get("error", b""),
-            message=result.get("message", ""),
-            retryable=result.get("retryable", False),
-            run_seconds=result.get("run_seconds", 0.0),
-        ))
+        self._report(_status_of(lease_id, result))
         self._after_slot_freed()
 
     def _on_executor_died(self, slot: Slot) -> None:
@@ -339,6 +331,22 @@ class ReplicaWorker:
     def _after_slot_freed(self) -> None:
         if self.draining:
             self._drain("drain requested")
+
+
+def _status_of(lease_id: str, result: dict) -> lease_pb2.TaskStatus:
+    """The report of an executor's result; large outputs come by size only (they are in the output prefix)."""
+    return lease_pb2.TaskStatus(
+        lease_id=lease_id,
+        phase=lease_pb2.SUCCEEDED if result["phase"] == "succeeded" else lease_pb2.FAILED,
+        outputs=result.get("outputs", b""),
+        error=result.get("error", b""),
+        message=result.get("message", ""),
+        retryable=result.get("retryable", False),
+        run_seconds=result.get("run_seconds", 0.0),
+        outputs_in_prefix=result.get("outputs_in_prefix", False),
+        outputs_size=result.get("outputs_size", 0),
+        system_error=result.get("system_error", False),
+    )
 
 
 def _worker_version() -> str:

@@ -1,0 +1,57 @@
+"""Actor tasks and maps for the large-map tests (``test_map_scale.py``) and the map benchmark."""
+
+import functools
+import os
+import uuid
+
+from flytekit.exceptions.user import FlyteRecoverableException
+
+from flytekitplugins.actor import ActorEnvironment, map
+
+env = ActorEnvironment(name="map-scale", replica_count=2, parallelism=2, ttl_seconds=300)
+
+
+@env.task
+def text(i: int, size: int) -> str:
+    """``size`` characters of output."""
+    return str(i % 10) * size
+
+
+@env.task
+def tiny(i: int) -> int:
+    return i + 1
+
+
+@env.task(retries=2)
+def flaky(i: int, runs_dir: str, fail_index: int) -> int:
+    """Counts its runs as files in ``runs_dir``; element ``fail_index`` fails (recoverably) on its first two runs."""
+    runs = [n for n in os.listdir(runs_dir) if n.startswith(f"{i}-")]
+    with open(os.path.join(runs_dir, f"{i}-{uuid.uuid4().hex}"), "w"):
+        pass
+    if i == fail_index and len(runs) < 2:
+        raise FlyteRecoverableException(f"element {i} fails on run {len(runs) + 1}")
+    return i
+
+
+@env.task
+def odd_fails(i: int) -> int:
+    if i % 2:
+        raise ValueError(f"element {i} is odd")
+    return i
+
+
+@env.task
+def measure(data: str, i: int) -> int:
+    return len(data) + i
+
+
+@env.task
+def length(data: str) -> int:
+    return len(data)
+
+
+text_map = map(text)
+tiny_map = map(tiny, concurrency=0)
+flaky_map = map(flaky)
+odd_fails_map = map(odd_fails, min_successes=3)
+measure_map = map(measure)
