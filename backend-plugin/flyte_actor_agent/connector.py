@@ -25,7 +25,7 @@ import functools
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 from flyteidl.core import literals_pb2
 from flytekit.extend.backend.base_connector import AsyncConnectorBase, Resource, ResourceMeta
@@ -89,11 +89,15 @@ class ActorConnector(AsyncConnectorBase):
         self,
         task_template: TaskTemplate,
         output_prefix: str,
-        inputs: Optional[LiteralMap] = None,
+        inputs: Union[LiteralMap, literals_pb2.LiteralMap, None] = None,
         task_execution_metadata: Optional[TaskExecutionMetadata] = None,
         **kwargs,
     ) -> ActorMetadata:
+        """``inputs`` as flytekit's model or as the protobuf message (the agent's server passes the message: a
+        map's inputs can hold 100,000 literals, too many to convert within propeller's deadline)."""
         agent = self._agent()
+        if isinstance(inputs, LiteralMap):
+            inputs = inputs.to_flyte_idl()
         custom = ActorCustom.from_custom(task_template.custom)
         if task_template.container is None:
             raise ValueError(
@@ -126,13 +130,15 @@ class ActorConnector(AsyncConnectorBase):
             ).SerializeToString()
 
         if custom.map is None:
-            task_inputs = inputs.to_flyte_idl().SerializeToString() if inputs else b""
-            if len(task_inputs) > INLINE_INPUT_BYTES:
-                # Never on the lease stream: the replica reads them from the blob store.
+            task_inputs = b""
+            if inputs is not None and inputs.ByteSize() > INLINE_INPUT_BYTES:
+                # Never on the lease stream: the replica reads them from the blob store (propeller wrote them to
+                # the rendered --inputs path already; serializing 100 MB again would cost seconds).
                 if not command.inputs:
                     command.inputs = f"{output_prefix.rstrip('/')}/actor-inputs.pb"
-                    await asyncio.to_thread(blob.write, command.inputs, task_inputs)
-                task_inputs = b""
+                    await asyncio.to_thread(blob.write, command.inputs, inputs.SerializeToString())
+            elif inputs is not None:
+                task_inputs = inputs.SerializeToString()
             request = core.TaskRequest(
                 key=key,
                 fleet=fleet,
@@ -276,12 +282,11 @@ class MapElements:
         self._bound = bound
 
     @classmethod
-    def prepare(cls, inputs: Optional[LiteralMap], inputs_uri: Optional[str], mapped: List[str], bound: List[str],
-                prefix: str, types: Dict[str, object]) -> "MapElements":
+    def prepare(cls, inputs: Optional[literals_pb2.LiteralMap], inputs_uri: Optional[str], mapped: List[str],
+                bound: List[str], prefix: str, types: Dict[str, object]) -> "MapElements":
         """Runs in a thread (blob I/O): read the inputs if CreateTask did not carry them, load mapped lists that
         were offloaded, and offload bound inputs and list elements over ``OFFLOAD_LITERAL_BYTES``."""
-        proto = inputs.to_flyte_idl() if inputs is not None else literals_pb2.LiteralMap.FromString(
-            blob.read(_inputs_uri(inputs_uri)))
+        proto = inputs if inputs is not None else literals_pb2.LiteralMap.FromString(blob.read(_inputs_uri(inputs_uri)))
         for name in mapped:
             literal = proto.literals[name] if name in proto.literals else None
             if literal is not None and literal.HasField("offloaded_metadata"):
