@@ -57,3 +57,15 @@ tiny_map = map(tiny, concurrency=0)
 flaky_map = map(functools.partial(flaky, runs_dir="", fail_index=-1))
 odd_fails_map = map(odd_fails, min_successes=3)
 measure_map = map(functools.partial(measure, data=""))
+
+# flytekit offloads outputs of at least _F_L_MIN_SIZE_MB (propeller sets it in pods when literal offloading is on);
+# 0 offloads every output.
+offloading_env = ActorEnvironment(name="map-offloading", replica_count=1, environment={"_F_L_MIN_SIZE_MB": "0"})
+
+
+@offloading_env.task
+def offloaded_text(i: int) -> str:
+    return f"element {i}"
+
+
+offloaded_map = map(offloaded_text)

@@ -4,6 +4,7 @@ rendered container args, GetTask until a terminal phase, outputs read from outpu
 
 Covered: 8 MB and 200 MB of map outputs, a 100 MB input (a map's bound input, and a single task's input),
 per-element retries (one element fails twice and succeeds with retries=2; the others run once), min_successes,
+offloaded element outputs (flytekit literal offloading),
 and a map of 100,000 elements whose CreateTask answers within propeller's 3 s deadline.
 """
 
@@ -108,7 +109,7 @@ def driver(agent, tmp_path_factory):
         name: template_of(task) for name, task in [
             ("text_map", map_tasks.text_map), ("tiny_map", map_tasks.tiny_map), ("flaky_map", map_tasks.flaky_map),
             ("odd_fails_map", map_tasks.odd_fails_map), ("measure_map", map_tasks.measure_map),
-            ("length", map_tasks.length),
+            ("length", map_tasks.length), ("offloaded_map", map_tasks.offloaded_map),
         ]})
     driver = propeller.Propeller(package, agent.address, str(tmp_path_factory.mktemp("flyte-data")),
                                  resync_interval=0.5, timeout=900)
@@ -176,6 +177,17 @@ def test_one_element_failing_twice_is_retried_alone_and_succeeds(driver, tmp_pat
     assert ints_of(outputs) == list(range(n))
     counts = {i: len([f for f in os.listdir(runs) if f.startswith(f"{i}-")]) for i in range(n)}
     assert counts == {0: 1, 1: 1, 2: 1, 3: 3, 4: 1, 5: 1}
+
+
+def test_offloaded_element_outputs_pass_through_as_flytekits_references(driver):
+    _, outputs = run_map(driver, "offloaded_map", {"i": ints(range(3))})
+    items = outputs.literals["o0"].collection.literals
+    assert all(item.HasField("offloaded_metadata") for item in items)
+    values = []
+    for item in items:
+        with open(item.offloaded_metadata.uri, "rb") as f:
+            values.append(literals_pb2.Literal.FromString(f.read()).scalar.primitive.string_value)
+    assert values == ["element 0", "element 1", "element 2"]
 
 
 def test_min_successes_tolerates_failed_elements_as_none(driver):
