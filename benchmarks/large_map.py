@@ -55,12 +55,17 @@ def run(results: Results, quick: bool) -> None:
         meta = stub.CreateTask(request, timeout=30).resource_meta
         created = time.monotonic() - started
         category = agent_pb2.TaskCategory(name=request.template.type, version=request.template.task_type_version)
+        reported = started
         while True:
             time.sleep(1.0)
             resource = stub.GetTask(agent_pb2.GetTaskRequest(task_category=category, resource_meta=meta),
                                     timeout=3).resource
             if resource.phase in TERMINAL:
                 break
+            if time.monotonic() - reported >= 60:
+                reported = time.monotonic()
+                log(f"[7] {reported - started:.0f} s: {resource.message}; agent RSS "
+                    f"{_status(agent.pid, 'VmRSS') / 2**20:.0f} MiB, peak {_status(agent.pid, 'VmHWM') / 2**20:.0f} MiB")
         total = time.monotonic() - started
         if resource.phase != TaskExecution.SUCCEEDED:
             raise RuntimeError(f"the map ended {TaskExecution.Phase.Name(resource.phase)}: {resource.message}")
