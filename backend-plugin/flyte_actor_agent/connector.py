@@ -23,9 +23,10 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from flyteidl.core import literals_pb2
 from flytekit.extend.backend.base_connector import AsyncConnectorBase, Resource, ResourceMeta
@@ -81,8 +82,9 @@ class ActorConnector(AsyncConnectorBase):
         self._agent = agent
         #: Per actor map: elements recovered from earlier attempts (index -> that attempt's prefix).
         self._recovered: Dict[str, Dict[int, str]] = {}
-        #: Per finished actor map: the writing of its outputs (inline bytes when small, else None).
-        self._published: Dict[str, concurrent.futures.Future] = {}
+        #: Per finished actor map: when its outputs were first asked for, and their writing (which gives the
+        #: serialized outputs when small, else None). Forgotten with the map, or after core.RETAIN_SECONDS.
+        self._published: Dict[str, Tuple[float, concurrent.futures.Future]] = {}
         self._writer = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="actor-map-outputs")
 
     async def create(
@@ -190,12 +192,13 @@ class ActorConnector(AsyncConnectorBase):
             self._recovered.pop(resource_meta.key, None)
         if view is None or not view.size or not view.phase.terminal or not resource_meta.output_prefix:
             return resource_of(view, resource_meta)
-        published = self._published.get(resource_meta.key)
-        if published is None:
-            published = self._published[resource_meta.key] = self._writer.submit(
-                self._publish, view, resource_meta, self._recovered.get(resource_meta.key, {}))
+        if resource_meta.key not in self._published:
+            self._forget_published()
+            self._published[resource_meta.key] = (time.monotonic(), self._writer.submit(
+                self._publish, view, resource_meta, self._recovered.get(resource_meta.key, {})))
+        published = self._published[resource_meta.key][1]
         try:
-            inline = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(published)), timeout=wait)
+            raw = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(published)), timeout=wait)
         except asyncio.TimeoutError:
             return Resource(phase=TaskExecution.RUNNING, message=(
                 f"all {view.size} elements finished; writing the map's outputs to {resource_meta.output_prefix}"))
@@ -204,10 +207,18 @@ class ActorConnector(AsyncConnectorBase):
             return Resource(phase=TaskExecution.RETRYABLE_FAILED, message=(
                 f"The actor map's elements finished, but writing its outputs to {resource_meta.output_prefix} "
                 f"failed: {e}"))
+        self._recovered.pop(resource_meta.key, None)  # outputs.pb holds what was needed of them
+        inline = None if raw is None else LiteralMap.from_flyte_idl(literals_pb2.LiteralMap.FromString(raw))
         return resource_of(view, resource_meta, map_result=inline)
 
+    def _forget_published(self) -> None:
+        """Drop what is kept of maps finished long ago (propeller stops asking once it saw a terminal phase)."""
+        cutoff = time.monotonic() - core.RETAIN_SECONDS
+        for key in [k for k, (at, done) in self._published.items() if at < cutoff and done.done()]:
+            del self._published[key]
+
     @staticmethod
-    def _publish(view: TaskView, meta: ActorMetadata, recovered: Dict[int, str]) -> Optional[LiteralMap]:
+    def _publish(view: TaskView, meta: ActorMetadata, recovered: Dict[int, str]) -> Optional[bytes]:
         """Runs in a thread: write the map's outputs.pb (if it succeeded) and its progress page."""
         try:
             blob.write(f"{meta.output_prefix}/progress.html", blob.progress_html(
@@ -218,8 +229,7 @@ class ActorConnector(AsyncConnectorBase):
         if view.phase is not core.Phase.SUCCEEDED:
             return None
         names = meta.map_outputs.split(",") if meta.map_outputs else []
-        raw = blob.publish_map_outputs(names, view.element_outputs, meta.output_prefix, recovered)
-        return None if raw is None else LiteralMap.from_flyte_idl(literals_pb2.LiteralMap.FromString(raw))
+        return blob.publish_map_outputs(names, view.element_outputs, meta.output_prefix, recovered)
 
     async def delete(self, resource_meta: ActorMetadata, **kwargs) -> None:
         agent = self._agent()

@@ -4,7 +4,8 @@ rendered container args, GetTask until a terminal phase, outputs read from outpu
 
 Covered: 8 MB and 200 MB of map outputs, a 100 MB input (a map's bound input, and a single task's input),
 per-element retries (one element fails twice and succeeds with retries=2; the others run once), min_successes,
-offloaded element outputs (flytekit literal offloading),
+offloaded element outputs (flytekit literal offloading), a new attempt of a map that runs only the elements
+earlier attempts did not finish,
 and a map of 100,000 elements whose CreateTask answers within propeller's 3 s deadline.
 """
 
@@ -139,12 +140,12 @@ def ints_of(outputs: literals_pb2.LiteralMap, name: str = "o0"):
             for x in outputs.literals[name].collection.literals]
 
 
-def run_map(driver: propeller.Propeller, name: str, inputs, execution: str = None):
+def run_map(driver: propeller.Propeller, name: str, inputs, execution: str = None, attempt: int = 0):
     """Run a map (or task) as propeller would; return (the final GetTask resource, the outputs propeller ends up
     with). CreateTask gets 30 s: a 100 MB request takes seconds to serialize and parse on a loaded machine."""
     template = driver.package.tasks[name]
     request = driver.create_task_request(template, literals_pb2.LiteralMap(literals=inputs),
-                                         execution or propeller.new_execution_name(), "n0")
+                                         execution or propeller.new_execution_name(), "n0", attempt)
     meta = driver.agent.CreateTask(request, timeout=30).resource_meta
     resource = driver.wait(template, meta, "n0")
     return resource, driver.outputs(template, request.output_prefix, "n0", resource)
@@ -180,6 +181,24 @@ def test_one_element_failing_twice_is_retried_alone_and_succeeds(driver, tmp_pat
     assert ints_of(outputs) == list(range(n))
     counts = {i: len([f for f in os.listdir(runs) if f.startswith(f"{i}-")]) for i in range(n)}
     assert counts == {0: 1, 1: 1, 2: 1, 3: 3, 4: 1, 5: 1}
+
+
+def test_a_new_attempt_of_a_map_runs_only_the_elements_earlier_attempts_did_not_finish(driver, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    execution, n = propeller.new_execution_name(), 6
+    inputs = {"i": ints(range(n)), "runs_dir": string(str(runs)), "fail_index": integer(-1)}
+    _, first = run_map(driver, "flaky_map", inputs, execution)
+    # Attempt 0 as if it had been cut short (propeller retried the node for a reason outside the elements):
+    # elements 2 and 4 had not finished.
+    attempt0 = f"{driver.workdir}/metadata/flytesnacks-development-{execution}/n0/data/0"
+    for i in (2, 4):
+        os.remove(f"{attempt0}/{i}/outputs.pb")
+    os.remove(f"{attempt0}/outputs.pb")
+    resource, second = run_map(driver, "flaky_map", inputs, execution, attempt=1)
+    assert ints_of(second) == ints_of(first) == list(range(n))
+    counts = {i: len([f for f in os.listdir(runs) if f.startswith(f"{i}-")]) for i in range(n)}
+    assert counts == {0: 1, 1: 1, 2: 2, 3: 1, 4: 2, 5: 1}
 
 
 def test_offloaded_element_outputs_pass_through_as_flytekits_references(driver):
