@@ -236,3 +236,20 @@ def test_100_000_elements_complete_with_create_task_within_propellers_deadline(d
     outputs = driver.outputs(template, request.output_prefix, "n0", resource)
     assert ints_of(outputs) == [i + 1 for i in range(n)]
     assert agent.rss_bytes("VmHWM") < 300 * 2**20
+
+
+def test_a_local_run_reads_outputs_too_large_to_answer_inline():
+    """``pyflyte run`` without a cluster goes through the embedded agent, which reads outputs.pb as propeller
+    would when the outputs did not come inline."""
+    from flytekit import workflow
+
+    @workflow
+    def large(size: int = 700_000) -> str:
+        return map_tasks.text(i=1, size=size)
+
+    @workflow
+    def large_map(i: list[int] = [0, 1], size: list[int] = [700_000, 700_000]) -> list[str]:
+        return map_tasks.text_map(i=i, size=size)
+
+    assert large() == "1" * 700_000
+    assert large_map() == ["0" * 700_000, "1" * 700_000]

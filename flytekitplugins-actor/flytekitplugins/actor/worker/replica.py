@@ -333,14 +333,23 @@ class ReplicaWorker:
             self._drain("drain requested")
 
 
+#: A status's message and error document are cut to these sizes, so that no report is a large stream message
+#: (the full error.pb is in the task's output prefix).
+MAX_STATUS_MESSAGE_CHARS = 64 * 1024
+MAX_STATUS_ERROR_BYTES = 1024 * 1024
+
+
 def _status_of(lease_id: str, result: dict) -> lease_pb2.TaskStatus:
     """The report of an executor's result; large outputs come by size only (they are in the output prefix)."""
+    message, error = result.get("message", ""), result.get("error", b"")
+    if len(message) > MAX_STATUS_MESSAGE_CHARS:
+        message = message[:MAX_STATUS_MESSAGE_CHARS] + f"... ({len(message)} characters; cut)"
     return lease_pb2.TaskStatus(
         lease_id=lease_id,
         phase=lease_pb2.SUCCEEDED if result["phase"] == "succeeded" else lease_pb2.FAILED,
         outputs=result.get("outputs", b""),
-        error=result.get("error", b""),
-        message=result.get("message", ""),
+        error=error if len(error) <= MAX_STATUS_ERROR_BYTES else b"",
+        message=message,
         retryable=result.get("retryable", False),
         run_seconds=result.get("run_seconds", 0.0),
         outputs_in_prefix=result.get("outputs_in_prefix", False),
