@@ -90,3 +90,32 @@ def test_no_earlier_attempts_unless_the_prefix_ends_with_the_attempt(prefix, att
 
 def test_earlier_attempts_are_the_siblings_propeller_names_by_attempt():
     assert blob.earlier_attempts("s3://b/x/n0/data/2/", 2) == ["s3://b/x/n0/data/1", "s3://b/x/n0/data/0"]
+
+
+def test_map_inputs_load_an_offloaded_list_and_offload_a_large_bound_input_once(tmp_path):
+    from flytekit.models.types import LiteralType, SimpleType
+
+    from flyte_actor_agent.connector import OFFLOAD_LITERAL_BYTES, MapElements
+
+    def integer(v):
+        return literals_pb2.Literal(scalar=literals_pb2.Scalar(primitive=literals_pb2.Primitive(integer=v)))
+
+    mapped = literals_pb2.Literal(collection=literals_pb2.LiteralCollection(literals=[integer(i) for i in range(3)]))
+    put(str(tmp_path / "up" / "xs.pb"), mapped.SerializeToString())
+    big = "b" * (OFFLOAD_LITERAL_BYTES + 1)
+    inputs = literals_pb2.LiteralMap(literals={
+        "x": literals_pb2.Literal(offloaded_metadata=literals_pb2.LiteralOffloadedMetadata(
+            uri=str(tmp_path / "up" / "xs.pb"), size_bytes=mapped.ByteSize())),
+        "model": literals_pb2.Literal(scalar=literals_pb2.Scalar(primitive=literals_pb2.Primitive(string_value=big))),
+    })
+    prefix = str(tmp_path / "map")
+    elements = MapElements.prepare(inputs, None, ["x"], ["model"], prefix,
+                                   {"model": LiteralType(simple=SimpleType.STRING)})
+    assert elements.size == 3
+    second = literals_pb2.LiteralMap.FromString(elements.inputs(1))
+    assert second.literals["x"] == integer(1)
+    reference = second.literals["model"].offloaded_metadata
+    assert reference.uri == f"{prefix}/inputs/model.pb" and reference.inferred_type.simple == 3  # STRING
+    stored = literals_pb2.Literal.FromString((tmp_path / "map" / "inputs" / "model.pb").read_bytes())
+    assert stored.scalar.primitive.string_value == big
+    assert len(elements.inputs(2)) < 1024  # no element carries the large input itself
