@@ -59,7 +59,7 @@ class LocalAgentServer:
         with open(self.log_path, errors="replace") as f:
             return f.read()[-4000:]
 
-    def wait_serving(self, timeout: float = 60) -> None:
+    def wait_serving(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
