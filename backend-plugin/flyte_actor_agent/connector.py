@@ -60,6 +60,9 @@ OFFLOAD_LITERAL_BYTES = 1024 * 1024
 #: How long GetTask waits for a finished map's outputs to be written before answering RUNNING (propeller's
 #: deadline for the call is 3s); the writing goes on and a later GetTask answers SUCCEEDED.
 ASSEMBLY_WAIT_SECONDS = 1.5
+#: CreateTask of a map's attempt N > 0 lists earlier attempts' prefixes for finished elements for at most this
+#: long (propeller's deadline for the call is 3 s); past it, the map runs every element.
+RECOVERY_SCAN_SECONDS = 1.5
 
 
 @dataclass
@@ -157,7 +160,14 @@ class ActorConnector(AsyncConnectorBase):
             MapElements.prepare, inputs, command.inputs, custom.map.mapped_inputs, custom.map.bound_inputs, prefix,
             interface_inputs)
         attempt = task_execution_metadata.task_execution_id.retry_attempt if _task_key(task_execution_metadata) else 0
-        recovered = await asyncio.to_thread(blob.recover_elements, prefix, attempt, elements.size) if attempt else {}
+        recovered: Dict[int, str] = {}
+        if attempt:
+            try:
+                recovered = await asyncio.wait_for(
+                    asyncio.to_thread(blob.recover_elements, prefix, attempt, elements.size), RECOVERY_SCAN_SECONDS)
+            except asyncio.TimeoutError:
+                log.warning("actor map %s: listing earlier attempts took over %ss; every element runs again", key,
+                            RECOVERY_SCAN_SECONDS)
         if recovered:
             log.info("actor map %s: %d of %d elements recovered from earlier attempts", key, len(recovered),
                      elements.size)
