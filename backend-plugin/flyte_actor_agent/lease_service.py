@@ -163,6 +163,8 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
                 if outcome is None:
                     log.warning("replica %s sent a status with no phase for lease %.120r", replica_id, status.lease_id)
                     continue
-                self.reactor.report(replica_id, status.lease_id, outcome, outputs=status.outputs,
+                self.reactor.report(replica_id, status.lease_id, outcome,
+                                    outputs=None if status.outputs_in_prefix else status.outputs,
                                     error=status.error or None, message=status.message, retryable=status.retryable,
-                                    run_seconds=status.run_seconds)
+                                    run_seconds=status.run_seconds, outputs_size=status.outputs_size,
+                                    system_error=status.system_error)

@@ -75,16 +75,22 @@ class _SchedulerCollector:
     def collect(self):
         queued = GaugeMetricFamily("flyte_actor_queue_depth", "Tasks waiting for a replica", labels=["environment"])
         replicas = GaugeMetricFamily("flyte_actor_replicas", "Replicas by state", labels=["environment", "state"])
+        elements = GaugeMetricFamily(
+            "flyte_actor_map_elements", "Elements of running actor maps, by state (progress the console cannot show)",
+            labels=["environment", "state"])
         try:
-            snapshot = self.call(self._snapshot).result(timeout=5)
+            snapshot, maps = self.call(self._snapshot).result(timeout=5)
         except Exception:  # noqa: BLE001 - a stopped agent has no gauges
-            snapshot = []
+            snapshot, maps = [], {}
         for name, depth, states in snapshot:
             queued.add_metric([name], depth)
             for state, count in states.items():
                 replicas.add_metric([name, state], count)
+        for (name, state), count in sorted(maps.items()):
+            elements.add_metric([name, state], count)
         yield queued
         yield replicas
+        yield elements
 
     def _snapshot(self):
         out = []
@@ -93,4 +99,11 @@ class _SchedulerCollector:
             for replica in fleet.replicas.values():
                 states[replica.state.value] = states.get(replica.state.value, 0) + 1
             out.append((fleet.config.name, len(fleet.queue), states))
-        return out
+        maps: dict = {}
+        for job in self.scheduler.maps.values():
+            if job.phase.terminal:
+                continue
+            for state, count in (("total", job.size), ("succeeded", job.succeeded), ("failed", job.failed),
+                                 ("in_flight", len(job.in_flight)), ("retried", job.retried)):
+                maps[(job.fleet.name, state)] = maps.get((job.fleet.name, state), 0) + count
+        return out, maps

@@ -139,11 +139,12 @@ class Reactor:
         self.metrics.submitted(request.fleet.name)
         self._apply(self.scheduler.submit(request))
 
-    def submit_map(self, key: str, fleet: core.FleetConfig, size: int, make_element, concurrency, ratio) -> None:
+    def submit_map(self, key: str, fleet: core.FleetConfig, size: int, make_element, concurrency, ratio,
+                   **options: Any) -> None:
         if self._known(key):
             return
         self.metrics.submitted(fleet.name)
-        self._apply(self.scheduler.submit_map(key, fleet, size, make_element, concurrency, ratio))
+        self._apply(self.scheduler.submit_map(key, fleet, size, make_element, concurrency, ratio, **options))
 
     def _known(self, key: str) -> bool:
         return key in self.scheduler.tasks or key in self.scheduler.maps
@@ -194,10 +195,12 @@ class Reactor:
         self.scheduler.heartbeat(replica_id)
 
     def report(self, replica_id: str, lease_id: str, outcome: core.Outcome, outputs: Optional[bytes],
-               error: Optional[bytes], message: str, retryable: bool, run_seconds: float) -> None:
+               error: Optional[bytes], message: str, retryable: bool, run_seconds: float,
+               **details: Any) -> None:
         self.metrics.ran(run_seconds)
         self._apply(self.scheduler.report(
-            replica_id, lease_id, outcome, outputs=outputs, error=error, message=message, retryable=retryable))
+            replica_id, lease_id, outcome, outputs=outputs, error=error, message=message, retryable=retryable,
+            **details))
 
     def stream_lost(self, replica_id: str) -> None:
         """The stream of a replica that was still ours ended: it is lost."""

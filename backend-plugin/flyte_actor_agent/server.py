@@ -26,17 +26,21 @@ import uuid
 from typing import Awaitable, Callable, List, Optional
 
 import grpc
-from flyteidl.admin.agent_pb2 import CreateTaskResponse, DeleteTaskResponse, GetTaskResponse
+from flyteidl.admin.agent_pb2 import (
+    CreateTaskResponse,
+    DeleteTaskResponse,
+    GetAgentResponse,
+    GetTaskResponse,
+    ListAgentsResponse,
+)
 from flyteidl.service.agent_pb2_grpc import (
     AgentMetadataServiceServicer,
     add_AgentMetadataServiceServicer_to_server,
     add_AsyncAgentServiceServicer_to_server,
 )
-from flyteidl.admin.agent_pb2 import GetAgentResponse, ListAgentsResponse
 from flytekit.extend.backend.base_connector import ConnectorRegistry
-from flytekit.extend.backend.connector_service import AsyncConnectorService
 from flytekit.exceptions.system import FlyteConnectorNotFound
-from flytekit.models.literals import LiteralMap
+from flytekit.extend.backend.connector_service import AsyncConnectorService
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
@@ -122,6 +126,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     _flag(serve, "--plugins-config", "FLYTE_ACTOR_PLUGINS_CONFIG", None,
           "YAML file with propeller's plugins.k8s and plugins.logs sections and flyteadmin's task_resources: "
           "cluster defaults for replica pods and log links (see docs/deploy.md)")
+    _flag(serve, "--max-message-bytes", "FLYTE_ACTOR_MAX_MESSAGE_BYTES", 512 * 1024 * 1024,
+          "largest gRPC message the connector port accepts (CreateTask carries the task's inputs inline)", int)
+    _flag(serve, "--max-output-bytes", "FLYTE_ACTOR_MAX_OUTPUT_BYTES", 2 * 1024 ** 3,
+          "a task (or map element) whose outputs.pb is larger fails, naming this cap (0: no cap)", int)
     args = parser.parse_args(argv)
     if args.launcher not in ("local", "kubernetes"):
         parser.error(f"--launcher {args.launcher!r} is not a launcher: use 'kubernetes' or 'local'")
@@ -153,7 +161,9 @@ class ActorAgentService(AsyncConnectorService):
             connector = ConnectorRegistry.get_connector(template.type, template.task_type_version)
             meta = await connector.create(
                 task_template=template,
-                inputs=LiteralMap.from_flyte_idl(request.inputs) if request.inputs else None,  # as flytekit reads it
+                # As they came: flytekit's service would turn them into Python models and the connector back, which
+                # takes seconds for a map over 100,000 elements, past propeller's 3 s deadline.
+                inputs=request.inputs if request.HasField("inputs") else None,
                 output_prefix=request.output_prefix,
                 task_execution_metadata=TaskExecutionMetadata.from_flyte_idl(request.task_execution_metadata),
             )
@@ -299,13 +309,17 @@ async def serve(args: argparse.Namespace) -> None:
         max_ttl_seconds=args.max_ttl_seconds or None,
         recovery_grace=args.recovery_grace_seconds,
         lease_key=lease_key(args.lease_key_file),
+        max_output_bytes=args.max_output_bytes,
     ).start(make_lease_service(args))
     register(lambda: agent, args.pod_config.logs)
     agent.metrics.watch(agent.scheduler, agent.call)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.host, registry=agent.metrics.registry)
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", args.max_message_bytes),
+        ("grpc.max_send_message_length", args.max_message_bytes),
+    ])
     add_AsyncAgentServiceServicer_to_server(ActorAgentService(), server)
     add_AgentMetadataServiceServicer_to_server(ActorMetadataService(), server)
     health_servicer = health.aio.HealthServicer()

@@ -4,7 +4,7 @@ afterwards: what the connector answers GetTask with, and what metrics report."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from . import scheduler as core
 
@@ -29,7 +29,11 @@ class TaskView:
     size: int = 0
     succeeded: int = 0
     failed: int = 0
-    element_outputs: List[Optional[bytes]] = field(default_factory=list)
+    retried: int = 0
+    #: Per element: its outputs, ``core.IN_PREFIX`` (in its output prefix), or None (failed).
+    element_outputs: List[Union[bytes, str, None]] = field(default_factory=list)
+    #: The first failures' messages, by element index.
+    errors: Dict[int, str] = field(default_factory=dict)
 
 
 def task_view(scheduler: core.Scheduler, key: str, recovering: bool = False) -> Optional[TaskView]:
@@ -44,7 +48,9 @@ def task_view(scheduler: core.Scheduler, key: str, recovering: bool = False) -> 
             size=job.size,
             succeeded=job.succeeded,
             failed=job.failed,
+            retried=job.retried,
             element_outputs=job.outputs if job.phase is core.Phase.SUCCEEDED else [],
+            errors=dict(job.errors) if job.phase.terminal else {},
         )
     task = scheduler.tasks.get(key)
     if task is None:

@@ -95,20 +95,30 @@ class SerializedEnvironment:
 
 @dataclass(frozen=True)
 class MapOptions:
-    """How the agent fans out an actor map. ``concurrency`` ``None`` means as many as the fleet can take."""
+    """How the agent fans out an actor map. ``concurrency`` ``None`` or 0 means as many as the fleet can take.
+    ``min_successes`` (a count), when set, wins over ``min_success_ratio``, as in Flyte's ArrayNode."""
 
     mapped_inputs: List[str]
     bound_inputs: List[str]
     concurrency: Optional[int] = None
     min_success_ratio: float = 1.0
+    min_successes: Optional[int] = None
+
+    @property
+    def optional(self) -> bool:
+        """Whether failed elements may be tolerated, so that outputs are lists of ``Optional`` values."""
+        return self.min_success_ratio < 1 or self.min_successes is not None
 
     def to_custom(self) -> Dict[str, Any]:
-        return {
+        out = {
             "mapped_inputs": list(self.mapped_inputs),
             "bound_inputs": list(self.bound_inputs),
             "concurrency": self.concurrency,
             "min_success_ratio": self.min_success_ratio,
         }
+        if self.min_successes is not None:
+            out["min_successes"] = self.min_successes
+        return out
 
     @classmethod
     def from_custom(cls, data: Any) -> "MapOptions":
@@ -121,7 +131,7 @@ class MapOptions:
                                    "pass map(..., concurrency=N) with N >= 1, or None for no limit")
         min_successes = data.get("min_successes")
         if min_successes is not None:
-            _bounded(f"{where}.min_successes", min_successes, 0, 2**31 - 1,
+            min_successes = _bounded(f"{where}.min_successes", min_successes, 0, 2**31 - 1,
                      "pass map(..., min_successes=N) with N >= 0")
         ratio = data.get("min_success_ratio", 1.0)
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:  # NaN fails too
@@ -132,6 +142,7 @@ class MapOptions:
             bound_inputs=_names(f"{where}.bound_inputs", data.get("bound_inputs", [])),
             concurrency=concurrency,
             min_success_ratio=float(ratio),
+            min_successes=min_successes,
         )
 
 

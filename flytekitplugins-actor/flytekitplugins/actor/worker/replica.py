@@ -345,15 +345,7 @@ class ReplicaWorker:
         self._finish_slot(slot)
         if lease_id != expected:
             return  # abandoned while it ran
-        self._report(lease_pb2.TaskStatus(
-            lease_id=lease_id,
-            phase=lease_pb2.SUCCEEDED if result["phase"] == "succeeded" else lease_pb2.FAILED,
-            outputs=result.get("outputs", b""),
-            error=result.get("error", b""),
-            message=result.get("message", ""),
-            retryable=result.get("retryable", False),
-            run_seconds=result.get("run_seconds", 0.0),
-        ))
+        self._report(_status_of(lease_id, result))
         self._after_slot_freed()
 
     def _on_executor_died(self, slot: Slot) -> None:
@@ -387,6 +379,31 @@ class ReplicaWorker:
 def _task_key(lease_id: str) -> str:
     """The task execution a lease runs (project/domain/execution/node/attempt): lease ids end with it."""
     return lease_id.partition("|")[2] or lease_id
+
+
+#: A status's message and error document are cut to these sizes, so that no report is a large stream message
+#: (the full error.pb is in the task's output prefix).
+MAX_STATUS_MESSAGE_CHARS = 64 * 1024
+MAX_STATUS_ERROR_BYTES = 1024 * 1024
+
+
+def _status_of(lease_id: str, result: dict) -> lease_pb2.TaskStatus:
+    """The report of an executor's result; large outputs come by size only (they are in the output prefix)."""
+    message, error = result.get("message", ""), result.get("error", b"")
+    if len(message) > MAX_STATUS_MESSAGE_CHARS:
+        message = message[:MAX_STATUS_MESSAGE_CHARS] + f"... ({len(message)} characters; cut)"
+    return lease_pb2.TaskStatus(
+        lease_id=lease_id,
+        phase=lease_pb2.SUCCEEDED if result["phase"] == "succeeded" else lease_pb2.FAILED,
+        outputs=result.get("outputs", b""),
+        error=error if len(error) <= MAX_STATUS_ERROR_BYTES else b"",
+        message=message,
+        retryable=result.get("retryable", False),
+        run_seconds=result.get("run_seconds", 0.0),
+        outputs_in_prefix=result.get("outputs_in_prefix", False),
+        outputs_size=result.get("outputs_size", 0),
+        system_error=result.get("system_error", False),
+    )
 
 
 def _worker_version() -> str:
