@@ -198,6 +198,8 @@ class Replica:
     adopted: bool = False
     #: When it first connected (None while starting).
     connected_at: Optional[float] = None
+    #: The last task that failed or was lost on it, for the status page.
+    last_failure: str = ""
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,9 @@ class Fleet:
     start_failures: int = 0
     last_start_error: str = ""
     failed_at: float = float("-inf")
+    #: The last replica that went away without being asked to, and when (for the status page).
+    last_replica_failure: Optional[ReplicaExit] = None
+    last_replica_failure_at: float = 0.0
 
 
 @dataclass(eq=False)
@@ -434,6 +439,8 @@ class Scheduler:
         cause = exit.detail
         fleet = self.fleets[replica.fleet_key]
         fleet.replicas.pop(replica_id, None)
+        if replica.state is not ReplicaState.STOPPING or exit.reason is ExitReason.NO_HEARTBEAT:
+            fleet.last_replica_failure, fleet.last_replica_failure_at = exit, self.clock()
         if replica.state is ReplicaState.STARTING and not replica.adopted:
             fleet.start_failures += 1
             fleet.last_start_error = cause
@@ -486,9 +493,13 @@ class Scheduler:
             if outcome is Outcome.SUCCEEDED:
                 self._finish_task(task, Phase.SUCCEEDED, message, effects, outputs=outputs)
             elif outcome is Outcome.FAILED:
+                if replica is not None:
+                    replica.last_failure = f"{task.name or task.key}: {message}"
                 phase = Phase.RETRYABLE_FAILED if retryable else Phase.FAILED
                 self._finish_task(task, phase, message, effects, error=error)
             elif outcome is Outcome.LOST:
+                if replica is not None:
+                    replica.last_failure = f"{task.name or task.key}: {message or 'its executor died'}"
                 self._lease_lost(task, message or f"the executor on replica {replica_id} died", effects)
             else:  # cancelled by the replica on its own: only at shutdown, so lease it again
                 self._lease_lost(task, message or f"replica {replica_id} gave the task back", effects)

@@ -1,8 +1,8 @@
 """``flyte-actor-agent serve``: the actor agent as a service for a Flyte cluster.
 
 One process serves the Flyte connector API (flyteidl ``AsyncAgentService``, ``AgentMetadataService`` and gRPC
-health) for the ``actor`` and ``actor-map`` task types only, the replica lease service on its own port, and
-Prometheus metrics over HTTP. Every flag can also be set by the environment variable shown in ``--help``.
+health) for the ``actor`` and ``actor-map`` task types only, the replica lease service on its own port,
+Prometheus metrics over HTTP, and the fleet status page on its own port (``flyte-actor-agent status`` prints it). Every flag can also be set by the environment variable shown in ``--help``.
 
 On SIGTERM it stops taking tasks, gives running tasks ``--shutdown-grace-seconds`` to finish, and exits. With the
 Kubernetes launcher it leaves replica pods running: the next agent adopts them (see docs/deploy.md).
@@ -34,6 +34,7 @@ from flytekitplugins.actor.contract import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE
 from .connector import ActorConnector, register
 from .lease_service import LeaseService
 from .reactor import Reactor
+from .status import add_status_command, serve_status, status_command
 
 log = logging.getLogger("flyte-actor-agent")
 ACTOR_TASK_TYPES = (ACTOR_TASK_TYPE, ACTOR_MAP_TASK_TYPE)
@@ -52,6 +53,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     _flag(serve, "--port", "FLYTE_ACTOR_AGENT_PORT", 8000, "Flyte connector gRPC port", int)
     _flag(serve, "--lease-port", "FLYTE_ACTOR_LEASE_PORT", 8001, "replica lease gRPC port", int)
     _flag(serve, "--metrics-port", "FLYTE_ACTOR_METRICS_PORT", 9090, "Prometheus metrics HTTP port (0: off)", int)
+    _flag(serve, "--status-port", "FLYTE_ACTOR_STATUS_PORT", 9091,
+          "fleet status page HTTP port, read only (0: off)", int)
     _flag(serve, "--launcher", "FLYTE_ACTOR_LAUNCHER", "local", "'kubernetes' (pods) or 'local' (processes)")
     _flag(serve, "--lease-address", "FLYTE_ACTOR_LEASE_ADDRESS", None,
           "host:port replicas dial (default: this host and --lease-port)")
@@ -65,8 +68,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
           "on SIGTERM, how long running tasks get to finish", float)
     _flag(serve, "--unschedulable-grace-seconds", "FLYTE_ACTOR_UNSCHEDULABLE_GRACE_SECONDS", 120.0,
           "how long a replica pod may stay unschedulable before its tasks fail", float)
+    add_status_command(sub)
     args = parser.parse_args(argv)
-    if args.launcher not in ("local", "kubernetes"):
+    if args.command == "serve" and args.launcher not in ("local", "kubernetes"):
         parser.error(f"--launcher {args.launcher!r} is not a launcher: use 'kubernetes' or 'local'")
     return args
 
@@ -130,7 +134,9 @@ async def serve(args: argparse.Namespace) -> None:
     register(lambda: agent)
     agent.metrics.watch(agent.scheduler, agent.call)
     if args.metrics_port:
-        start_http_server(args.metrics_port, registry=agent.metrics.registry)
+        start_http_server(args.metrics_port, registry=agent.metrics.exported())
+    if args.status_port:
+        serve_status(agent, args.host, args.status_port)
 
     server = grpc.aio.server()
     add_AsyncAgentServiceServicer_to_server(ActorAgentService(), server)
@@ -142,8 +148,8 @@ async def serve(args: argparse.Namespace) -> None:
     if server.add_insecure_port(f"{args.host}:{args.port}") == 0:
         raise SystemExit(f"flyte-actor-agent: cannot listen on {args.host}:{args.port}")
     await server.start()
-    log.info("connector on %s:%s, leases on %s, metrics on :%s", args.host, args.port, agent.lease_address,
-             args.metrics_port)
+    log.info("connector on %s:%s, leases on %s, metrics on :%s, status on :%s", args.host, args.port,
+             agent.lease_address, args.metrics_port, args.status_port)
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -160,6 +166,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=os.environ.get("FLYTE_ACTOR_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    if args.command == "status":
+        raise SystemExit(status_command(args))
     asyncio.run(serve(args))
 
 

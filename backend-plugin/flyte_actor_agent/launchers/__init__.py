@@ -75,6 +75,10 @@ class Launcher(abc.ABC):
     async def close(self) -> None:
         """Release the launcher: stop the replicas it started, unless they outlive the agent."""
 
+    def where(self, replica_id: str) -> str:
+        """Where the replica runs, for people (the status page): its pod or process; empty if unknown."""
+        return ""
+
     async def adopt(self) -> List[AdoptedReplica]:
         """Replicas a previous agent left running (only where they outlive the agent)."""
         return []

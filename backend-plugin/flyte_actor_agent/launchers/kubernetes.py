@@ -110,6 +110,10 @@ class KubernetesLauncher(Launcher):
             self.api.patch_namespaced_secret, name, namespace, {"metadata": {"ownerReferences": [owner]}}
         )
 
+    def where(self, replica_id: str) -> str:
+        pod = self.pods.get(replica_id)
+        return f"pod {pod[0]}/{pod[1]}" if pod else ""
+
     async def stop(self, replica_id: str, reason: str) -> None:
         where = self.pods.get(replica_id)
         if where is None:
@@ -269,7 +273,8 @@ def build_replica(replica: ReplicaLaunch, namespace: str):
     """The Secret holding the replica's token and the replica's Pod, as Kubernetes JSON."""
     environment = replica.environment
     spec = environment.replica
-    name = f"{environment.name}-{replica.replica_id}"[:63].rstrip("-")
+    # Environment names may hold '.' and '_' (as Union's do); pod and Secret names stay DNS-1123 labels.
+    name = f"{environment.name.replace('.', '-').replace('_', '-')}-{replica.replica_id}"[:63].rstrip("-")
     template = spec.get("pod_template") or {}
     pod_spec = copy.deepcopy(template.get("pod_spec") or {"containers": []})
     primary_name = template.get("primary_container_name") or DEFAULT_CONTAINER
