@@ -66,7 +66,9 @@ def duration(seconds: Optional[float]) -> str:
 
 
 def _first_line(text: Optional[str], limit: int = 160) -> str:
-    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    """The first and last lines of a message (a traceback's last line names the exception), shortened."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    line = " … ".join(lines[:1] + lines[-1:]) if len(lines) > 1 else "".join(lines)
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
@@ -149,7 +151,8 @@ def render_html(data: Dict[str, Any], refresh_seconds: int = 5) -> str:
                     f'<td class="num">{e(duration(r["state_seconds"]))}</td>'
                     f'<td class="num">{e(duration(r["idle_seconds"]))}</td>'
                     f'<td class="num">{e(r["tasks_run"])}</td><td class="running">{e(_running(r))}</td>'
-                    f'<td class="failure">{e(_first_line(r["last_failure"]) or "-")}</td></tr>')
+                    f'<td class="failure" title="{e((r["last_failure"] or "")[:2000])}">'
+                    f'{e(_first_line(r["last_failure"]) or "-")}</td></tr>')
             out.append("</tbody></table>")
         else:
             out.append("<p>No replicas (they start with the next task).</p>")
@@ -210,7 +213,7 @@ def render_text(data: Dict[str, Any]) -> str:
                 ["REPLICA", "STATE", "WHERE", "FOR", "IDLE", "TASKS RUN", "RUNNING", "LAST FAILURE"],
                 [[r["id"] + (" (adopted)" if r["adopted"] else ""), r["state"], r["where"] or "-",
                   duration(r["state_seconds"]), duration(r["idle_seconds"]), r["tasks_run"], _running(r),
-                  _first_line(r["last_failure"], 80) or "-"] for r in fleet["replicas"]],
+                  _first_line(r["last_failure"], 120) or "-"] for r in fleet["replicas"]],
                 indent="  ")
         else:
             lines.append("  no replicas")
