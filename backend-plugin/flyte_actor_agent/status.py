@@ -142,7 +142,7 @@ def render_html(data: Dict[str, Any], refresh_seconds: int = 5) -> str:
             out.append(f'<p class="failure">{e(problem)}</p>')
         if fleet["replicas"]:
             out.append('<table class="replicas"><thead><tr><th>replica</th><th>state</th><th>pod / process</th>'
-                       "<th>for</th><th>idle</th><th>tasks run</th><th>running</th><th>last failure</th>"
+                       "<th>in state for</th><th>idle for</th><th>tasks run</th><th>running</th><th>last failure</th>"
                        "</tr></thead><tbody>")
             for r in fleet["replicas"]:
                 out.append(
@@ -157,12 +157,12 @@ def render_html(data: Dict[str, Any], refresh_seconds: int = 5) -> str:
         else:
             out.append("<p>No replicas (they start with the next task).</p>")
         if fleet["maps"]:
-            out.append('<table class="maps"><thead><tr><th>actor map</th><th>progress</th><th>done</th>'
+            out.append('<table class="maps"><thead><tr><th>actor map</th><th>task</th><th>progress</th><th>done</th>'
                        "<th>failed</th><th>in flight</th><th>running for</th></tr></thead><tbody>")
             for m in fleet["maps"]:
                 done = m["succeeded"] + m["failed"]
                 out.append(
-                    f'<tr data-map="{e(m["key"])}"><td>{e(m["key"])}</td>'
+                    f'<tr data-map="{e(m["key"])}"><td>{e(m["key"])}</td><td>{e(m["name"])}</td>'
                     f'<td><progress max="{e(m["size"])}" value="{e(done)}"></progress></td>'
                     f'<td class="num">{e(done)} of {e(m["size"])}</td><td class="num">{e(m["failed"])}</td>'
                     f'<td class="num">{e(m["in_flight"])}</td>'
@@ -210,7 +210,7 @@ def render_text(data: Dict[str, Any]) -> str:
                          f"{_first_line(fleet['last_replica_failure'])}")
         if fleet["replicas"]:
             lines += _table(
-                ["REPLICA", "STATE", "WHERE", "FOR", "IDLE", "TASKS RUN", "RUNNING", "LAST FAILURE"],
+                ["REPLICA", "STATE", "WHERE", "IN STATE", "IDLE", "TASKS RUN", "RUNNING", "LAST FAILURE"],
                 [[r["id"] + (" (adopted)" if r["adopted"] else ""), r["state"], r["where"] or "-",
                   duration(r["state_seconds"]), duration(r["idle_seconds"]), r["tasks_run"], _running(r),
                   _first_line(r["last_failure"], 120) or "-"] for r in fleet["replicas"]],
@@ -219,8 +219,8 @@ def render_text(data: Dict[str, Any]) -> str:
             lines.append("  no replicas")
         if fleet["maps"]:
             lines += _table(
-                ["ACTOR MAP", "DONE", "FAILED", "IN FLIGHT", "FOR"],
-                [[m["key"], f"{m['succeeded'] + m['failed']}/{m['size']}", m["failed"], m["in_flight"],
+                ["ACTOR MAP", "TASK", "DONE", "FAILED", "IN FLIGHT", "FOR"],
+                [[m["key"], m["name"], f"{m['succeeded'] + m['failed']}/{m['size']}", m["failed"], m["in_flight"],
                   duration(m["running_seconds"])] for m in fleet["maps"]],
                 indent="  ")
     return "\n".join(lines)

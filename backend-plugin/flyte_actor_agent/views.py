@@ -101,6 +101,8 @@ class ReplicaStatus:
 @dataclass
 class MapStatus:
     key: str
+    #: The mapped task's name (from an element in flight).
+    name: str
     size: int
     succeeded: int
     failed: int
@@ -146,8 +148,10 @@ def agent_status(scheduler: core.Scheduler, where: Callable[[str], str] = lambda
     maps: Dict[str, List[MapStatus]] = {}
     for job in scheduler.maps.values():
         if not job.phase.terminal:
+            element = next(iter(job.in_flight.values()), None)
+            name = element.name.rpartition("[")[0] if element is not None and element.name.endswith("]") else ""
             maps.setdefault(job.fleet.key, []).append(MapStatus(
-                key=job.key, size=job.size, succeeded=job.succeeded, failed=job.failed,
+                key=job.key, name=name or job.key, size=job.size, succeeded=job.succeeded, failed=job.failed,
                 in_flight=len(job.in_flight), running_seconds=now - job.submitted_at,
             ))
     fleets = []

@@ -154,6 +154,7 @@ def test_the_json_snapshot_lists_fleets_replicas_tasks_queue_and_maps(agent):
     assert sum(r["tasks_run"] for r in demo["replicas"]) == 1
     (progress,) = batch["maps"]
     assert (progress["size"], progress["succeeded"], progress["failed"], progress["in_flight"]) == (4, 1, 0, 2)
+    assert progress["name"].startswith("status_tasks.actor_map_hold_item")
     assert batch["queue_depth"] == 1  # the map's second in-flight element waits for the one replica
     assert (agent.data["tasks_running"], agent.data["maps_running"]) == (3, 1)
 

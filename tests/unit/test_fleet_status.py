@@ -79,7 +79,7 @@ def test_the_view_lists_fleets_replicas_running_tasks_queue_and_maps():
     assert replica.last_failure.startswith("wf.fails: ValueError: <b>bad</b>")
     assert demo.queue_depth == 1 and demo.replica_count == 2
     assert demo.last_replica_failure == "container terminated: OOMKilled" and demo.last_replica_failure_seconds == 3.0
-    assert [(m.key, m.size, m.in_flight, m.succeeded) for m in maps.maps] == [("m1", 5, 2, 0)]
+    assert [(m.key, m.name, m.size, m.in_flight, m.succeeded) for m in maps.maps] == [("m1", "wf.el", 5, 2, 0)]
     assert (status.tasks_queued, status.tasks_running, status.maps_running) == (3, 1, 1)
     json.dumps(dataclasses.asdict(status))  # plain data
 
