@@ -136,7 +136,11 @@ async def serve(args: argparse.Namespace) -> None:
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=agent.metrics.exported())
     if args.status_port:
-        serve_status(agent, args.host, args.status_port)
+        try:
+            serve_status(agent, args.host, args.status_port)
+        except OSError as e:
+            raise SystemExit(f"flyte-actor-agent: cannot serve the status page on {args.host}:{args.status_port}: "
+                             f"{e.strerror or e}; pick another --status-port, or 0 to turn it off")
 
     server = grpc.aio.server()
     add_AsyncAgentServiceServicer_to_server(ActorAgentService(), server)

@@ -308,3 +308,16 @@ def test_every_dashboard_panel_queries_metrics_the_agent_exports(agent):
             assert names, (panel["title"], target["expr"])
             assert names <= exported, (panel["title"], sorted(names - exported))
     assert set(re.findall(r"\b(flyte_[a-z0-9_]+)\b", variables)) <= exported
+
+
+def test_the_agent_says_in_one_line_when_the_status_port_is_taken(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [str(AGENT), "serve", "--launcher", "local", "--host", "127.0.0.1", "--port", str(_free_port()),
+             "--lease-port", str(_free_port()), "--metrics-port", "0", "--status-port", str(port)],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"cannot serve the status page on 127.0.0.1:{port}" in result.stderr and "--status-port" in result.stderr
