@@ -179,3 +179,21 @@ class _done:
 
     def result(self, timeout=None):
         return self.value
+
+
+def test_launchers_name_where_a_replica_runs():
+    import asyncio
+
+    from kubernetes.client import ApiClient
+
+    from flyte_actor_agent.launchers.kubernetes import KubernetesLauncher
+    from flyte_actor_agent.launchers.local import LocalProcessLauncher
+
+    async def launchers():
+        return KubernetesLauncher(lambda *_: None, api_client=ApiClient()), LocalProcessLauncher(lambda *_: None)
+
+    pods, processes = asyncio.run(launchers())
+    pods.pods["r1"] = ("team-a", "demo-r1")
+    assert (pods.where("r1"), pods.where("r2")) == ("pod team-a/demo-r1", "")
+    assert processes.where("r1") == ""
+    asyncio.run(processes.close())
