@@ -217,6 +217,8 @@ class Replica:
     #: Why a starting replica waits for resources (its pod has no node yet, its namespace is over quota); while
     #: it waits, the start timeout does not run: waiting is not failing.
     waiting: str = ""
+    #: The last task that failed or was lost on it, for the status page.
+    last_failure: str = ""
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,9 @@ class Fleet:
     start_failures: int = 0
     last_start_error: str = ""
     failed_at: float = float("-inf")
+    #: The last replica that went away without being asked to, and when (for the status page).
+    last_replica_failure: Optional[ReplicaExit] = None
+    last_replica_failure_at: float = 0.0
 
 
 @dataclass(eq=False)
@@ -504,6 +509,8 @@ class Scheduler:
         cause = exit.detail
         fleet = self.fleets[replica.fleet_key]
         fleet.replicas.pop(replica_id, None)
+        if replica.state is not ReplicaState.STOPPING or exit.reason is ExitReason.NO_HEARTBEAT:
+            fleet.last_replica_failure, fleet.last_replica_failure_at = exit, self.clock()
         if replica.state is ReplicaState.STARTING and not replica.adopted:
             fleet.start_failures += 1
             if exit.reason is ExitReason.REFUSED:
@@ -590,9 +597,13 @@ class Scheduler:
             elif outcome is Outcome.FAILED and retryable and self._retry_element(task, message, replica_id, system_error, effects):
                 pass
             elif outcome is Outcome.FAILED:
+                if replica is not None:
+                    replica.last_failure = f"{task.name or task.key}: {message}"
                 phase = Phase.RETRYABLE_FAILED if retryable else Phase.FAILED
                 self._finish_task(task, phase, message, effects, error=error)
             elif outcome is Outcome.LOST:
+                if replica is not None:
+                    replica.last_failure = f"{task.name or task.key}: {message or 'its executor died'}"
                 self._lease_lost(task, message or f"the executor on replica {replica_id} died", effects)
             else:  # cancelled by the replica on its own: only at shutdown, so lease it again
                 self._lease_lost(task, message or f"replica {replica_id} gave the task back", effects)

@@ -1,8 +1,8 @@
 """``flyte-actor-agent serve``: the actor agent as a service for a Flyte cluster.
 
 One process serves the Flyte connector API (flyteidl ``AsyncAgentService``, ``AgentMetadataService`` and gRPC
-health) for the ``actor`` and ``actor-map`` task types only, the replica lease service on its own port, and
-Prometheus metrics over HTTP. Every flag can also be set by the environment variable shown in ``--help``.
+health) for the ``actor`` and ``actor-map`` task types only, the replica lease service on its own port,
+Prometheus metrics over HTTP, and the fleet status page on its own port (``flyte-actor-agent status`` prints it). Every flag can also be set by the environment variable shown in ``--help``.
 
 It listens on loopback unless told otherwise (the Helm chart sets ``--host 0.0.0.0``): propeller cannot
 authenticate itself to an agent (no client certificate, no per-call credentials), so who reaches the connector
@@ -51,6 +51,7 @@ from .connector import ActorConnector, register
 from .launchers.k8s_config import AgentPodConfig
 from .lease_service import LeaseService
 from .reactor import Reactor
+from .status import add_status_command, serve_status, status_command
 
 log = logging.getLogger("flyte-actor-agent")
 ACTOR_TASK_TYPES = (ACTOR_TASK_TYPE, ACTOR_MAP_TASK_TYPE)
@@ -88,6 +89,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     _flag(serve, "--port", "FLYTE_ACTOR_AGENT_PORT", 8000, "Flyte connector gRPC port", int)
     _flag(serve, "--lease-port", "FLYTE_ACTOR_LEASE_PORT", 8001, "replica lease gRPC port", int)
     _flag(serve, "--metrics-port", "FLYTE_ACTOR_METRICS_PORT", 9090, "Prometheus metrics HTTP port (0: off)", int)
+    _flag(serve, "--status-port", "FLYTE_ACTOR_STATUS_PORT", 9091,
+          "fleet status page HTTP port, read only (0: off)", int)
     _flag(serve, "--launcher", "FLYTE_ACTOR_LAUNCHER", "local", "'kubernetes' (pods) or 'local' (processes)")
     _flag(serve, "--lease-address", "FLYTE_ACTOR_LEASE_ADDRESS", None,
           "host:port replicas dial (default: this host and --lease-port)")
@@ -130,8 +133,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
           "largest gRPC message the connector port accepts (CreateTask carries the task's inputs inline)", int)
     _flag(serve, "--max-output-bytes", "FLYTE_ACTOR_MAX_OUTPUT_BYTES", 2 * 1024 ** 3,
           "a task (or map element) whose outputs.pb is larger fails, naming this cap (0: no cap)", int)
+    add_status_command(sub)
     args = parser.parse_args(argv)
-    if args.launcher not in ("local", "kubernetes"):
+    if args.command == "serve" and args.launcher not in ("local", "kubernetes"):
         parser.error(f"--launcher {args.launcher!r} is not a launcher: use 'kubernetes' or 'local'")
     for cert, key in (("tls_cert", "tls_key"), ("lease_tls_cert", "lease_tls_key")):
         if bool(getattr(args, cert)) != bool(getattr(args, key)):
@@ -314,7 +318,13 @@ async def serve(args: argparse.Namespace) -> None:
     register(lambda: agent, args.pod_config.logs)
     agent.metrics.watch(agent.scheduler, agent.call)
     if args.metrics_port:
-        start_http_server(args.metrics_port, addr=args.host, registry=agent.metrics.registry)
+        start_http_server(args.metrics_port, addr=args.host, registry=agent.metrics.exported())
+    if args.status_port:
+        try:
+            serve_status(agent, args.host, args.status_port)
+        except OSError as e:
+            raise SystemExit(f"flyte-actor-agent: cannot serve the status page on {args.host}:{args.status_port}: "
+                             f"{e.strerror or e}; pick another --status-port, or 0 to turn it off")
 
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", args.max_message_bytes),
@@ -332,9 +342,9 @@ async def serve(args: argparse.Namespace) -> None:
     if bound == 0:
         raise SystemExit(f"flyte-actor-agent: cannot listen on {address}")
     await server.start()
-    log.info("connector on %s:%s (%s), leases on %s (%s), metrics on :%s", args.host, args.port,
+    log.info("connector on %s:%s (%s), leases on %s (%s), metrics on :%s, status on :%s", args.host, args.port,
              "TLS" if credentials else "plaintext", agent.lease_address,
-             "TLS" if agent.channel.ca_certificate else "plaintext", args.metrics_port)
+             "TLS" if agent.channel.ca_certificate else "plaintext", args.metrics_port, args.status_port)
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -351,6 +361,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=os.environ.get("FLYTE_ACTOR_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    if args.command == "status":
+        raise SystemExit(status_command(args))
     asyncio.run(serve(args))
 
 

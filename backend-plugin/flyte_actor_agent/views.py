@@ -1,10 +1,10 @@
 """Read-only views of the scheduler's state, taken on the reactor's loop and safe to read from any thread
-afterwards: what the connector answers GetTask with, and what metrics report."""
+afterwards: what the connector answers GetTask with, what metrics report, and the fleet status page."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from . import scheduler as core
 
@@ -75,4 +75,144 @@ def queued_message(fleet: core.Fleet, waiting: str = "") -> str:
         f"queued for actor environment {fleet.config.name!r}: {len(fleet.queue)} waiting, {ready} replicas ready, "
         f"{starting} starting (up to {fleet.config.replica_count})"
         + (f"; waiting for resources: {waiting}" if waiting and not ready else "")
+    )
+
+
+# ------------------------------------------------------------------------------------------------ fleet status
+
+
+@dataclass
+class RunningTaskStatus:
+    key: str
+    name: str
+    #: Seconds since it was first leased.
+    running_seconds: float
+    #: How many times it was leased (more than one: a replica or executor was lost under it).
+    leases: int
+
+
+@dataclass
+class ReplicaStatus:
+    id: str
+    state: str
+    #: Where it runs, as its launcher names it ("pod NAMESPACE/NAME", "pid N"); empty if the launcher cannot say.
+    where: str
+    #: Seconds in its current state: since launch while starting, since it connected while ready.
+    state_seconds: float
+    #: Seconds without a lease, or ``None`` while it runs something.
+    idle_seconds: Optional[float]
+    tasks_run: int
+    capacity: int
+    running: List[RunningTaskStatus]
+    adopted: bool
+    #: The last task that failed or was lost on it (``None`` if none did).
+    last_failure: Optional[str]
+
+
+@dataclass
+class MapStatus:
+    key: str
+    #: The mapped task's name (from an element in flight).
+    name: str
+    size: int
+    succeeded: int
+    failed: int
+    in_flight: int
+    running_seconds: float
+
+
+@dataclass
+class FleetStatus:
+    key: str
+    environment: str
+    version: str
+    namespace: str
+    replica_count: int
+    parallelism: int
+    ttl_seconds: float
+    #: A newer version of the environment is in use; this one's replicas stop once idle.
+    superseded: bool
+    queue_depth: int
+    replicas: List[ReplicaStatus]
+    maps: List[MapStatus]
+    #: Replicas that failed to start in a row, and the last such failure.
+    start_failures: int
+    last_start_error: str
+    #: The last replica that went away for another reason than being asked to stop, and how long ago.
+    last_replica_failure: Optional[str]
+    last_replica_failure_seconds: Optional[float]
+
+
+@dataclass
+class AgentStatus:
+    fleets: List[FleetStatus]
+    draining: bool
+    tasks_queued: int
+    tasks_running: int
+    maps_running: int
+
+
+def agent_status(scheduler: core.Scheduler, where: Callable[[str], str] = lambda replica_id: "") -> AgentStatus:
+    """A snapshot of every fleet, its replicas, queue and running actor maps (taken on the reactor's loop).
+    ``where(replica_id)`` names the replica's pod or process."""
+    now = scheduler.clock()
+    maps: Dict[str, List[MapStatus]] = {}
+    for job in scheduler.maps.values():
+        if not job.phase.terminal:
+            element = next(iter(job.in_flight.values()), None)
+            name = element.name.rpartition("[")[0] if element is not None and element.name.endswith("]") else ""
+            maps.setdefault(job.fleet.key, []).append(MapStatus(
+                key=job.key, name=name or job.key, size=job.size, succeeded=job.succeeded, failed=job.failed,
+                in_flight=len(job.in_flight), running_seconds=now - job.submitted_at,
+            ))
+    fleets = []
+    for fleet in scheduler.fleets.values():
+        config = fleet.config
+        replicas = []
+        for replica in sorted(fleet.replicas.values(), key=lambda r: r.launched_at):
+            running = []
+            for lease_id in sorted(replica.leases):
+                task = scheduler.leases.get(lease_id)
+                if task is not None:
+                    running.append(RunningTaskStatus(task.key, task.name or task.key,
+                                                     now - (task.started_at or now), task.leases))
+            since = replica.connected_at if replica.connected_at is not None else replica.launched_at
+            replicas.append(ReplicaStatus(
+                id=replica.id,
+                state=replica.state.value,
+                where=where(replica.id),
+                state_seconds=now - since,
+                idle_seconds=None if replica.leases or replica.state is not core.ReplicaState.READY
+                else now - replica.idle_since,
+                tasks_run=replica.tasks_run,
+                capacity=replica.capacity,
+                running=running,
+                adopted=replica.adopted,
+                last_failure=replica.last_failure or None,
+            ))
+        failure = fleet.last_replica_failure
+        fleets.append(FleetStatus(
+            key=config.key,
+            environment=config.name,
+            version=config.environment.version if config.environment is not None else "",
+            namespace=config.placement.namespace if config.placement is not None else "",
+            replica_count=config.replica_count,
+            parallelism=config.parallelism,
+            ttl_seconds=config.ttl_seconds,
+            superseded=fleet.superseded,
+            queue_depth=len(fleet.queue),  # as the metric counts it
+            replicas=replicas,
+            maps=maps.get(config.key, []),
+            start_failures=fleet.start_failures,
+            last_start_error=fleet.last_start_error,
+            last_replica_failure=failure.detail if failure else None,
+            last_replica_failure_seconds=now - fleet.last_replica_failure_at if failure else None,
+        ))
+    fleets.sort(key=lambda f: (f.environment, f.namespace, f.superseded, f.key))
+    return AgentStatus(
+        fleets=fleets,
+        draining=scheduler.draining,
+        tasks_queued=sum(f.queue_depth for f in fleets),
+        tasks_running=len(scheduler.leases),
+        maps_running=sum(len(m) for m in maps.values()),
     )

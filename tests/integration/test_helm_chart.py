@@ -246,13 +246,14 @@ def test_one_agent_pod_configured_through_env(helm, name):
     assert "flyte-actors.io/replica" not in spec["template"]["metadata"]["labels"]  # the launcher's replica label
     assert pod["enableServiceLinks"] is False
 
-    ports = {"grpc": 8000, "lease": 8001, "metrics": 9090, **values.get("ports", {})}
+    ports = {"grpc": 8000, "lease": 8001, "metrics": 9090, "status": 9091, **values.get("ports", {})}
     metrics_on = values.get("metrics", {}).get("enabled", True)
     env = container_env(deployment)
     plain = {k: e.get("value") for k, e in env.items() if "value" in e}
     assert plain["FLYTE_ACTOR_AGENT_PORT"] == str(ports["grpc"])
     assert plain["FLYTE_ACTOR_LEASE_PORT"] == str(ports["lease"])
     assert plain["FLYTE_ACTOR_METRICS_PORT"] == (str(ports["metrics"]) if metrics_on else "0")
+    assert plain["FLYTE_ACTOR_STATUS_PORT"] == str(ports["status"])
     launcher = values.get("launcher", "kubernetes")
     assert plain["FLYTE_ACTOR_LAUNCHER"] == launcher
     assert plain["FLYTE_ACTOR_NAMESPACES"] == ",".join(values.get("namespaces", []))
@@ -686,7 +687,7 @@ def test_the_agent_serves_with_the_environment_the_chart_renders(helm, tmp_path)
     from flyteidl.service.agent_pb2_grpc import AgentMetadataServiceStub
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    ports = {"grpc": _free_port(), "lease": _free_port(), "metrics": _free_port()}
+    ports = {"grpc": _free_port(), "lease": _free_port(), "metrics": _free_port(), "status": _free_port()}
     docs, _ = template(helm, {"launcher": "local", "ports": ports, "shutdownGraceSeconds": 1})
     env = dict(os.environ)
     env.update({n: e["value"] for n, e in container_env(one(docs, "Deployment")).items() if "value" in e})

@@ -93,6 +93,10 @@ class Launcher(abc.ABC):
         """Raise :class:`ValueError` if replicas must not fetch this code bundle. Default: any, as a Flyte task
         pod would (the local launcher, whose replicas run on the agent's host, trusts only configured places)."""
 
+    def where(self, replica_id: str) -> str:
+        """Where the replica runs, for people (the status page): its pod or process; empty if unknown."""
+        return ""
+
     async def adopt(self) -> List[AdoptedReplica]:
         """Replicas a previous agent left running (only where they outlive the agent)."""
         return []

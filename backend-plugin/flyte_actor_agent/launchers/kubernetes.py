@@ -196,6 +196,10 @@ class KubernetesLauncher(Launcher):
             "node_name": (pod.spec.node_name or "") if pod.spec else "",
         }
 
+    def where(self, replica_id: str) -> str:
+        pod = self.pods.get(replica_id)
+        return f"pod {pod[0]}/{pod[1]}" if pod else ""
+
     async def stop(self, replica_id: str, reason: str) -> None:
         self._stopped.add(replica_id)
         where = self.pods.get(replica_id)
@@ -422,7 +426,8 @@ def build_replica(replica: ReplicaLaunch, namespace: str, pod_config: Optional[A
     pod_config = pod_config or AgentPodConfig()
     environment = replica.environment
     spec = environment.replica
-    name = f"{environment.name}-{replica.replica_id}"[:63].rstrip("-")
+    # Environment names may hold '.' and '_' (as Union's do); pod and Secret names stay DNS-1123 labels.
+    name = f"{environment.name.replace('.', '-').replace('_', '-')}-{replica.replica_id}"[:63].rstrip("-")
     template = spec.get("pod_template") or {}
     pod_spec = copy.deepcopy(template.get("pod_spec") or {"containers": []})
     primary_name = template.get("primary_container_name") or DEFAULT_CONTAINER

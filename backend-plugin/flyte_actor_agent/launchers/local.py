@@ -138,6 +138,10 @@ class LocalProcessLauncher(Launcher):
         # Replica logs and scratch space go too; a replica that failed left its log's tail in the task's error.
         shutil.rmtree(self.log_dir, ignore_errors=True)
 
+    def where(self, replica_id: str) -> str:
+        pid = self.pid(replica_id)
+        return f"pid {pid}" if pid is not None else ""
+
     def pid(self, replica_id: str) -> Optional[int]:
         process = self.processes.get(replica_id)
         return process.proc.pid if process else None

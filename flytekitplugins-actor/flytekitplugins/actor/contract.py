@@ -28,7 +28,9 @@ MIN_TTL_SECONDS = 10
 MAX_TTL_SECONDS = 7 * 24 * 3600
 MAX_REPLICA_COUNT = 1000
 MAX_PARALLELISM = 256
-ENVIRONMENT_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+#: Lower-case letters, digits, '-', '.' and '_' (Union's examples use both 'my-actor' and 'my_actor'); replica
+#: pod names map '.' and '_' to '-', so they stay DNS-1123 labels.
+ENVIRONMENT_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9._]{0,61}[a-z0-9])?$")
 _VERSION_RE = re.compile(r"^[a-z0-9]{1,63}$")
 _DOTTED_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 _FIX = "re-register the task with the same flytekitplugins-actor version as the agent"
@@ -72,8 +74,8 @@ class SerializedEnvironment:
                       optional=("replica",))
         name, version = data["name"], data["version"]
         if not isinstance(name, str) or not ENVIRONMENT_NAME_RE.match(name):
-            raise InvalidTask(f"{where}.name={_show(name)} is not a DNS-1123 label: name the ActorEnvironment with 1 "
-                              "to 63 lower-case letters, digits and '-'")
+            raise InvalidTask(f"{where}.name={_show(name)} is not an environment name: name the ActorEnvironment with "
+                              "1 to 63 lower-case letters, digits, '-', '.' or '_'")
         if not isinstance(version, str) or not _VERSION_RE.match(version):
             raise InvalidTask(f"{where}.version={_show(version)} is not an environment version (1 to 63 lower-case "
                               f"letters and digits): {_FIX}")

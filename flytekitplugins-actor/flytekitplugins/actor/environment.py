@@ -59,8 +59,8 @@ _ENVIRONMENT_OWNED_TASK_ARGS = (
 class ActorEnvironment:
     """A named fleet of warm replicas that run the environment's tasks one after another, in one process.
 
-    :param name: DNS-1123 label (lower-case letters, digits and ``-``, at most 63 characters); names the fleet and
-        its replica pods.
+    :param name: 1 to 63 lower-case letters, digits, ``-``, ``.`` or ``_``, starting and ending with a letter or
+        digit; names the fleet and its replica pods (in pod names ``.`` and ``_`` become ``-``).
     :param container_image: Image of the replicas; ``None`` uses the default image given at serialization time.
     :param replica_count: Most replicas the fleet scales up to (1 to 1000). Replicas start on demand.
     :param ttl_seconds: Idle seconds after which a replica is stopped (10 s to 7 days; default 900 s).
@@ -91,8 +91,8 @@ class ActorEnvironment:
     def __post_init__(self):
         if not isinstance(self.name, str) or not ENVIRONMENT_NAME_RE.match(self.name):
             raise ValueError(
-                f"ActorEnvironment name {self.name!r} is not a DNS-1123 label: use 1 to 63 lower-case letters, "
-                "digits or '-', starting and ending with a letter or digit (for example 'my-actor')."
+                f"ActorEnvironment name {self.name!r} is invalid: use 1 to 63 lower-case letters, digits, '-', '.' "
+                "or '_', starting and ending with a letter or digit (for example 'my-actor' or 'team.my-actor')."
             )
         _check_int("replica_count", self.replica_count, 1, MAX_REPLICA_COUNT)
         _check_int("parallelism", self.parallelism, 1, MAX_PARALLELISM)

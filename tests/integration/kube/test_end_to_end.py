@@ -59,7 +59,7 @@ class AgentServer:
             self.process = subprocess.Popen(
                 [os.path.join(BIN, "flyte-actor-agent"), "serve", "--host", "127.0.0.1", "--port", str(self.port),
                  "--lease-port", str(self.lease_port), "--metrics-port", str(self.metrics_port),
-                 "--launcher", "kubernetes", "--namespaces", NAMESPACE,
+                 "--status-port", str(free_port()), "--launcher", "kubernetes", "--namespaces", NAMESPACE,
                  "--lease-address", f"127.0.0.1:{self.lease_port}", "--recovery-grace-seconds", "5",
                  "--plugins-config", plugins_config, "--shutdown-grace-seconds", "5"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
