@@ -11,6 +11,8 @@ The replica sends ``(lease_id, TaskSpec bytes)`` over a pipe and gets ``(lease_i
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import fcntl
 import hashlib
 import os
@@ -21,8 +23,18 @@ from multiprocessing.connection import Connection
 from typing import Any, Dict
 
 from flyteidl.core import errors_pb2
+from flytekit import __version__ as _flytekit_version
 from flytekit.bin.entrypoint import _dispatch_execute, setup_execution
-from flytekit.core.context_manager import FlyteContextManager
+from flytekit.configuration import (
+    SERIALIZED_CONTEXT_ENV_VAR, FastSerializationSettings, ImageConfig, SerializationSettings, StatsConfig,
+)
+from flytekit.core.checkpointer import SyncCheckpoint
+from flytekit.core.constants import RUNTIME_PACKAGES_ENV_NAME
+from flytekit.core.context_manager import ExecutionParameters, ExecutionState, FlyteContextManager, OutputMetadataTracker
+from flytekit.core.data_persistence import FileAccessProvider
+from flytekit.interfaces.stats.taggable import get_stats as _get_stats
+from flytekit.loggers import user_space_logger
+from flytekit.models.core import identifier as _identifier
 from flytekit.tools.fast_registration import download_distribution
 from flytekit.tools.module_loader import load_object_from_module
 
@@ -33,6 +45,8 @@ from ..protocol import lease_pb2
 from .sandbox import TaskSandbox
 
 SUCCEEDED, FAILED = "succeeded", "failed"
+#: Set to "0" in a replica's environment to run every task on the full path.
+FAST_PATH_VARIABLE = "FLYTE_ACTOR_FAST_PATH"
 
 
 def serve(conn: Connection, scratch_root: str) -> None:
@@ -61,9 +75,20 @@ def _die_with_parent() -> None:
 
 def run_task(spec: lease_pb2.TaskSpec, sandbox: TaskSandbox, scratch_root: str) -> Dict[str, Any]:
     started = time.monotonic()
-    sandbox.enter(dict(spec.env))
     try:
-        result = _run(spec, sandbox.tmpdir, scratch_root)
+        code_root = _code_root(spec, scratch_root)
+    except BaseException as e:  # noqa: BLE001 - a bundle that cannot be fetched is the replica's problem
+        return _failure(f"Task {spec.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
+    sandbox.enter(dict(spec.env), code_root)
+    try:
+        if code_root not in sys.path:
+            sys.path.insert(0, code_root)
+        if spec.distribution:
+            os.chdir(code_root)
+        if _fast_path_applies(spec):
+            result = _run_fast(spec, sandbox)
+        else:
+            result = _run(spec, sandbox)
     except SystemExit as e:
         result = _failure(f"Task {spec.task_name} called sys.exit({e.code!r}); return or raise instead.", False)
     except BaseException as e:  # noqa: BLE001 - anything flytekit did not catch is a system error of this replica
@@ -74,31 +99,170 @@ def run_task(spec: lease_pb2.TaskSpec, sandbox: TaskSandbox, scratch_root: str) 
     return result
 
 
-def _run(spec: lease_pb2.TaskSpec, tmpdir: str, scratch_root: str) -> Dict[str, Any]:
+def _code_root(spec: lease_pb2.TaskSpec, scratch_root: str) -> str:
+    if spec.distribution:
+        return ensure_bundle(spec.distribution, os.path.join(scratch_root, "bundles"))
+    return spec.dest_dir or os.getcwd()
+
+
+def _fast_path_applies(spec: lease_pb2.TaskSpec) -> bool:
+    """The fast path needs inline inputs (nothing to download) and no packages installed at run time (which
+    ``setup_execution`` does with pip); ``FLYTE_ACTOR_FAST_PATH=0`` turns it off."""
+    if os.environ.get(FAST_PATH_VARIABLE, "1") == "0" or os.environ.get(RUNTIME_PACKAGES_ENV_NAME):
+        return False
+    return bool(spec.inputs) or not spec.inputs_uri
+
+
+def _run(spec: lease_pb2.TaskSpec, sandbox: TaskSandbox) -> Dict[str, Any]:
+    """The full path: exactly what ``pyflyte-execute`` does, on files."""
     inputs_path = spec.inputs_uri
     if spec.inputs or not spec.inputs_uri:  # inline (an empty map serializes to no bytes)
-        inputs_path = os.path.join(tmpdir, "inputs.pb")
+        inputs_path = os.path.join(sandbox.tmpdir, "inputs.pb")
         with open(inputs_path, "wb") as f:
             f.write(spec.inputs)
-    code_dir = None
-    if spec.distribution:
-        code_dir = ensure_bundle(spec.distribution, os.path.join(scratch_root, "bundles"))
-        os.chdir(code_dir)
-    code_root = code_dir or spec.dest_dir or os.getcwd()
-    if code_root not in sys.path:
-        sys.path.insert(0, code_root)
     with setup_execution(
         raw_output_data_prefix=spec.raw_output_data_prefix or None,
         output_metadata_prefix=spec.output_prefix,
         checkpoint_path=spec.checkpoint_path or None,
         prev_checkpoint=spec.prev_checkpoint or None,
         dynamic_addl_distro=spec.distribution or None,
-        dynamic_dest_dir=code_dir,
+        dynamic_dest_dir=os.getcwd() if spec.distribution else None,
     ) as ctx:
         resolver = load_object_from_module(spec.resolver)
         args = list(spec.resolver_args)
         _dispatch_execute(ctx, lambda: resolver.load_task(loader_args=args), inputs_path, spec.output_prefix)
         return _result_from(ctx.execution_state.engine_dir, spec.task_name)
+
+
+def _run_fast(spec: lease_pb2.TaskSpec, sandbox: TaskSandbox) -> Dict[str, Any]:
+    """The fast path: flytekit's own ``_dispatch_execute`` (so outputs, errors, offloading, decks and checkpoints are
+    flytekit's), in a context made like ``setup_execution`` makes it but in directories that stay between tasks,
+    with the inputs handed over in place and the outputs and errors returned in-band instead of uploaded: propeller
+    writes ``outputs.pb`` from the agent's answer itself. Files beside them (offloaded literals, a dynamic task's
+    futures) are uploaded as usual. The task's modules are kept between tasks when the sandbox can reset them."""
+    with _task_context(spec, sandbox.workdir) as ctx:
+        inputs_path = os.path.join(ctx.execution_state.working_dir, "inputs.pb")
+        with open(inputs_path, "wb") as f:
+            f.write(spec.inputs)
+        resolver = load_object_from_module(spec.resolver)
+        args = list(spec.resolver_args)
+
+        def load_task():
+            return sandbox.snapshot_imports(lambda: resolver.load_task(loader_args=args))
+
+        _dispatch_execute(ctx, load_task, inputs_path, spec.output_prefix)
+        return _result_from(ctx.execution_state.engine_dir, spec.task_name)
+
+
+class _InPlaceFileAccess(FileAccessProvider):
+    """flytekit's file access for one fast-path task: as flytekit's, except that the inputs are already where
+    ``_dispatch_execute`` copies them to, and that the engine directory's ``outputs.pb`` and ``error*.pb`` are not
+    uploaded (the executor returns them to the agent)."""
+
+    def __init__(self, *args, engine_dir: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._engine_dir = engine_dir
+
+    def get_data(self, remote_path: str, local_path: str, is_multipart: bool = False, **kwargs):
+        if remote_path == local_path:
+            return local_path
+        return super().get_data(remote_path, local_path, is_multipart, **kwargs)
+
+    def put_data(self, local_path, remote_path: str, is_multipart: bool = False, **kwargs):
+        if is_multipart and os.fspath(local_path) == self._engine_dir:
+            rest = [n for n in os.listdir(self._engine_dir) if not _returned_in_band(n)]
+            if not rest:
+                return remote_path
+            for name in rest:
+                super().put_data(os.path.join(self._engine_dir, name), self.join(remote_path, name))
+            return remote_path
+        return super().put_data(local_path, remote_path, is_multipart, **kwargs)
+
+
+def _returned_in_band(name: str) -> bool:
+    return name == "outputs.pb" or (name.startswith("error") and name.endswith(".pb"))
+
+
+@contextlib.contextmanager
+def _task_context(spec: lease_pb2.TaskSpec, workdir: str):
+    """``flytekit.bin.entrypoint.setup_execution`` (flytekit 1.16), for the fast path: the same execution parameters,
+    file access, execution state and serialization settings, read from the same environment variables, but with
+    the user workspace and flytekit's local sandbox in fixed directories (which the sandbox empties after the task)
+    instead of fresh random ones (creating and removing directories costs milliseconds on some file systems, and
+    ``setup_execution`` never removes the workspace it makes)."""
+    env = os.environ.get
+    exe_project = _one_of("FLYTE_INTERNAL_EXECUTION_PROJECT", "_F_PRJ")
+    exe_domain = _one_of("FLYTE_INTERNAL_EXECUTION_DOMAIN", "_F_DM")
+    exe_name = _one_of("FLYTE_INTERNAL_EXECUTION_ID", "_F_NM")
+    exe_wf = _one_of("FLYTE_INTERNAL_EXECUTION_WORKFLOW", "_F_WF")
+    exe_lp = _one_of("FLYTE_INTERNAL_EXECUTION_LAUNCHPLAN", "_F_LP")
+    tk_project = _one_of("FLYTE_INTERNAL_TASK_PROJECT", "_F_TK_PRJ")
+    tk_domain = _one_of("FLYTE_INTERNAL_TASK_DOMAIN", "_F_TK_DM")
+    tk_name = _one_of("FLYTE_INTERNAL_TASK_NAME", "_F_TK_NM")
+    tk_version = _one_of("FLYTE_INTERNAL_TASK_VERSION", "_F_TK_V")
+    raw_output_prefix = spec.raw_output_data_prefix or None
+
+    workspace = os.path.join(workdir, "workspace")
+    local_sandbox = os.path.join(workdir, "sandbox")
+    engine_dir = os.path.join(local_sandbox, "local_flytekit", "engine_dir")
+    if not os.path.isdir(engine_dir):
+        os.makedirs(workspace, exist_ok=True)
+        os.makedirs(engine_dir, exist_ok=True)
+
+    checkpointer = None
+    if spec.checkpoint_path:
+        checkpointer = SyncCheckpoint(checkpoint_dest=spec.checkpoint_path,
+                                      checkpoint_src=spec.prev_checkpoint or None)
+    execution_parameters = ExecutionParameters(
+        execution_id=_identifier.WorkflowExecutionIdentifier(project=exe_project, domain=exe_domain, name=exe_name),
+        execution_date=datetime.datetime.now(datetime.timezone.utc),
+        stats=_get_stats(
+            cfg=StatsConfig.auto(),
+            prefix=f"{tk_project}.{tk_domain}.{tk_name}.user_stats",
+            tags={"exec_project": exe_project, "exec_domain": exe_domain, "exec_workflow": exe_wf,
+                  "exec_launchplan": exe_lp, "api_version": _flytekit_version},
+        ),
+        logging=user_space_logger,
+        tmp_dir=workspace,
+        raw_output_prefix=raw_output_prefix,
+        output_metadata_prefix=spec.output_prefix,
+        checkpoint=checkpointer,
+        task_id=_identifier.Identifier(_identifier.ResourceType.TASK, tk_project, tk_domain, tk_name, tk_version),
+    )
+    metadata = {
+        "flyte-execution-project": exe_project,
+        "flyte-execution-domain": exe_domain,
+        "flyte-execution-launchplan": exe_lp,
+        "flyte-execution-workflow": exe_wf,
+        "flyte-execution-name": exe_name,
+    }
+    file_access = _InPlaceFileAccess(local_sandbox_dir=local_sandbox, raw_output_prefix=raw_output_prefix,
+                                     execution_metadata=metadata, engine_dir=engine_dir)
+    ctx = FlyteContextManager.current_context().new_builder().with_file_access(file_access).build()
+    es = ctx.new_execution_state().with_params(mode=ExecutionState.Mode.TASK_EXECUTION,
+                                               user_space_params=execution_parameters)
+    cb = ctx.new_builder().with_execution_state(es).with_output_metadata_tracker(OutputMetadataTracker())
+    compressed = env(SERIALIZED_CONTEXT_ENV_VAR, "")
+    if compressed:
+        ssb = SerializationSettings.from_transport(compressed).new_builder()
+    else:
+        ssb = SerializationSettings(ImageConfig.auto()).new_builder()
+    ssb.project = ssb.project or exe_project
+    ssb.domain = ssb.domain or exe_domain
+    ssb.version = tk_version
+    if spec.distribution:
+        ssb.fast_serialization_settings = FastSerializationSettings(
+            enabled=True, destination_dir=os.getcwd(), distribution_location=spec.distribution)
+    cb = cb.with_serialization_settings(ssb.build())
+    with FlyteContextManager.with_context(cb) as ctx:
+        yield ctx
+
+
+def _one_of(*names: str) -> str:
+    for name in names:
+        if name in os.environ:
+            return os.environ[name]
+    return ""
 
 
 def _result_from(engine_dir: str, task_name: str) -> Dict[str, Any]:
