@@ -79,13 +79,15 @@ def run_task(spec: lease_pb2.TaskSpec, sandbox: TaskSandbox, scratch_root: str) 
         code_root = _code_root(spec, scratch_root)
     except BaseException as e:  # noqa: BLE001 - a bundle that cannot be fetched is the replica's problem
         return _failure(f"Task {spec.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
-    sandbox.enter(dict(spec.env), code_root)
+    env = dict(spec.env)
+    fast = _fast_path_applies(spec, env)
+    sandbox.enter(env, code_root, keep_modules=fast)
     try:
         if code_root not in sys.path:
             sys.path.insert(0, code_root)
         if spec.distribution:
             os.chdir(code_root)
-        if _fast_path_applies(spec):
+        if fast:
             result = _run_fast(spec, sandbox)
         else:
             result = _run(spec, sandbox)
@@ -105,10 +107,13 @@ def _code_root(spec: lease_pb2.TaskSpec, scratch_root: str) -> str:
     return spec.dest_dir or os.getcwd()
 
 
-def _fast_path_applies(spec: lease_pb2.TaskSpec) -> bool:
+def _fast_path_applies(spec: lease_pb2.TaskSpec, env: Dict[str, str]) -> bool:
     """The fast path needs inline inputs (nothing to download) and no packages installed at run time (which
-    ``setup_execution`` does with pip); ``FLYTE_ACTOR_FAST_PATH=0`` turns it off."""
-    if os.environ.get(FAST_PATH_VARIABLE, "1") == "0" or os.environ.get(RUNTIME_PACKAGES_ENV_NAME):
+    ``setup_execution`` does with pip); ``FLYTE_ACTOR_FAST_PATH=0`` (the replica's or the task's) turns it off."""
+    def variable(name: str) -> str:
+        return env.get(name, os.environ.get(name, ""))
+
+    if variable(FAST_PATH_VARIABLE) == "0" or variable(RUNTIME_PACKAGES_ENV_NAME):
         return False
     return bool(spec.inputs) or not spec.inputs_uri
 
@@ -144,7 +149,7 @@ def _run_fast(spec: lease_pb2.TaskSpec, sandbox: TaskSandbox) -> Dict[str, Any]:
         inputs_path = os.path.join(ctx.execution_state.working_dir, "inputs.pb")
         with open(inputs_path, "wb") as f:
             f.write(spec.inputs)
-        resolver = load_object_from_module(spec.resolver)
+        resolver = sandbox.snapshot_imports(lambda: load_object_from_module(spec.resolver))
         args = list(spec.resolver_args)
 
         def load_task():

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import logging
 import os
 import shutil
 import sys
@@ -41,6 +42,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from flytekit.core.context_manager import FlyteEntities
 from flytekit.core.launch_plan import LaunchPlan
+
+log = logging.getLogger("flyte-actor-executor")
 
 #: Values that cannot change in place.
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, range, type(Ellipsis), type(NotImplemented))
@@ -55,6 +58,8 @@ _INTERPRETER_TYPES = (
     types.BuiltinFunctionType, types.WrapperDescriptorType, types.MethodWrapperType, types.MethodDescriptorType,
     types.ClassMethodDescriptorType, types.GetSetDescriptorType, types.MemberDescriptorType,
 )
+#: Py_TPFLAGS_HEAPTYPE: set on classes made by a class statement, not on the interpreter's C types.
+_HEAP_TYPE = 1 << 9
 #: Longest builtin container the sandbox copies to restore it in place; a longer one means a re-import.
 _MAX_CONTAINER = 10_000
 #: Module attributes the import system owns.
@@ -155,8 +160,25 @@ class _KeptGroup:
             return
         elif kind.__module__.partition(".")[0] in _LIBRARY_OBJECTS:
             return
+        elif self._instance_of_user_class(value):
+            self._take_class(kind, depth)
+            namespace = vars(value)
+            for item in namespace.values():
+                self._take(item, depth + 1)
+            self._dicts.append((namespace, dict(namespace)))
         else:
             raise _Unrestorable(f"a {kind.__module__}.{kind.__qualname__} object")
+
+    def _instance_of_user_class(self, value: Any) -> bool:
+        """An object of a class the group's modules define, whose whole state is its ``__dict__``."""
+        kind = type(value)
+        return (
+            sys.modules.get(kind.__module__) is not None
+            and id(sys.modules[kind.__module__]) in self._user_module_ids
+            and type(getattr(value, "__dict__", None)) is dict
+            # Python classes only (no dict or list subclass, whose state is not in __dict__), without slots.
+            and all(base.__flags__ & _HEAP_TYPE and not vars(base).get("__slots__") for base in kind.__mro__[:-1])
+        )
 
     def _take_class(self, cls: type, depth: int) -> None:
         if self._defined_in_library(getattr(cls, "__module__", "")) or issubclass(cls, enum.Enum):
@@ -279,16 +301,21 @@ class TaskSandbox:
         self.workdir = os.path.join(scratch_root, "flytekit")
         #: What ``exit`` did to user modules the last time: "kept", "dropped" or "" (none were loaded).
         self.last_modules = ""
+        #: Why the last modules that could not be kept were not (for logs and tests).
+        self.not_kept = ""
+        self._said: Set[str] = set()
 
     @property
     def kept_modules(self) -> List[str]:
         return [name for group in self._kept for name in group.modules]
 
-    def enter(self, env: Dict[str, str], code_root: str = "") -> None:
+    def enter(self, env: Dict[str, str], code_root: str = "", keep_modules: bool = True) -> None:
+        """Take the state to put back; with ``keep_modules`` false, the task imports its modules afresh (the full
+        path) and modules kept for earlier tasks are dropped first."""
         self._environ = _environ_snapshot()
         os.environ.update(env)
         self._code_root = code_root
-        self._check_kept()
+        self._check_kept(keep_modules)
         self._modules = sys.modules.keys() | ()
         self._cwd = os.getcwd()
         self._path = list(sys.path)
@@ -311,8 +338,15 @@ class TaskSandbox:
         env_read = None if recorder.keys is None else {k: os.environ.get(k) for k in recorder.keys}
         try:
             group = _KeptGroup(fresh, self._is_library, self._code_root, env_read)
-        except _Unrestorable:
-            return loaded  # dropped at exit, as any module the task imports
+        except _Unrestorable as e:
+            # Dropped at exit, as any module the task imports; said once per set of modules, for whoever wonders
+            # why their tasks re-import.
+            names = ", ".join(sorted(fresh))
+            if names not in self._said:
+                self._said.add(names)
+                log.info("re-importing %s for every task: it holds %s, which cannot be reset in place", names, e)
+            self.not_kept = f"{names}: {e}"
+            return loaded
         self._kept.append(group)
         return loaded
 
@@ -342,12 +376,13 @@ class TaskSandbox:
         _empty(self.tmpdir)
         _empty(self.workdir, keep=_WORKDIR_SKELETON)
 
-    def _check_kept(self) -> None:
+    def _check_kept(self, keep_modules: bool) -> None:
         """Drop kept modules that cannot serve this task: changed on disk, another code root, or imported with
         other values of the environment variables they read."""
         for group in list(self._kept):
             stale = (
-                not group.intact()
+                not keep_modules
+                or not group.intact()
                 or group.code_root != self._code_root
                 or not group.unchanged_on_disk()
                 or group.env_read is None
