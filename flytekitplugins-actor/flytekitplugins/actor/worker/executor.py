@@ -20,13 +20,13 @@ import sys
 import time
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 from flyteidl.core import errors_pb2
 from flytekit import __version__ as _flytekit_version
 from flytekit.bin.entrypoint import _dispatch_execute, setup_execution
 from flytekit.configuration import (
-    SERIALIZED_CONTEXT_ENV_VAR, FastSerializationSettings, ImageConfig, SerializationSettings, StatsConfig,
+    SERIALIZED_CONTEXT_ENV_VAR, DataConfig, FastSerializationSettings, ImageConfig, SerializationSettings, StatsConfig,
 )
 from flytekit.core.checkpointer import SyncCheckpoint
 from flytekit.core.constants import RUNTIME_PACKAGES_ENV_NAME
@@ -195,7 +195,6 @@ def _task_context(spec: lease_pb2.TaskSpec, workdir: str):
     the user workspace and flytekit's local sandbox in fixed directories (which the sandbox empties after the task)
     instead of fresh random ones (creating and removing directories costs milliseconds on some file systems, and
     ``setup_execution`` never removes the workspace it makes)."""
-    env = os.environ.get
     exe_project = _one_of("FLYTE_INTERNAL_EXECUTION_PROJECT", "_F_PRJ")
     exe_domain = _one_of("FLYTE_INTERNAL_EXECUTION_DOMAIN", "_F_DM")
     exe_name = _one_of("FLYTE_INTERNAL_EXECUTION_ID", "_F_NM")
@@ -214,6 +213,7 @@ def _task_context(spec: lease_pb2.TaskSpec, workdir: str):
         os.makedirs(workspace, exist_ok=True)
         os.makedirs(engine_dir, exist_ok=True)
 
+    data_config, image_config, stats_config = _configs()
     checkpointer = None
     if spec.checkpoint_path:
         checkpointer = SyncCheckpoint(checkpoint_dest=spec.checkpoint_path,
@@ -222,7 +222,7 @@ def _task_context(spec: lease_pb2.TaskSpec, workdir: str):
         execution_id=_identifier.WorkflowExecutionIdentifier(project=exe_project, domain=exe_domain, name=exe_name),
         execution_date=datetime.datetime.now(datetime.timezone.utc),
         stats=_get_stats(
-            cfg=StatsConfig.auto(),
+            cfg=stats_config,
             prefix=f"{tk_project}.{tk_domain}.{tk_name}.user_stats",
             tags={"exec_project": exe_project, "exec_domain": exe_domain, "exec_workflow": exe_wf,
                   "exec_launchplan": exe_lp, "api_version": _flytekit_version},
@@ -242,16 +242,16 @@ def _task_context(spec: lease_pb2.TaskSpec, workdir: str):
         "flyte-execution-name": exe_name,
     }
     file_access = _InPlaceFileAccess(local_sandbox_dir=local_sandbox, raw_output_prefix=raw_output_prefix,
-                                     execution_metadata=metadata, engine_dir=engine_dir)
+                                     data_config=data_config, execution_metadata=metadata, engine_dir=engine_dir)
     ctx = FlyteContextManager.current_context().new_builder().with_file_access(file_access).build()
     es = ctx.new_execution_state().with_params(mode=ExecutionState.Mode.TASK_EXECUTION,
                                                user_space_params=execution_parameters)
     cb = ctx.new_builder().with_execution_state(es).with_output_metadata_tracker(OutputMetadataTracker())
-    compressed = env(SERIALIZED_CONTEXT_ENV_VAR, "")
+    compressed = os.environ.get(SERIALIZED_CONTEXT_ENV_VAR, "")
     if compressed:
         ssb = SerializationSettings.from_transport(compressed).new_builder()
     else:
-        ssb = SerializationSettings(ImageConfig.auto()).new_builder()
+        ssb = SerializationSettings(image_config).new_builder()
     ssb.project = ssb.project or exe_project
     ssb.domain = ssb.domain or exe_domain
     ssb.version = tk_version
@@ -259,8 +259,31 @@ def _task_context(spec: lease_pb2.TaskSpec, workdir: str):
         ssb.fast_serialization_settings = FastSerializationSettings(
             enabled=True, destination_dir=os.getcwd(), distribution_location=spec.distribution)
     cb = cb.with_serialization_settings(ssb.build())
-    with FlyteContextManager.with_context(cb) as ctx:
+    # FlyteContextManager.with_context, without the stack walk it makes to label the context (about a millisecond).
+    ctx = FlyteContextManager.push_context(cb.build(), _ORIGIN)
+    depth = FlyteContextManager.size()
+    try:
         yield ctx
+    finally:
+        while FlyteContextManager.size() >= depth:
+            FlyteContextManager.pop_context()
+
+
+#: The label of the fast path's context in flytekit's context stack (flytekit's debug logs print it).
+_ORIGIN = traceback.FrameSummary(__file__, 0, "_task_context")
+_config_cache: Dict[frozenset, Tuple[Any, Any, Any]] = {}
+
+
+def _configs() -> Tuple[DataConfig, ImageConfig, StatsConfig]:
+    """flytekit's data, image and stats configuration as ``setup_execution`` reads it (``X.auto()``: environment
+    variables and the config file they name), read once per distinct environment rather than for every task."""
+    key = frozenset(os.environ.items())
+    found = _config_cache.get(key)
+    if found is None:
+        if len(_config_cache) >= 16:
+            _config_cache.clear()
+        found = _config_cache[key] = (DataConfig.auto(), ImageConfig.auto(), StatsConfig.auto())
+    return found
 
 
 def _one_of(*names: str) -> str:

@@ -250,6 +250,20 @@ class _KeptGroup:
             cache.cache_clear()
 
 
+class _ModuleNames:
+    """The names in ``sys.modules`` at one moment, and which were added since: cheaply when nothing was (an import
+    appends to ``sys.modules``, so an unchanged length and last name mean no name was added)."""
+
+    def __init__(self):
+        self._before = sys.modules.copy()  # a C-level copy: cheaper than building a set of the names
+        self._last = next(reversed(self._before), None)
+
+    def added(self) -> Set[str]:
+        if len(sys.modules) == len(self._before) and next(reversed(sys.modules), None) == self._last:
+            return set()
+        return sys.modules.keys() - self._before.keys()
+
+
 class _EnvRecorder:
     """Records which environment variables are read while it is active (``os.environ[k]``, ``get``, ``in`` and
     ``os.getenv`` all go through ``__getitem__``; iterating means all of them)."""
@@ -287,7 +301,7 @@ class TaskSandbox:
         self._scratch_root = scratch_root
         self._roots = _library_roots()
         self._installed = _installed_top_level_names()
-        self._modules: Set[str] = set()
+        self._modules = _ModuleNames()
         self._environ: Dict[bytes, bytes] = {}
         self._cwd = ""
         self._path: List[str] = []
@@ -316,7 +330,7 @@ class TaskSandbox:
         os.environ.update(env)
         self._code_root = code_root
         self._check_kept(keep_modules)
-        self._modules = sys.modules.keys() | ()
+        self._modules = _ModuleNames()
         self._cwd = os.getcwd()
         self._path = list(sys.path)
         self._entities = len(FlyteEntities.entities)
@@ -328,11 +342,10 @@ class TaskSandbox:
     def snapshot_imports(self, load: Callable[[], Any]) -> Any:
         """Run ``load`` (the resolver importing the task's module) and keep the user modules it imported, if they
         can be put back exactly after the task (see the module docstring)."""
-        before = sys.modules.keys() | ()
+        before = _ModuleNames()
         with _EnvRecorder() as recorder:
             loaded = load()
-        fresh = {n: m for n in sys.modules.keys() - before
-                 if (m := sys.modules.get(n)) is not None and not self._is_library(m)}
+        fresh = {n: m for n in before.added() if (m := sys.modules.get(n)) is not None and not self._is_library(m)}
         if not fresh:
             return loaded
         env_read = None if recorder.keys is None else {k: os.environ.get(k) for k in recorder.keys}
@@ -353,7 +366,7 @@ class TaskSandbox:
     def exit(self) -> None:
         kept = self._restore_kept()
         dropped = False
-        for name in sys.modules.keys() - self._modules - kept:
+        for name in self._modules.added() - kept:
             module = sys.modules.get(name)
             if module is not None and not self._is_library(module):
                 del sys.modules[name]
