@@ -8,6 +8,8 @@ the environment's variables and its pod template's primary-container variables, 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import shutil
 import signal
@@ -20,6 +22,13 @@ from flytekitplugins.actor.spec import replica_variables
 
 from . import Launcher, OnExit, ReplicaLaunch
 
+log = logging.getLogger(__name__)
+
+#: The module a replica process runs.
+REPLICA_MODULE = "flytekitplugins.actor.worker.replica"
+#: Most zygotes one launcher keeps (one per distinct replica environment); replicas of further environments start
+#: as fresh processes.
+MAX_ZYGOTES = 4
 #: Seconds a replica gets to exit after SIGTERM before it is killed.
 STOP_GRACE_SECONDS = 5.0
 
@@ -31,13 +40,123 @@ class _Process:
         self.stop_reason: Optional[str] = None
 
 
+class _ZygoteChild:
+    """A replica forked by the zygote: the part of ``asyncio.subprocess.Process`` the launcher uses."""
+
+    def __init__(self, pid: int, exited: "asyncio.Future[int]"):
+        self.pid = pid
+        self._exited = exited
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+
+class _Zygote:
+    """The launcher's end of ``flytekitplugins.actor.worker.zygote``: one warm process that forks replicas."""
+
+    def __init__(self, proc: asyncio.subprocess.Process):
+        self.proc = proc
+        self._answers: Dict[str, asyncio.Future] = {}
+        self._exits: Dict[int, asyncio.Future] = {}
+        self._reader = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def start(cls, worker_module: str, env: Dict[str, str]) -> "_Zygote":
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "flytekitplugins.actor.worker.zygote", worker_module,
+            env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, start_new_session=True,
+        )
+        ready = json.loads(await proc.stdout.readline() or b"{}")
+        if "ready" not in ready:
+            raise RuntimeError(f"the replica zygote exited with code {await proc.wait()} before it was ready")
+        return cls(proc)
+
+    async def fork(self, replica_id: str, env: Dict[str, str], log_path: str) -> _ZygoteChild:
+        answer = self._answers[replica_id] = asyncio.get_running_loop().create_future()
+        self.proc.stdin.write((json.dumps({"id": replica_id, "env": env, "log": log_path}) + "\n").encode())
+        await self.proc.stdin.drain()
+        reply = await answer
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        exited = self._exits.setdefault(reply["pid"], asyncio.get_running_loop().create_future())
+        return _ZygoteChild(reply["pid"], exited)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None and not self._reader.done()
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                line = await self.proc.stdout.readline()
+                if not line:
+                    break
+                message = json.loads(line)
+                if "exit" in message:
+                    exited = self._exits.setdefault(message["pid"], asyncio.get_running_loop().create_future())
+                    if not exited.done():
+                        exited.set_result(message["exit"])
+                elif message.get("id") in self._answers:
+                    self._answers.pop(message["id"]).set_result(message)
+        finally:
+            # The zygote is gone: its replicas' exits will never be reported; they count as killed.
+            for future in list(self._answers.values()) + list(self._exits.values()):
+                if not future.done():
+                    if future in self._answers.values():
+                        future.set_result({"error": "the replica zygote exited"})
+                    else:
+                        future.set_result(-signal.SIGKILL)
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.stdin.close()  # the zygote kills its replicas' groups and exits
+            try:
+                await asyncio.wait_for(self.proc.wait(), STOP_GRACE_SECONDS)
+            except asyncio.TimeoutError:
+                _kill_group(self.proc.pid, signal.SIGKILL)
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
 class LocalProcessLauncher(Launcher):
-    def __init__(self, on_exit: OnExit, log_dir: Optional[str] = None, reconnect_seconds: float = 5.0):
+    """``zygote`` (default on): fork replicas from one warm process that imported flytekit once, instead of starting
+    each as a fresh interpreter (see ``flytekitplugins.actor.worker.zygote``); if the zygote cannot start, replicas
+    start as fresh processes."""
+
+    def __init__(self, on_exit: OnExit, log_dir: Optional[str] = None, reconnect_seconds: float = 5.0,
+                 zygote: bool = True):
         super().__init__(on_exit)
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="flyte-actor-replicas-")
         self.reconnect_seconds = reconnect_seconds
         self.processes: Dict[str, _Process] = {}
         self._watchers: Dict[str, asyncio.Task] = {}
+        self._use_zygote = zygote
+        #: Zygotes by environment; None where one could not start (its replicas start as fresh processes).
+        self._zygotes: Dict[frozenset, Optional[_Zygote]] = {}
+        self._zygote_lock = asyncio.Lock()
+
+    async def _warm_parent(self, env: Dict[str, str]) -> Optional[_Zygote]:
+        """The zygote for replicas with this environment (one per distinct environment, as variables such as
+        ``PYTHONPATH`` or flytekit's logging level act when the interpreter starts or flytekit is imported), or
+        None where there is none: then the replica starts as a fresh process."""
+        if not self._use_zygote:
+            return None
+        key = frozenset(env.items())
+        async with self._zygote_lock:
+            zygote = self._zygotes.get(key)
+            if zygote is not None and not zygote.alive:
+                zygote = None
+            if zygote is None and (key not in self._zygotes or self._zygotes[key] is not None):
+                if sum(1 for z in self._zygotes.values() if z is not None) >= MAX_ZYGOTES:
+                    return None
+                try:
+                    # The worker module is named on the command line, so that whoever swaps the replica module of
+                    # a launched command line (the benchmarks' probe) swaps it here too.
+                    zygote = await _Zygote.start(REPLICA_MODULE, env)
+                except (OSError, RuntimeError, ValueError) as e:
+                    log.warning("replica zygote unavailable (%s); starting replicas as fresh processes", e)
+                    zygote = None
+                self._zygotes[key] = zygote
+            return zygote
 
     async def launch(self, replica: ReplicaLaunch) -> None:
         env = dict(os.environ)
@@ -48,17 +167,26 @@ class LocalProcessLauncher(Launcher):
         env["FLYTE_ACTOR_SCRATCH_DIR"] = os.path.join(self.log_dir, replica.replica_id)
         env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p or os.getcwd()) for p in sys.path)
         log_path = os.path.join(self.log_dir, f"{replica.replica_id}.log")
-        with open(log_path, "wb") as log:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "flytekitplugins.actor.worker.replica",
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
+        zygote = await self._warm_parent(_zygote_env(env))
+        proc = None
+        if zygote is not None:
+            try:
+                proc = await zygote.fork(replica.replica_id, env, log_path)
+            except RuntimeError as e:
+                log.warning("replica zygote could not fork %s (%s); starting it as a fresh process",
+                            replica.replica_id, e)
+        if proc is None:
+            with open(log_path, "wb") as log_file:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    REPLICA_MODULE,
+                    env=env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
+                    start_new_session=True,
+                )
         self.processes[replica.replica_id] = _Process(proc, log_path)
         self._watchers[replica.replica_id] = asyncio.ensure_future(self._watch(replica.replica_id))
 
@@ -91,12 +219,19 @@ class LocalProcessLauncher(Launcher):
         watchers = list(self._watchers.values())
         if watchers:
             await asyncio.gather(*watchers, return_exceptions=True)
+        await asyncio.gather(*(z.close() for z in self._zygotes.values() if z is not None))
+        self._zygotes.clear()
         # Replica logs and scratch space go too; a replica that failed left its log's tail in the task's error.
         shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def pid(self, replica_id: str) -> Optional[int]:
         process = self.processes.get(replica_id)
         return process.proc.pid if process else None
+
+
+def _zygote_env(replica_env: Dict[str, str]) -> Dict[str, str]:
+    """The zygote's environment: a replica's, less what names one replica (each fork gets its own)."""
+    return {k: v for k, v in replica_env.items() if not k.startswith("FLYTE_ACTOR_")}
 
 
 def _kill_group(pid: int, sig: int) -> None:
