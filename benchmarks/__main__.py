@@ -9,6 +9,7 @@ progress goes to stderr, the table to stdout. See docs/performance.md.
   4  cold start: submit to an empty fleet -> first lease
   5  @actor_cache: map of 200 elements with a 1 s model load, 4 replicas, with and without the cache
   6  agent memory with 10,000 and 100,000 queued tasks, and GetTask latency meanwhile
+  7  the map of benchmark 1 on actors, on a Ray ActorPool and on Dask actors, side by side (needs the bench extra)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ BENCHMARKS = {
     "4": ("cold_start", "cold start"),
     "5": ("actor_cache", "@actor_cache"),
     "6": ("memory", "agent memory with queued tasks"),
+    "7": ("peers", "actor map vs Ray ActorPool and Dask actors"),
 }
 
 

@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from flyteidl.core import errors_pb2
 from flytekit import __version__ as _flytekit_version
@@ -60,7 +60,9 @@ def serve(conn: Connection, scratch_root: str) -> None:
         except (EOFError, OSError):
             return
         spec = lease_pb2.TaskSpec.FromString(spec_bytes)
-        conn.send((lease_id, run_task(spec, sandbox, scratch_root)))
+        # The result goes back before the sandbox resets the process: the reset still happens before the next
+        # task is read, but no longer delays this one's answer.
+        run_task(spec, sandbox, scratch_root, report=lambda result, lease_id=lease_id: conn.send((lease_id, result)))
 
 
 def _die_with_parent() -> None:
@@ -73,12 +75,19 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def run_task(spec: lease_pb2.TaskSpec, sandbox: TaskSandbox, scratch_root: str) -> Dict[str, Any]:
+def run_task(spec: lease_pb2.TaskSpec, sandbox: TaskSandbox, scratch_root: str,
+             report: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Run one task and return its result; with ``report``, also hand the result to it before the sandbox resets
+    the process."""
     started = time.monotonic()
     try:
         code_root = _code_root(spec, scratch_root)
     except BaseException as e:  # noqa: BLE001 - a bundle that cannot be fetched is the replica's problem
-        return _failure(f"Task {spec.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
+        result = _failure(f"Task {spec.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
+        result["run_seconds"] = time.monotonic() - started
+        if report is not None:
+            report(result)
+        return result
     env = dict(spec.env)
     fast = _fast_path_applies(spec, env)
     sandbox.enter(env, code_root, keep_modules=fast)
@@ -95,9 +104,12 @@ def run_task(spec: lease_pb2.TaskSpec, sandbox: TaskSandbox, scratch_root: str) 
         result = _failure(f"Task {spec.task_name} called sys.exit({e.code!r}); return or raise instead.", False)
     except BaseException as e:  # noqa: BLE001 - anything flytekit did not catch is a system error of this replica
         result = _failure(f"Task {spec.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
+    try:
+        result["run_seconds"] = time.monotonic() - started
+        if report is not None:
+            report(result)
     finally:
         sandbox.exit()
-    result["run_seconds"] = time.monotonic() - started
     return result
 
 
