@@ -26,6 +26,8 @@ from . import tasks
 from .common import Fleet, Results, check, log, median, now, runs_note, secs
 
 ELEMENTS, ACTORS = 2000, 25
+#: Times ray.init timed out and was started again (see _ray).
+RAY_RETRIES: List[int] = []
 
 
 def run(results: Results, quick: bool) -> None:
@@ -58,7 +60,10 @@ def run(results: Results, quick: bool) -> None:
         results.add(bench, f"  ratio {names_of[label]} / flyte actors (cold | warm; above 1: actors faster)",
                     f"{theirs['cold'][0] / ours['cold'][0]:.2f}x | "
                     f"{median(theirs['warm']) / median(ours['warm']):.2f}x", "same process, one after another")
-    results.data["7"] = {"elements": elements, "actors": actors, "timings": timings}
+    if RAY_RETRIES:
+        results.add(bench, "  ray.init timed out and was started again", f"{len(RAY_RETRIES)}x",
+                    "the machine was loaded; Ray's cold time is its last, successful start")
+    results.data["7"] = {"elements": elements, "actors": actors, "timings": timings, "ray_retries": len(RAY_RETRIES)}
 
 
 def _check_installed() -> None:
@@ -132,12 +137,25 @@ def _ray(names, expected, actors, warm_runs):
             state["pool"] = ActorPool([Hello.remote() for _ in range(actors)])
         return list(state["pool"].map(lambda actor, name: actor.hello.remote(name), names))
 
+    # ray.init gives its raylet 30 s to register, which a machine loaded by others can miss: then the cold run
+    # is taken again from the start (and the benchmark says so).
+    for attempt in range(3):
+        try:
+            cold = _timed(once, expected, "Ray's ActorPool")
+            break
+        except Exception as e:  # noqa: BLE001 - ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            log(f"[7] ray.init timed out ({e}); starting Ray again")
+            ray.shutdown()
+            state.clear()
+            RAY_RETRIES.append(1)
     try:
-        cold = _timed(once, expected, "Ray's ActorPool")
         warm = [_timed(once, expected, "Ray's ActorPool") for _ in range(warm_runs)]
         return cold, warm
     finally:
         ray.shutdown()
+
 
 
 # -------------------------------------------------------------------------------------------------------- Dask
