@@ -85,7 +85,10 @@ def _workload(tasks_count: int, out: str, throughput: bool) -> int:
     from .common import Fleet, check, log, now, use_probed_replicas
 
     use_probed_replicas()  # replicas run benchmarks._probe_replica, which profiles them (BENCH_PROFILE_DIR)
-    fleet = Fleet()
+    from flyte_actor_agent.launchers.local import LocalProcessLauncher
+
+    # Replicas as fresh processes: the profiler starts in _probe_replica's __main__, which a zygote's fork skips.
+    fleet = Fleet(lambda on_exit: LocalProcessLauncher(on_exit, zygote=False))
     try:
         template = fleet.template(tasks.noop4 if throughput else tasks.noop)
         replicas = 4 if throughput else 1
