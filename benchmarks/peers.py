@@ -41,22 +41,26 @@ def run(results: Results, quick: bool) -> None:
     timings: Dict[str, Dict[str, List[float]]] = {}
     contenders = (("actors", _actors, warm_runs), ("before", _actors_before, 1), ("ray", _ray, warm_runs),
                   ("dask", _dask, warm_runs))
-    for label, runner, runs in contenders:
-        log(f"[7] {label}: map of {elements} over {actors}, cold then {runs} warm")
-        cold, warm = runner(names, expected, actors, runs)
-        timings[label] = {"cold": [cold], "warm": warm}
-
     what = f"{elements:,} hello-world calls over {actors} actors"
     names_of = {"actors": "flyte actors (actor map)", "ray": "Ray ActorPool", "dask": "Dask actors",
                 "before": "  flyte actors without the fast path and the zygote (as before issue 13)"}
-    for label in ("actors", "ray", "dask", "before"):
-        t = timings[label]
-        results.add(bench, f"{names_of[label]}, {what}: cold | warm",
-                    f"{secs(t['cold'][0])} | {secs(median(t['warm']))}",
-                    f"1 cold run; warm: {runs_note(len(t['warm']))}")
+    for label, runner, runs in contenders:
+        log(f"[7] {label}: map of {elements} over {actors}, cold then {runs} warm")
+        try:
+            cold, warm = runner(names, expected, actors, runs)
+        except PeerDidNotStart as e:
+            # A peer that cannot start on this machine (Ray's raylet misses its 30 s to register under load) is
+            # reported as such; the others are still measured.
+            results.add(bench, f"{names_of[label]}, {what}: cold | warm", "did not start", str(e)[:160])
+            continue
+        timings[label] = {"cold": [cold], "warm": warm}
+        results.add(bench, f"{names_of[label]}, {what}: cold | warm", f"{secs(cold)} | {secs(median(warm))}",
+                    f"1 cold run; warm: {runs_note(len(warm))}")
     ours = timings["actors"]
     for label in ("ray", "dask"):
-        theirs = timings[label]
+        theirs = timings.get(label)
+        if theirs is None:
+            continue
         results.add(bench, f"  ratio {names_of[label]} / flyte actors (cold | warm; above 1: actors faster)",
                     f"{theirs['cold'][0] / ours['cold'][0]:.2f}x | "
                     f"{median(theirs['warm']) / median(ours['warm']):.2f}x", "same process, one after another")
@@ -64,6 +68,10 @@ def run(results: Results, quick: bool) -> None:
         results.add(bench, "  ray.init timed out and was started again", f"{len(RAY_RETRIES)}x",
                     "the machine was loaded; Ray's cold time is its last, successful start")
     results.data["7"] = {"elements": elements, "actors": actors, "timings": timings, "ray_retries": len(RAY_RETRIES)}
+
+
+class PeerDidNotStart(Exception):
+    pass
 
 
 def _check_installed() -> None:
@@ -144,8 +152,11 @@ def _ray(names, expected, actors, warm_runs):
             cold = _timed(once, expected, "Ray's ActorPool")
             break
         except Exception as e:  # noqa: BLE001 - ray raises a bare Exception for this
-            if "timed out during startup" not in str(e) or attempt == 2:
+            if "timed out during startup" not in str(e):
                 raise
+            if attempt == 2:
+                ray.shutdown()
+                raise PeerDidNotStart(f"ray.init timed out 3 times: {e}") from e
             log(f"[7] ray.init timed out ({e}); starting Ray again")
             ray.shutdown()
             state.clear()

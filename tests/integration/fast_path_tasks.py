@@ -74,3 +74,9 @@ def user_error(message: str) -> int:
 @actor.task
 def wrong_output() -> int:
     return "not an int"  # flytekit fails converting the output
+
+
+@actor.task
+def lineage() -> str:
+    """The replica's process group (its pid) and this executor's parent (the executors' fork server)."""
+    return f"{os.getpgid(0)} {os.getppid()}"
