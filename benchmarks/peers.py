@@ -182,6 +182,11 @@ def _dask(names, expected, actors, warm_runs):
 
     state = {}
 
+    import dask
+
+    # Dask's default 30 s to reach a worker is too short for a 2-core machine others load: give it 2 minutes.
+    dask.config.set({"distributed.comm.timeouts.connect": "120s", "distributed.comm.timeouts.tcp": "120s"})
+
     def once() -> List[str]:
         if "actors" not in state:
             state["cluster"] = LocalCluster(n_workers=os.cpu_count(), threads_per_worker=1, processes=True,
