@@ -1,9 +1,12 @@
 """The executor: a long-lived child process of a replica that runs leased tasks one at a time.
 
-It runs each task through flytekit's own ``pyflyte-execute`` path (``setup_execution`` and
-``_dispatch_execute``), so outputs.pb / error.pb and user-versus-system errors are exactly as in a regular pod,
-and reads the result back from flytekit's engine directory to report it. Between tasks a :class:`TaskSandbox`
-puts the process back as it was. A task that kills the process (signal, ``os._exit``, out of memory) takes only
+It runs each task through flytekit's own ``_dispatch_execute``, so outputs.pb / error.pb and user-versus-system
+errors are exactly as in a regular pod, and reads the result back from flytekit's engine directory to report it.
+Two paths lead there: the full path is ``pyflyte-execute``'s (``setup_execution``, files, the task's module imported
+afresh); the fast path, taken for inline inputs, skips what such a task does not need (fresh directories, copying
+the inputs, uploading what goes back in-band, re-reading configuration, re-importing unchanged modules), see
+:func:`_run_fast`. ``tests/integration/test_fast_path.py`` holds the two to the same bytes. Between tasks a
+:class:`TaskSandbox` puts the process back as it was. A task that kills the process (signal, ``os._exit``, out of memory) takes only
 the executor with it: the replica reports the task lost and starts a fresh executor.
 
 The replica sends ``(lease_id, TaskSpec bytes)`` over a pipe and gets ``(lease_id, result dict)`` back.
