@@ -377,13 +377,9 @@ class TaskSandbox:
             del LaunchPlan.CACHE[name]
         _restore_environ(self._environ)
         try:
-            if os.getcwd() != self._cwd:
-                os.chdir(self._cwd)
+            os.chdir(self._cwd)
         except OSError:
-            try:
-                os.chdir(self._cwd)
-            except OSError:
-                pass
+            pass
         sys.path[:] = self._path
         tempfile.tempdir = None
         _empty(self.tmpdir)
