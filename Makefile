@@ -18,6 +18,7 @@ test: install
 	bash scripts/run-tests.sh
 
 bench: install
+	$(PY) -m pip install -q -e ".[dev,bench]"
 	$(PY) -m benchmarks
 
 proto: install

@@ -34,6 +34,12 @@ setup(
             "pytest-timeout>=2.3,<3",
             "kubernetes-validate>=1.28,<2",
         ],
+        # Benchmark-only: the peers `make bench` times beside actors (benchmarks/peers.py). Never runtime deps.
+        "bench": [
+            "ray>=2.50,<3",
+            "dask>=2025.1",
+            "distributed>=2025.1",
+        ],
     },
     entry_points={
         "flytekit.plugins": ["actor=flytekitplugins.actor"],

@@ -10,6 +10,7 @@ progress goes to stderr, the table to stdout. See docs/performance.md.
   5  @actor_cache: map of 200 elements with a 1 s model load, 4 replicas, with and without the cache
   6  agent memory with 10,000 and 100,000 queued tasks, and GetTask latency meanwhile
   7  actor map of 100,000 tiny elements through the agent server: CreateTask latency, wall time, agent RSS
+  8  the map of benchmark 1 on actors, on a Ray ActorPool and on Dask actors, side by side (needs the bench extra)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ BENCHMARKS = {
     "5": ("actor_cache", "@actor_cache"),
     "6": ("memory", "agent memory with queued tasks"),
     "7": ("large_map", "actor map of 100,000 elements through the agent server"),
+    "8": ("peers", "actor map vs Ray ActorPool and Dask actors"),
 }
 
 

@@ -1,7 +1,7 @@
 """The floor of benchmark 2, run in a process of its own: flytekit's own entrypoint function
 ``flytekit.bin.entrypoint._execute_task`` (what ``pyflyte-execute`` calls) on local files, for the same no-op
 task, called ``--n`` times in a row in a warm process. Also times what a replica adds on top of it between two tasks:
-re-importing the task's module (the sandbox drops user modules after every task).
+re-importing the task's module (the sandbox's full path drops user modules after every task).
 
 Prints a JSON object: ``execute`` and ``reimport``, lists of seconds."""
 

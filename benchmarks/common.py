@@ -172,8 +172,8 @@ def tree_memory(pid: Optional[int] = None) -> Dict[str, float]:
 
 def cpu_seconds(agent_thread_id: int) -> Dict[str, float]:
     """CPU seconds (user + system) used so far, by role: this process's main thread (the connector's caller), the
-    agent loop thread, this process's other threads (gRPC's), and the local fleet's processes: replica workers,
-    executors, and their fork servers and resource trackers. Processes that exited are not counted."""
+    agent loop thread, this process's other threads (gRPC's), and the local fleet's processes: zygotes, replica
+    workers, executors, and their fork servers and resource trackers. Processes that exited are not counted."""
     tick = os.sysconf("SC_CLK_TCK")
 
     def stat(path: str):
@@ -201,8 +201,20 @@ def cpu_seconds(agent_thread_id: int) -> Dict[str, float]:
             except OSError:
                 continue
             processes[int(entry)] = (ppid, seconds, cmdline)
+    def zygote(pid: int) -> bool:
+        return "actor.worker.zygote" in processes.get(pid, (0, 0.0, ""))[2]
+
     for pid, (ppid, seconds, cmdline) in processes.items():
-        if "actor.worker.replica" in cmdline or "benchmarks._probe_replica" in cmdline:
+        # A zygote's descendants share its command line (they are forks): tell them apart by generation.
+        if zygote(pid) and not zygote(ppid):
+            role = "zygotes"
+        elif zygote(pid) and not zygote(processes[ppid][0]):
+            role = "replica workers"
+        elif zygote(pid) and not zygote(processes[processes[ppid][0]][0]):
+            role = "fork servers, resource trackers"
+        elif zygote(pid):
+            role = "executors"
+        elif "actor.worker.replica" in cmdline or "benchmarks._probe_replica" in cmdline:
             role = "replica workers"
         elif "multiprocessing.forkserver" in cmdline:
             parent = processes.get(ppid, (0, 0.0, ""))[2]

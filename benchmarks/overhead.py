@@ -100,8 +100,8 @@ def run(results: Results, quick: bool) -> None:
                 f"{ms(rtt_p50)} (p99 {ms(stat(rtts, p99))})", f"p50; {note}")
     results.add(bench, "overhead above the floor (p50): actor task - (_execute_task + 1 gRPC round trip)",
                 f"{ms(total_p50 - floor)} ({total_p50 / floor:.1f}x the floor of {ms(floor)})", "")
-    results.add(bench, "  re-import of the task's module per task (replica sandbox), benchmarks/tasks.py",
-                ms(stat(reimports, p50)), "p50, inside flytekit execution above")
+    results.add(bench, "  re-import of the task's module, benchmarks/tasks.py (full path only; the fast path keeps it)",
+                ms(stat(reimports, p50)), "p50, in process")
     used = sum(cpu.values())
     results.add(bench, "  CPU per task, all processes (last run)", ms(used / n), "")
     for role, seconds in sorted(cpu.items(), key=lambda kv: -kv[1]):

@@ -1,7 +1,8 @@
 """Tasks the benchmarks run. Each actor environment has the replica count its benchmark needs.
 
-Keep this module small: a replica re-imports the task's module before every task (see worker/sandbox.py), so its
-size is part of the per-task cost measured here, as a user's module would be.
+Keep this module small: on the executor's full path a replica re-imports the task's module before every task (see
+worker/sandbox.py), so its size is part of that path's per-task cost, as a user's module would be; the fast path
+keeps it imported and resets it in place.
 """
 
 import os

@@ -125,7 +125,7 @@ class ActorConnector(AsyncConnectorBase):
         timeout = task_template.metadata.timeout.total_seconds() if task_template.metadata.timeout else 0.0
         name = task_template.id.name or "task"
 
-        def task_run(task_inputs: bytes, prefix: str) -> bytes:
+        def task_run(task_inputs: bytes, prefix: str, element: bool = False) -> bytes:
             # Serialized: a queued task then costs a third of the memory of a live message.
             return lease_pb2.TaskRun(
                 task_name=name,
@@ -141,6 +141,7 @@ class ActorConnector(AsyncConnectorBase):
                 dest_dir=command.dest_dir or "",
                 env=env,
                 timeout_seconds=timeout,
+                outputs_to_prefix=element,
             ).SerializeToString()
 
         if custom.map is None:
@@ -187,7 +188,7 @@ class ActorConnector(AsyncConnectorBase):
             return core.TaskRequest(
                 key=f"{key}/{index}",
                 fleet=fleet,
-                payload=task_run(elements.inputs(index), f"{prefix}/{index}"),
+                payload=task_run(elements.inputs(index), f"{prefix}/{index}", element=True),
                 timeout_seconds=timeout,
                 name=f"{name}[{index}]",
             )

@@ -109,7 +109,7 @@ class Assignment(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., task: _Optional[_Union[TaskRun, _Mapping]] = ...) -> None: ...
 
 class TaskRun(_message.Message):
-    __slots__ = ("task_name", "resolver", "resolver_args", "inputs", "inputs_uri", "output_prefix", "raw_output_data_prefix", "checkpoint_path", "prev_checkpoint", "distribution", "dest_dir", "env", "timeout_seconds")
+    __slots__ = ("task_name", "resolver", "resolver_args", "inputs", "inputs_uri", "output_prefix", "raw_output_data_prefix", "checkpoint_path", "prev_checkpoint", "distribution", "dest_dir", "env", "timeout_seconds", "outputs_to_prefix")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class TaskRun(_message.Message):
     DEST_DIR_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_TO_PREFIX_FIELD_NUMBER: _ClassVar[int]
     task_name: str
     resolver: str
     resolver_args: _containers.RepeatedScalarFieldContainer[str]
@@ -143,7 +144,8 @@ class TaskRun(_message.Message):
     dest_dir: str
     env: _containers.ScalarMap[str, str]
     timeout_seconds: float
-    def __init__(self, task_name: _Optional[str] = ..., resolver: _Optional[str] = ..., resolver_args: _Optional[_Iterable[str]] = ..., inputs: _Optional[bytes] = ..., inputs_uri: _Optional[str] = ..., output_prefix: _Optional[str] = ..., raw_output_data_prefix: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., prev_checkpoint: _Optional[str] = ..., distribution: _Optional[str] = ..., dest_dir: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+    outputs_to_prefix: bool
+    def __init__(self, task_name: _Optional[str] = ..., resolver: _Optional[str] = ..., resolver_args: _Optional[_Iterable[str]] = ..., inputs: _Optional[bytes] = ..., inputs_uri: _Optional[str] = ..., output_prefix: _Optional[str] = ..., raw_output_data_prefix: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., prev_checkpoint: _Optional[str] = ..., distribution: _Optional[str] = ..., dest_dir: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., outputs_to_prefix: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("lease_id",)

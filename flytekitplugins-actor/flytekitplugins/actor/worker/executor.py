@@ -1,9 +1,12 @@
 """The executor: a long-lived child process of a replica that runs leased tasks one at a time.
 
-It runs each task through flytekit's own ``pyflyte-execute`` path (``setup_execution`` and
-``_dispatch_execute``), so outputs.pb / error.pb and user-versus-system errors are exactly as in a regular pod,
-and reads the result back from flytekit's engine directory to report it. Between tasks a :class:`TaskSandbox`
-puts the process back as it was. A task that kills the process (signal, ``os._exit``, out of memory) takes only
+It runs each task through flytekit's own ``_dispatch_execute``, so outputs.pb / error.pb and user-versus-system
+errors are exactly as in a regular pod, and reads the result back from flytekit's engine directory to report it.
+Two paths lead there: the full path is ``pyflyte-execute``'s (``setup_execution``, files, the task's module imported
+afresh); the fast path, taken for inline inputs, skips what such a task does not need (fresh directories, copying
+the inputs, uploading what goes back in-band, re-reading configuration, re-importing unchanged modules), see
+:func:`_run_fast`. ``tests/integration/test_fast_path.py`` holds the two to the same bytes. Between tasks a
+:class:`TaskSandbox` puts the process back as it was. A task that kills the process (signal, ``os._exit``, out of memory) takes only
 the executor with it: the replica reports the task lost and starts a fresh executor.
 
 The replica sends ``(lease_id, TaskRun bytes)`` over a pipe and gets ``(lease_id, result dict)`` back.
@@ -11,6 +14,8 @@ The replica sends ``(lease_id, TaskRun bytes)`` over a pipe and gets ``(lease_id
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import fcntl
 import hashlib
 import os
@@ -18,11 +23,21 @@ import sys
 import time
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from flyteidl.core import errors_pb2, execution_pb2
+from flytekit import __version__ as _flytekit_version
 from flytekit.bin.entrypoint import _dispatch_execute, setup_execution
-from flytekit.core.context_manager import FlyteContextManager
+from flytekit.configuration import (
+    SERIALIZED_CONTEXT_ENV_VAR, DataConfig, FastSerializationSettings, ImageConfig, SerializationSettings, StatsConfig,
+)
+from flytekit.core.checkpointer import SyncCheckpoint
+from flytekit.core.constants import RUNTIME_PACKAGES_ENV_NAME
+from flytekit.core.context_manager import ExecutionParameters, ExecutionState, FlyteContextManager, OutputMetadataTracker
+from flytekit.core.data_persistence import FileAccessProvider
+from flytekit.interfaces.stats.taggable import get_stats as _get_stats
+from flytekit.loggers import user_space_logger
+from flytekit.models.core import identifier as _identifier
 from flytekit.tools.fast_registration import download_distribution
 from flytekit.tools.module_loader import load_object_from_module
 
@@ -33,6 +48,8 @@ from ..protocol import INLINE_OUTPUT_BYTES, lease_pb2
 from .sandbox import TaskSandbox
 
 SUCCEEDED, FAILED = "succeeded", "failed"
+#: Set to "0" in a replica's environment to run every task on the full path.
+FAST_PATH_VARIABLE = "FLYTE_ACTOR_FAST_PATH"
 
 
 def serve(conn: Connection, scratch_root: str) -> None:
@@ -46,7 +63,9 @@ def serve(conn: Connection, scratch_root: str) -> None:
         except (EOFError, OSError):
             return
         task_run = lease_pb2.TaskRun.FromString(run_bytes)
-        conn.send((lease_id, run_task(task_run, sandbox, scratch_root)))
+        # The result goes back before the sandbox resets the process: the reset still happens before the next
+        # task is read, but no longer delays this one's answer.
+        run_task(task_run, sandbox, scratch_root, report=lambda result, lease_id=lease_id: conn.send((lease_id, result)))
 
 
 def _die_with_parent() -> None:
@@ -59,11 +78,31 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def run_task(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, scratch_root: str) -> Dict[str, Any]:
+def run_task(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, scratch_root: str,
+             report: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Run one task and return its result; with ``report``, also hand the result to it before the sandbox resets
+    the process."""
     started = time.monotonic()
-    sandbox.enter(dict(task_run.env))
     try:
-        result = _run(task_run, sandbox.tmpdir, scratch_root)
+        code_root = _code_root(task_run, scratch_root)
+    except BaseException as e:  # noqa: BLE001 - a bundle that cannot be fetched is the replica's problem
+        result = _failure(f"Task {task_run.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
+        result["run_seconds"] = time.monotonic() - started
+        if report is not None:
+            report(result)
+        return result
+    env = dict(task_run.env)
+    fast = _fast_path_applies(task_run, env)
+    sandbox.enter(env, code_root, keep_modules=fast)
+    try:
+        if code_root not in sys.path:
+            sys.path.insert(0, code_root)
+        if task_run.distribution:
+            os.chdir(code_root)
+        if fast:
+            result = _run_fast(task_run, sandbox)
+        else:
+            result = _run(task_run, sandbox)
     except SystemExit as e:
         result = _failure(f"Task {task_run.task_name} called sys.exit({e.code!r}); return or raise instead.", False)
     except ImportError as e:  # the resolver (or a storage plugin) is not in the image: no replica of it can run this
@@ -71,37 +110,214 @@ def run_task(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, scratch_root: st
                           "missing package into the image, or fix the task's resolver", False)
     except BaseException as e:  # noqa: BLE001 - anything flytekit did not catch is a system error of this replica
         result = _failure(f"Task {task_run.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
+    try:
+        result["run_seconds"] = time.monotonic() - started
+        if report is not None:
+            report(result)
     finally:
         sandbox.exit()
-    result["run_seconds"] = time.monotonic() - started
     return result
 
 
-def _run(task_run: lease_pb2.TaskRun, tmpdir: str, scratch_root: str) -> Dict[str, Any]:
+def _code_root(task_run: lease_pb2.TaskRun, scratch_root: str) -> str:
+    if task_run.distribution:
+        return ensure_bundle(task_run.distribution, os.path.join(scratch_root, "bundles"))
+    return task_run.dest_dir or os.getcwd()
+
+
+def _fast_path_applies(task_run: lease_pb2.TaskRun, env: Dict[str, str]) -> bool:
+    """The fast path needs inline inputs (nothing to download) and no packages installed at run time (which
+    ``setup_execution`` does with pip); ``FLYTE_ACTOR_FAST_PATH=0`` (the replica's or the task's) turns it off."""
+    def variable(name: str) -> str:
+        return env.get(name, os.environ.get(name, ""))
+
+    if variable(FAST_PATH_VARIABLE) == "0" or variable(RUNTIME_PACKAGES_ENV_NAME):
+        return False
+    return bool(task_run.inputs) or not task_run.inputs_uri
+
+
+def _run(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox) -> Dict[str, Any]:
+    """The full path: exactly what ``pyflyte-execute`` does, on files."""
     inputs_path = task_run.inputs_uri
     if task_run.inputs or not task_run.inputs_uri:  # inline (an empty map serializes to no bytes)
-        inputs_path = os.path.join(tmpdir, "inputs.pb")
+        inputs_path = os.path.join(sandbox.tmpdir, "inputs.pb")
         with open(inputs_path, "wb") as f:
             f.write(task_run.inputs)
-    code_dir = None
-    if task_run.distribution:
-        code_dir = ensure_bundle(task_run.distribution, os.path.join(scratch_root, "bundles"))
-        os.chdir(code_dir)
-    code_root = code_dir or task_run.dest_dir or os.getcwd()
-    if code_root not in sys.path:
-        sys.path.insert(0, code_root)
     with setup_execution(
         raw_output_data_prefix=task_run.raw_output_data_prefix or None,
         output_metadata_prefix=task_run.output_prefix,
         checkpoint_path=task_run.checkpoint_path or None,
         prev_checkpoint=task_run.prev_checkpoint or None,
         dynamic_addl_distro=task_run.distribution or None,
-        dynamic_dest_dir=code_dir,
+        dynamic_dest_dir=os.getcwd() if task_run.distribution else None,
     ) as ctx:
         resolver = load_object_from_module(task_run.resolver)
         args = list(task_run.resolver_args)
         _dispatch_execute(ctx, lambda: resolver.load_task(loader_args=args), inputs_path, task_run.output_prefix)
         return _result_from(ctx.execution_state.engine_dir, task_run.task_name)
+
+
+def _run_fast(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox) -> Dict[str, Any]:
+    """The fast path: flytekit's own ``_dispatch_execute`` (so outputs, errors, offloading, decks and checkpoints are
+    flytekit's), in a context made like ``setup_execution`` makes it but in directories that stay between tasks,
+    with the inputs handed over in place and the outputs and errors returned in-band instead of uploaded: propeller
+    writes ``outputs.pb`` from the agent's answer itself. Files beside them (offloaded literals, a dynamic task's
+    futures) are uploaded as usual. The task's modules are kept between tasks when the sandbox can reset them."""
+    with _task_context(task_run, sandbox.workdir) as ctx:
+        inputs_path = os.path.join(ctx.execution_state.working_dir, "inputs.pb")
+        with open(inputs_path, "wb") as f:
+            f.write(task_run.inputs)
+        resolver = sandbox.snapshot_imports(lambda: load_object_from_module(task_run.resolver))
+        args = list(task_run.resolver_args)
+
+        def load_task():
+            return sandbox.snapshot_imports(lambda: resolver.load_task(loader_args=args))
+
+        _dispatch_execute(ctx, load_task, inputs_path, task_run.output_prefix)
+        return _result_from(ctx.execution_state.engine_dir, task_run.task_name)
+
+
+class _InPlaceFileAccess(FileAccessProvider):
+    """flytekit's file access for one fast-path task: as flytekit's, except that the inputs are already where
+    ``_dispatch_execute`` copies them to, and that the engine directory's ``outputs.pb`` and ``error*.pb`` are not
+    uploaded (the executor returns them to the agent)."""
+
+    def __init__(self, *args, engine_dir: str, outputs_to_prefix: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._engine_dir = engine_dir
+        self._outputs_to_prefix = outputs_to_prefix
+
+    def get_data(self, remote_path: str, local_path: str, is_multipart: bool = False, **kwargs):
+        if remote_path == local_path:
+            return local_path
+        return super().get_data(remote_path, local_path, is_multipart, **kwargs)
+
+    def put_data(self, local_path, remote_path: str, is_multipart: bool = False, **kwargs):
+        if is_multipart and os.fspath(local_path) == self._engine_dir:
+            rest = [n for n in os.listdir(self._engine_dir)
+                    if not _returned_in_band(os.path.join(self._engine_dir, n), self._outputs_to_prefix)]
+            if not rest:
+                return remote_path
+            for name in rest:
+                super().put_data(os.path.join(self._engine_dir, name), self.join(remote_path, name))
+            return remote_path
+        return super().put_data(local_path, remote_path, is_multipart, **kwargs)
+
+
+def _returned_in_band(path: str, outputs_to_prefix: bool) -> bool:
+    """Whether the agent gets this engine-directory file in the executor's reply instead of from the output prefix:
+    errors always; outputs when small enough to send inline, unless the task must leave them in the prefix (an
+    actor map's element: a retried map or a restarted agent finds finished elements there)."""
+    name = os.path.basename(path)
+    if name == "outputs.pb":
+        return not outputs_to_prefix and os.path.getsize(path) <= INLINE_OUTPUT_BYTES
+    return name.startswith("error") and name.endswith(".pb")
+
+
+@contextlib.contextmanager
+def _task_context(task_run: lease_pb2.TaskRun, workdir: str):
+    """``flytekit.bin.entrypoint.setup_execution`` (flytekit 1.16), for the fast path: the same execution parameters,
+    file access, execution state and serialization settings, read from the same environment variables, but with
+    the user workspace and flytekit's local sandbox in fixed directories (which the sandbox empties after the task)
+    instead of fresh random ones (creating and removing directories costs milliseconds on some file systems, and
+    ``setup_execution`` never removes the workspace it makes)."""
+    exe_project = _one_of("FLYTE_INTERNAL_EXECUTION_PROJECT", "_F_PRJ")
+    exe_domain = _one_of("FLYTE_INTERNAL_EXECUTION_DOMAIN", "_F_DM")
+    exe_name = _one_of("FLYTE_INTERNAL_EXECUTION_ID", "_F_NM")
+    exe_wf = _one_of("FLYTE_INTERNAL_EXECUTION_WORKFLOW", "_F_WF")
+    exe_lp = _one_of("FLYTE_INTERNAL_EXECUTION_LAUNCHPLAN", "_F_LP")
+    tk_project = _one_of("FLYTE_INTERNAL_TASK_PROJECT", "_F_TK_PRJ")
+    tk_domain = _one_of("FLYTE_INTERNAL_TASK_DOMAIN", "_F_TK_DM")
+    tk_name = _one_of("FLYTE_INTERNAL_TASK_NAME", "_F_TK_NM")
+    tk_version = _one_of("FLYTE_INTERNAL_TASK_VERSION", "_F_TK_V")
+    raw_output_prefix = task_run.raw_output_data_prefix or None
+
+    workspace = os.path.join(workdir, "workspace")
+    local_sandbox = os.path.join(workdir, "sandbox")
+    engine_dir = os.path.join(local_sandbox, "local_flytekit", "engine_dir")
+    if not os.path.isdir(engine_dir):
+        os.makedirs(workspace, exist_ok=True)
+        os.makedirs(engine_dir, exist_ok=True)
+
+    data_config, image_config, stats_config = _configs()
+    checkpointer = None
+    if task_run.checkpoint_path:
+        checkpointer = SyncCheckpoint(checkpoint_dest=task_run.checkpoint_path,
+                                      checkpoint_src=task_run.prev_checkpoint or None)
+    execution_parameters = ExecutionParameters(
+        execution_id=_identifier.WorkflowExecutionIdentifier(project=exe_project, domain=exe_domain, name=exe_name),
+        execution_date=datetime.datetime.now(datetime.timezone.utc),
+        stats=_get_stats(
+            cfg=stats_config,
+            prefix=f"{tk_project}.{tk_domain}.{tk_name}.user_stats",
+            tags={"exec_project": exe_project, "exec_domain": exe_domain, "exec_workflow": exe_wf,
+                  "exec_launchplan": exe_lp, "api_version": _flytekit_version},
+        ),
+        logging=user_space_logger,
+        tmp_dir=workspace,
+        raw_output_prefix=raw_output_prefix,
+        output_metadata_prefix=task_run.output_prefix,
+        checkpoint=checkpointer,
+        task_id=_identifier.Identifier(_identifier.ResourceType.TASK, tk_project, tk_domain, tk_name, tk_version),
+    )
+    metadata = {
+        "flyte-execution-project": exe_project,
+        "flyte-execution-domain": exe_domain,
+        "flyte-execution-launchplan": exe_lp,
+        "flyte-execution-workflow": exe_wf,
+        "flyte-execution-name": exe_name,
+    }
+    file_access = _InPlaceFileAccess(local_sandbox_dir=local_sandbox, raw_output_prefix=raw_output_prefix,
+                                     data_config=data_config, execution_metadata=metadata, engine_dir=engine_dir,
+                                     outputs_to_prefix=task_run.outputs_to_prefix)
+    ctx = FlyteContextManager.current_context().new_builder().with_file_access(file_access).build()
+    es = ctx.new_execution_state().with_params(mode=ExecutionState.Mode.TASK_EXECUTION,
+                                               user_space_params=execution_parameters)
+    cb = ctx.new_builder().with_execution_state(es).with_output_metadata_tracker(OutputMetadataTracker())
+    compressed = os.environ.get(SERIALIZED_CONTEXT_ENV_VAR, "")
+    if compressed:
+        ssb = SerializationSettings.from_transport(compressed).new_builder()
+    else:
+        ssb = SerializationSettings(image_config).new_builder()
+    ssb.project = ssb.project or exe_project
+    ssb.domain = ssb.domain or exe_domain
+    ssb.version = tk_version
+    if task_run.distribution:
+        ssb.fast_serialization_settings = FastSerializationSettings(
+            enabled=True, destination_dir=os.getcwd(), distribution_location=task_run.distribution)
+    cb = cb.with_serialization_settings(ssb.build())
+    # FlyteContextManager.with_context, without the stack walk it makes to label the context (about a millisecond).
+    ctx = FlyteContextManager.push_context(cb.build(), _ORIGIN)
+    depth = FlyteContextManager.size()
+    try:
+        yield ctx
+    finally:
+        while FlyteContextManager.size() >= depth:
+            FlyteContextManager.pop_context()
+
+
+#: The label of the fast path's context in flytekit's context stack (flytekit's debug logs print it).
+_ORIGIN = traceback.FrameSummary(__file__, 0, "_task_context")
+_config_cache: Dict[frozenset, Tuple[Any, Any, Any]] = {}
+
+
+def _configs() -> Tuple[DataConfig, ImageConfig, StatsConfig]:
+    """flytekit's data, image and stats configuration as ``setup_execution`` reads it (``X.auto()``: environment
+    variables and the config file they name), read once per distinct environment rather than for every task."""
+    key = frozenset(os.environ.items())
+    found = _config_cache.get(key)
+    if found is None:
+        if len(_config_cache) >= 16:
+            _config_cache.clear()
+        found = _config_cache[key] = (DataConfig.auto(), ImageConfig.auto(), StatsConfig.auto())
+    return found
+
+
+def _one_of(*names: str) -> str:
+    for name in names:
+        if name in os.environ:
+            return os.environ[name]
+    return ""
 
 
 def _result_from(engine_dir: str, task_name: str) -> Dict[str, Any]:
@@ -122,8 +338,8 @@ def _result_from(engine_dir: str, task_name: str) -> Dict[str, Any]:
 
 
 def _outputs(path: str) -> Dict[str, Any]:
-    """Small outputs are sent inline; large ones only by size (``_dispatch_execute`` uploaded outputs.pb to the
-    output prefix already), so a big result never rides the lease stream."""
+    """Small outputs are sent inline; large ones only by size (outputs.pb is in the output prefix: flytekit
+    uploaded it, on the fast path too, see ``_returned_in_band``), so a big result never rides the lease stream."""
     size = os.path.getsize(path)
     if size > INLINE_OUTPUT_BYTES:
         return {"outputs_in_prefix": True, "outputs_size": size}

@@ -157,6 +157,8 @@ class ReplicaWorker:
         mp = multiprocessing.get_context("forkserver")
         # Executors fork from a server that has flytekit imported already, so a replacement starts in milliseconds.
         mp.set_forkserver_preload(["flytekitplugins.actor.worker.executor"])
+        if EXECUTOR_MODULE in sys.modules:
+            start_forkserver()  # forked from a warm parent (the local launcher's zygote): fork the server too
         self.slots = [Slot(i, mp, config.scratch_dir) for i in range(config.parallelism)]
         self.unacked: Dict[str, lease_pb2.TaskStatus] = {}
         self.outbox: Optional[asyncio.Queue] = None
@@ -404,6 +406,53 @@ def _status_of(lease_id: str, result: dict) -> lease_pb2.TaskStatus:
         outputs_size=result.get("outputs_size", 0),
         system_error=result.get("system_error", False),
     )
+
+
+EXECUTOR_MODULE = "flytekitplugins.actor.worker.executor"
+
+
+def start_forkserver() -> bool:
+    """Start multiprocessing's fork server for this process by forking it from this process, which already has
+    flytekit imported, instead of by running a fresh interpreter that imports it again (about a second of CPU).
+    Call it before any thread or gRPC channel exists. The server then works as usual (preload modules are imported
+    in it, most already are). Returns False, starting nothing, where multiprocessing's internals are not the ones
+    this was written against (Python 3.11 and 3.12); the usual start then happens on first use."""
+    from multiprocessing import connection, forkserver, resource_tracker, util
+
+    server = getattr(forkserver, "_forkserver", None)
+    needed = ("_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid", "_preload_modules", "_lock")
+    if sys.version_info >= (3, 13) or server is None or not all(hasattr(server, a) for a in needed):
+        return False
+    import socket
+
+    with server._lock:
+        if server._forkserver_pid is not None:
+            return True
+        resource_tracker.ensure_running()
+        with socket.socket(socket.AF_UNIX) as listener:
+            address = connection.arbitrary_address("AF_UNIX")
+            listener.bind(address)
+            if not util.is_abstract_socket_namespace(address):
+                os.chmod(address, 0o600)
+            listener.listen()
+            alive_r, alive_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    os.close(alive_w)
+                    forkserver.main(listener.fileno(), alive_r, list(server._preload_modules))
+                except SystemExit as e:
+                    code = e.code if isinstance(e.code, int) else 0
+                except BaseException:  # noqa: BLE001
+                    code = 1
+                finally:
+                    os._exit(code)
+            os.close(alive_r)
+        server._forkserver_address = address
+        server._forkserver_alive_fd = alive_w
+        server._forkserver_pid = pid
+    return True
 
 
 def _worker_version() -> str:

@@ -1,31 +1,69 @@
 """What a replica resets between two tasks, so that one task's state does not leak into the next.
 
 Reset after every task:
-  * user modules imported by the task: every module that was not loaded before the task and does not come from
-    the standard library or an installed package (site-packages) is dropped from ``sys.modules``, so the next
-    task imports it afresh: its globals, ``functools.lru_cache`` and class attributes start clean;
+  * user modules (not from the standard library or an installed package, editable installs included): either put
+    back as they were right after their import (*kept*, see below), or dropped from ``sys.modules`` so that the
+    next task imports them afresh. Either way their globals, ``functools.lru_cache`` caches, class attributes and
+    mutable default arguments start clean;
   * flytekit's registries of tasks, workflows and launch plans, which those modules added to;
   * ``os.environ``, the working directory and ``sys.path``;
-  * the task's temporary directory (``tempfile`` and ``TMPDIR`` point into it while the task runs), which also
-    holds flytekit's sandbox of downloaded inputs.
+  * the task's temporary directory (``tempfile`` and ``TMPDIR`` point into it while the task runs) and flytekit's
+    working directory (downloaded inputs, the engine directory): emptied, not removed, so that a task that wrote
+    nothing costs no file system work.
 
-Kept: ``@actor_cache`` entries, installed packages a task imported (they stay imported, with their module state;
-packages installed in editable mode count as installed),
+Kept modules. Right after a task's module is imported (before the task runs), the executor asks the sandbox to
+snapshot the user modules that import loaded (:meth:`TaskSandbox.snapshot_imports`). A module is kept only when the
+sandbox can put every one of its globals back exactly: immutable values, functions (their defaults and closures
+checked too), classes (their attributes snapshotted), ``lru_cache`` wrappers (cleared), builtin lists, dicts and
+sets of such values (restored in place), and objects of flytekit, the plugin and a few immutable standard types.
+Anything else (an instance of a user class, a DataFrame, a lock) and the whole group of modules is dropped and
+re-imported, as before. A kept group is also dropped when one of its source files changes (size, mtime, inode), the
+task's code root changes, or an environment variable its import read has another value in the next task.
+
+Kept: ``@actor_cache`` entries, installed packages a task imported (they stay imported, with their module state),
 files a task wrote outside its temporary directory, threads a task started and left running.
+
+To reset more between tasks, add a check to :meth:`TaskSandbox.enter` (take the state) and :meth:`TaskSandbox.exit`
+(put it back): both run on the fast path and the full path alike.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
+import logging
 import os
 import shutil
 import sys
 import sysconfig
 import tempfile
-from types import ModuleType
-from typing import Dict, List, Set
+import types
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from flytekit.core.context_manager import FlyteEntities
 from flytekit.core.launch_plan import LaunchPlan
+
+log = logging.getLogger("flyte-actor-executor")
+
+#: Values that cannot change in place.
+_ATOMS = (type(None), bool, int, float, complex, str, bytes, range, type(Ellipsis), type(NotImplemented))
+#: Objects of these packages' classes are library state, kept like the packages themselves; the standard ones
+#: listed are immutable.
+_LIBRARY_OBJECTS = frozenset({
+    "flytekit", "flytekitplugins", "flyteidl", "logging", "typing", "typing_extensions", "re", "pathlib",
+    "datetime", "decimal", "fractions", "uuid", "dataclasses", "_abc", "abc", "mashumaro",
+})
+#: Descriptors and other objects of the interpreter's own types that a class body makes; none holds user state.
+_INTERPRETER_TYPES = (
+    types.BuiltinFunctionType, types.WrapperDescriptorType, types.MethodWrapperType, types.MethodDescriptorType,
+    types.ClassMethodDescriptorType, types.GetSetDescriptorType, types.MemberDescriptorType,
+)
+#: Py_TPFLAGS_HEAPTYPE: set on classes made by a class statement, not on the interpreter's C types.
+_HEAP_TYPE = 1 << 9
+#: Longest builtin container the sandbox copies to restore it in place; a longer one means a re-import.
+_MAX_CONTAINER = 10_000
+#: Module attributes the import system owns.
+_IMPORT_ATTRIBUTES = frozenset({"__builtins__", "__loader__", "__spec__", "__cached__", "__file__", "__path__"})
 
 
 def _library_roots() -> List[str]:
@@ -43,6 +81,219 @@ def _installed_top_level_names() -> Set[str]:
     return set(metadata.packages_distributions())
 
 
+class _Unrestorable(Exception):
+    """A module holds a value the sandbox cannot put back exactly."""
+
+
+def _file_stat(path: Optional[str]) -> Optional[Tuple[int, int, int]]:
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+class _KeptGroup:
+    """User modules one import loaded, and how to put each back as it was right after that import."""
+
+    def __init__(self, modules: Dict[str, types.ModuleType], is_library: Callable[[types.ModuleType], bool],
+                 code_root: str, env_read: Optional[Dict[str, Optional[str]]]):
+        self.modules = modules
+        self.code_root = code_root
+        #: Environment variables the import read, with their values then; ``None``: it read all of them.
+        self.env_read = env_read
+        self._is_library = is_library
+        self._user_module_ids = {id(m) for m in modules.values()}
+        self._seen: Set[int] = set()
+        self._dicts: List[Tuple[Dict[str, Any], Dict[str, Any]]] = []  # (live namespace, snapshot)
+        self._classes: List[Tuple[type, Dict[str, Any]]] = []
+        self._containers: List[Tuple[Any, Any]] = []  # (live container, shallow copy)
+        self._functions: List[Tuple[types.FunctionType, Any, Any]] = []  # (function, __defaults__, __kwdefaults__)
+        self._caches: List[Any] = []
+        self.stats = {name: _file_stat(getattr(m, "__file__", None)) for name, m in modules.items()}
+        for module in modules.values():
+            snapshot = dict(module.__dict__)
+            for key, value in snapshot.items():
+                if key not in _IMPORT_ATTRIBUTES:
+                    self._take(value)
+            self._dicts.append((module.__dict__, snapshot))
+
+    # ------------------------------------------------------------------------------------------- snapshot
+
+    def _take(self, value: Any, depth: int = 0) -> None:
+        if isinstance(value, _ATOMS) or id(value) in self._seen:
+            return
+        if depth > 20:
+            raise _Unrestorable("nested too deeply")
+        self._seen.add(id(value))
+        kind = type(value)
+        if kind in (tuple, frozenset):
+            for item in value:
+                self._take(item, depth + 1)
+        elif kind in (list, dict, set, bytearray):
+            if len(value) > _MAX_CONTAINER:
+                raise _Unrestorable(f"a {kind.__name__} of {len(value)} items")
+            for item in (value.items() if kind is dict else value):
+                self._take(item, depth + 1)
+            self._containers.append((value, value.copy()))
+        elif isinstance(value, types.ModuleType):
+            if id(value) not in self._user_module_ids and not self._is_library(value):
+                raise _Unrestorable(f"module {value.__name__}, imported by an earlier task")
+        elif isinstance(value, type):
+            self._take_class(value, depth)
+        elif isinstance(value, types.FunctionType):
+            self._take_function(value, depth)
+        elif isinstance(value, functools._lru_cache_wrapper):
+            self._caches.append(value)
+            self._take(value.__wrapped__, depth + 1)
+        elif isinstance(value, (staticmethod, classmethod)):
+            self._take(value.__func__, depth + 1)
+        elif isinstance(value, property):
+            for accessor in (value.fget, value.fset, value.fdel):
+                self._take(accessor, depth + 1)
+        elif isinstance(value, types.MethodType):
+            self._take(value.__func__, depth + 1)
+            self._take(value.__self__, depth + 1)
+        elif isinstance(value, (enum.Enum, *_INTERPRETER_TYPES)):
+            return
+        elif kind.__module__.partition(".")[0] in _LIBRARY_OBJECTS:
+            return
+        elif self._instance_of_user_class(value):
+            self._take_class(kind, depth)
+            namespace = vars(value)
+            for item in namespace.values():
+                self._take(item, depth + 1)
+            self._dicts.append((namespace, dict(namespace)))
+        else:
+            raise _Unrestorable(f"a {kind.__module__}.{kind.__qualname__} object")
+
+    def _instance_of_user_class(self, value: Any) -> bool:
+        """An object of a class the group's modules define, whose whole state is its ``__dict__``."""
+        kind = type(value)
+        return (
+            sys.modules.get(kind.__module__) is not None
+            and id(sys.modules[kind.__module__]) in self._user_module_ids
+            and type(getattr(value, "__dict__", None)) is dict
+            # Python classes only (no dict or list subclass, whose state is not in __dict__), without slots.
+            and all(base.__flags__ & _HEAP_TYPE and not vars(base).get("__slots__") for base in kind.__mro__[:-1])
+        )
+
+    def _take_class(self, cls: type, depth: int) -> None:
+        if self._defined_in_library(getattr(cls, "__module__", "")) or issubclass(cls, enum.Enum):
+            return
+        attributes = dict(vars(cls))
+        for key, value in attributes.items():
+            if key not in ("__dict__", "__weakref__", "__doc__", "__module__", "__qualname__"):
+                self._take(value, depth + 1)
+        self._classes.append((cls, attributes))
+
+    def _take_function(self, fn: types.FunctionType, depth: int) -> None:
+        if self._defined_in_library(fn.__globals__.get("__name__", "")):
+            return  # library code (a decorator's wrapper, say): its closure is the library's state
+        self._functions.append((fn, fn.__defaults__, fn.__kwdefaults__))
+        for value in (fn.__defaults__ or ()):
+            self._take(value, depth + 1)
+        for value in (fn.__kwdefaults__ or {}).values():
+            self._take(value, depth + 1)
+        for cell in fn.__closure__ or ():
+            try:
+                contents = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            self._take(contents, depth + 1)
+        for value in vars(fn).values():
+            self._take(value, depth + 1)
+
+    def _defined_in_library(self, module_name: str) -> bool:
+        module = sys.modules.get(module_name)
+        if module is None:
+            return module_name == "builtins"
+        return id(module) not in self._user_module_ids and self._is_library(module)
+
+    # -------------------------------------------------------------------------------------------- restore
+
+    def intact(self) -> bool:
+        """Whether every module of the group is still the one in ``sys.modules``."""
+        return all(sys.modules.get(name) is module for name, module in self.modules.items())
+
+    def unchanged_on_disk(self) -> bool:
+        return all(_file_stat(getattr(m, "__file__", None)) == self.stats[name] for name, m in self.modules.items())
+
+    def restore(self) -> None:
+        for live, snapshot in self._dicts:
+            for key in [k for k in live if k not in snapshot]:
+                del live[key]
+            for key, value in snapshot.items():
+                if live.get(key, _Unrestorable) is not value:
+                    live[key] = value
+        for cls, attributes in self._classes:
+            for key in [k for k in vars(cls) if k not in attributes]:
+                delattr(cls, key)
+            for key, value in attributes.items():
+                if key not in ("__dict__", "__weakref__") and vars(cls).get(key, _Unrestorable) is not value:
+                    setattr(cls, key, value)
+        for live, copy in self._containers:
+            if live != copy or type(live) is dict and list(live) != list(copy):
+                live.clear()
+                if isinstance(live, (list, bytearray)):
+                    live.extend(copy)
+                else:
+                    live.update(copy)
+        for fn, defaults, kwdefaults in self._functions:
+            if fn.__defaults__ is not defaults:
+                fn.__defaults__ = defaults
+            if fn.__kwdefaults__ is not kwdefaults:
+                fn.__kwdefaults__ = kwdefaults
+        for cache in self._caches:
+            cache.cache_clear()
+
+
+class _ModuleNames:
+    """The names in ``sys.modules`` at one moment, and which were added since: cheaply when nothing was (an import
+    appends to ``sys.modules``, so an unchanged length and last name mean no name was added)."""
+
+    def __init__(self):
+        self._before = sys.modules.copy()  # a C-level copy: cheaper than building a set of the names
+        self._last = next(reversed(self._before), None)
+
+    def added(self) -> Set[str]:
+        if len(sys.modules) == len(self._before) and next(reversed(sys.modules), None) == self._last:
+            return set()
+        return sys.modules.keys() - self._before.keys()
+
+
+class _EnvRecorder:
+    """Records which environment variables are read while it is active (``os.environ[k]``, ``get``, ``in`` and
+    ``os.getenv`` all go through ``__getitem__``; iterating means all of them)."""
+
+    def __init__(self):
+        self.keys: Optional[Set[str]] = set()
+
+    def __enter__(self) -> "_EnvRecorder":
+        environ_type = type(os.environ)
+        self._getitem, self._iter = environ_type.__getitem__, environ_type.__iter__
+        recorder, getitem, iterate = self, self._getitem, self._iter
+
+        def __getitem__(env, key):
+            if recorder.keys is not None and env is os.environ:
+                recorder.keys.add(key)
+            return getitem(env, key)
+
+        def __iter__(env):
+            if env is os.environ:
+                recorder.keys = None
+            return iterate(env)
+
+        environ_type.__getitem__, environ_type.__iter__ = __getitem__, __iter__
+        return self
+
+    def __exit__(self, *exc) -> None:
+        environ_type = type(os.environ)
+        environ_type.__getitem__, environ_type.__iter__ = self._getitem, self._iter
+
+
 class TaskSandbox:
     """Snapshot the process before a task (``enter``) and put it back after (``exit``)."""
 
@@ -50,45 +301,122 @@ class TaskSandbox:
         self._scratch_root = scratch_root
         self._roots = _library_roots()
         self._installed = _installed_top_level_names()
-        self._modules: Set[str] = set()
-        self._environ: Dict[str, str] = {}
+        self._modules = _ModuleNames()
+        self._environ: Dict[bytes, bytes] = {}
         self._cwd = ""
         self._path: List[str] = []
         self._entities = 0
         self._launch_plans: Set[str] = set()
-        self.tmpdir = ""
+        self._kept: List[_KeptGroup] = []
+        self._code_root = ""
+        #: The task's temporary directory (``TMPDIR``), the same for every task and emptied after each.
+        self.tmpdir = os.path.join(scratch_root, "tmp")
+        #: flytekit's working directory for the fast path: inputs, downloads, the engine directory.
+        self.workdir = os.path.join(scratch_root, "flytekit")
+        #: What ``exit`` did to user modules the last time: "kept", "dropped" or "" (none were loaded).
+        self.last_modules = ""
+        #: Why the last modules that could not be kept were not (for logs and tests).
+        self.not_kept = ""
+        self._said: Set[str] = set()
 
-    def enter(self, env: Dict[str, str]) -> None:
-        self._modules = set(sys.modules)
-        self._environ = dict(os.environ)
+    @property
+    def kept_modules(self) -> List[str]:
+        return [name for group in self._kept for name in group.modules]
+
+    def enter(self, env: Dict[str, str], code_root: str = "", keep_modules: bool = True) -> None:
+        """Take the state to put back; with ``keep_modules`` false, the task imports its modules afresh (the full
+        path) and modules kept for earlier tasks are dropped first."""
+        self._environ = _environ_snapshot()
+        os.environ.update(env)
+        self._code_root = code_root
+        self._check_kept(keep_modules)
+        self._modules = _ModuleNames()
         self._cwd = os.getcwd()
         self._path = list(sys.path)
         self._entities = len(FlyteEntities.entities)
         self._launch_plans = set(LaunchPlan.CACHE)
-        self.tmpdir = tempfile.mkdtemp(prefix="task-", dir=self._scratch_root)
-        os.environ.update(env)
+        os.makedirs(self.tmpdir, exist_ok=True)
         os.environ["TMPDIR"] = self.tmpdir
         tempfile.tempdir = self.tmpdir
 
+    def snapshot_imports(self, load: Callable[[], Any]) -> Any:
+        """Run ``load`` (the resolver importing the task's module) and keep the user modules it imported, if they
+        can be put back exactly after the task (see the module docstring)."""
+        before = _ModuleNames()
+        with _EnvRecorder() as recorder:
+            loaded = load()
+        fresh = {n: m for n in before.added() if (m := sys.modules.get(n)) is not None and not self._is_library(m)}
+        if not fresh:
+            return loaded
+        env_read = None if recorder.keys is None else {k: os.environ.get(k) for k in recorder.keys}
+        try:
+            group = _KeptGroup(fresh, self._is_library, self._code_root, env_read)
+        except _Unrestorable as e:
+            # Dropped at exit, as any module the task imports; said once per set of modules, for whoever wonders
+            # why their tasks re-import.
+            names = ", ".join(sorted(fresh))
+            if names not in self._said:
+                self._said.add(names)
+                log.info("re-importing %s for every task: it holds %s, which cannot be reset in place", names, e)
+            self.not_kept = f"{names}: {e}"
+            return loaded
+        self._kept.append(group)
+        return loaded
+
     def exit(self) -> None:
-        for name in [n for n in sys.modules if n not in self._modules]:
+        kept = self._restore_kept()
+        dropped = False
+        for name in self._modules.added() - kept:
             module = sys.modules.get(name)
             if module is not None and not self._is_library(module):
                 del sys.modules[name]
+                dropped = True
+        self.last_modules = "dropped" if dropped else "kept" if kept else ""
         del FlyteEntities.entities[self._entities :]
         for name in [n for n in LaunchPlan.CACHE if n not in self._launch_plans]:
             del LaunchPlan.CACHE[name]
-        os.environ.clear()
-        os.environ.update(self._environ)
+        _restore_environ(self._environ)
         try:
             os.chdir(self._cwd)
         except OSError:
             pass
         sys.path[:] = self._path
         tempfile.tempdir = None
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        _empty(self.tmpdir)
+        _empty(self.workdir, keep=_WORKDIR_SKELETON)
 
-    def _is_library(self, module: ModuleType) -> bool:
+    def _check_kept(self, keep_modules: bool) -> None:
+        """Drop kept modules that cannot serve this task: changed on disk, another code root, or imported with
+        other values of the environment variables they read."""
+        for group in list(self._kept):
+            stale = (
+                not keep_modules
+                or not group.intact()
+                or group.code_root != self._code_root
+                or not group.unchanged_on_disk()
+                or group.env_read is None
+                or any(os.environ.get(k) != v for k, v in group.env_read.items())
+            )
+            if stale:
+                self._drop(group)
+
+    def _restore_kept(self) -> Set[str]:
+        names: Set[str] = set()
+        for group in list(self._kept):
+            if not group.intact():
+                self._drop(group)
+                continue
+            group.restore()
+            names.update(group.modules)
+        return names
+
+    def _drop(self, group: _KeptGroup) -> None:
+        self._kept.remove(group)
+        for name, module in group.modules.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+
+    def _is_library(self, module: types.ModuleType) -> bool:
         spec = getattr(module, "__spec__", None)
         if spec is not None and spec.origin in ("built-in", "frozen"):
             return True
@@ -99,3 +427,47 @@ class TaskSandbox:
         if not locations:
             return True  # nothing on disk to re-import from: leave it alone
         return all(any(loc.startswith(root) for root in self._roots) for loc in locations)
+
+
+def _environ_snapshot() -> Dict[bytes, bytes]:
+    # os.environ's own encoded store (shared with os.environb): a C-level dict copy, not a Python loop.
+    return os.environ._data.copy()  # noqa: SLF001
+
+
+def _restore_environ(snapshot: Dict[bytes, bytes]) -> None:
+    """Put the environment back through ``os.environb`` (so ``putenv`` and ``unsetenv`` run), touching only the
+    variables that changed."""
+    current = os.environb
+    if current._data == snapshot:  # noqa: SLF001 - same store, compared without decoding
+        return
+    for key in [k for k in current._data if k not in snapshot]:  # noqa: SLF001
+        del current[key]
+    for key, value in snapshot.items():
+        if current._data.get(key) != value:  # noqa: SLF001
+            current[key] = value
+
+
+#: Directories of the fast path's flytekit working directory that stay between tasks (emptied, not removed:
+#: removing a directory costs milliseconds on some file systems).
+_WORKDIR_SKELETON = frozenset({"sandbox", "workspace", os.path.join("sandbox", "local_flytekit"),
+                               os.path.join("sandbox", "local_flytekit", "engine_dir")})
+
+
+def _empty(directory: str, keep: frozenset = frozenset(), relative: str = "") -> None:
+    """Remove what ``directory`` holds, except the subdirectories named in ``keep`` (which are emptied)."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        name = os.path.join(relative, entry.name)
+        if entry.is_dir(follow_symlinks=False):
+            if name in keep:
+                _empty(entry.path, keep, name)
+            else:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass

@@ -1,0 +1,127 @@
+"""The executor's fast path against its full path and against ``pyflyte-execute``: the same tasks, compared byte
+for byte (outputs, error documents without their timestamps, files written to the output and raw prefixes)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from flytekit import FlyteContextManager
+from flytekit.core.type_engine import TypeEngine
+from flytekit.types.file import FlyteFile
+
+import fast_path_tasks as ft
+from fast_path_runner import files_under, without_timestamp
+
+pytestmark = pytest.mark.timeout(300)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: Files the executor hands back to the agent in-band (the fast path does not upload them; propeller writes
+#: outputs.pb from the agent's answer).
+IN_BAND = ("outputs.pb", "error.pb")
+
+
+def _inputs(task, **values) -> str:
+    ctx = FlyteContextManager.current_context()
+    return TypeEngine.dict_to_literal_map(ctx, values, task.get_input_types()).to_flyte_idl().SerializeToString().hex()
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast-path")
+    source = root / "source.txt"
+    source.write_text("read me")
+    made = [
+        ("noop", {}, {}),
+        ("hello", {"name": "world"}, {}),
+        ("move", {"p": ft.Point(x=1, label="a"), "by": 2}, {}),
+        ("write_file", {"text": "hi there"}, {}),
+        ("read_file", {"f": FlyteFile(str(source))}, {}),
+        ("numbers", {"n": 50}, {}),
+        ("numbers", {"n": 50}, {"_F_L_MIN_SIZE_MB": "0"}),  # every output offloaded to the output prefix
+        ("user_error", {"message": "bad input 42"}, {}),
+        ("wrong_output", {}, {}),
+    ]
+    return [
+        {"task": name, "inputs": _inputs(getattr(ft, name), **values), "env": env,
+         "output_prefix": str(root / f"out-{i}"), "raw_prefix": str(root / f"raw-{i}")}
+        for i, (name, values, env) in enumerate(made)
+    ]
+
+
+def _run(cases, tmp_path):
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps(cases))
+    done = subprocess.run([sys.executable, os.path.join(HERE, "fast_path_runner.py"), str(path)], cwd=HERE,
+                          env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([HERE] + [p for p in sys.path if p])
+    return env
+
+
+def _without_in_band(files):
+    return {name: data for name, data in files.items() if name not in IN_BAND}
+
+
+def test_fast_path_gives_the_bytes_of_the_full_path(cases, tmp_path):
+    # Per case: the full path, then the fast path twice (the second with the task's module kept from the first).
+    runs = [dict(case, path=path) for case in cases for path in ("full", "fast", "fast")]
+    results = _run(runs, tmp_path)
+    for i, case in enumerate(cases):
+        full, fast, again = results[3 * i : 3 * i + 3]
+        what = f"{case['task']} {case['env']}"
+        for result in (fast, again):
+            assert result["phase"] == full["phase"], what
+            assert result["outputs"] == full["outputs"], what
+            assert result["error"] == full["error"], what
+            assert (result["message"], result["retryable"]) == (full["message"], full["retryable"]), what
+            assert result["raw_files"] == full["raw_files"], what
+            assert result["output_files"] == _without_in_band(full["output_files"]), what
+        # What the full path uploaded is what the fast path returned in-band.
+        if full["phase"] == "succeeded":
+            assert full["output_files"]["outputs.pb"] == fast["outputs"], what
+        else:
+            assert without_timestamp(bytes.fromhex(full["output_files"]["error.pb"])) == fast["error"], what
+        assert full["modules"] == "dropped", what
+        assert again["modules"] == "kept", f"{what}: the fast path re-imported the task's module"
+    phases = {case["task"]: results[3 * i]["phase"] for i, case in enumerate(cases)}
+    assert phases["user_error"] == phases["wrong_output"] == "failed"
+    assert any(name.endswith("greeting.txt") for name in results[9]["raw_files"]), "no FlyteFile was uploaded"
+    assert "o0_offloaded_metadata.pb" in results[18]["output_files"], "nothing was offloaded"
+
+
+def test_fast_path_gives_the_bytes_of_pyflyte_execute(cases, tmp_path):
+    results = _run([dict(case, path="fast") for case in cases], tmp_path)
+    for case, fast in zip(cases, results):
+        what = f"{case['task']} {case['env']}"
+        for prefix in (case["output_prefix"], case["raw_prefix"]):
+            subprocess.run(["rm", "-rf", prefix], check=True)
+        inputs = tmp_path / "inputs.pb"
+        inputs.write_bytes(bytes.fromhex(case["inputs"]))
+        done = subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "pyflyte-execute"), "--inputs", str(inputs),
+             "--output-prefix", case["output_prefix"], "--raw-output-data-prefix", case["raw_prefix"],
+             "--resolver", "flytekit.core.python_auto_container.default_task_resolver", "--", "task-module", "fast_path_tasks", "task-name",
+             case["task"]],
+            cwd=HERE, env=dict(_env(), **case["env"]), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        written = files_under(case["output_prefix"])
+        if fast["phase"] == "succeeded":
+            assert written.get("outputs.pb") == fast["outputs"], f"{what}: {list(written)} {done.stdout[-1500:]}"
+        else:
+            assert without_timestamp(bytes.fromhex(written["error.pb"])) == fast["error"], what
+        assert _without_in_band(written) == fast["output_files"], what
+        assert files_under(case["raw_prefix"]) == fast["raw_files"], what
+
+
+def test_fast_path_resets_module_globals(cases, tmp_path):
+    case = dict(cases[0], task="count_calls", inputs=_inputs(ft.count_calls))
+    results = _run([dict(case, path="fast")] * 3, tmp_path)
+    assert [r["outputs"] for r in results] == [results[0]["outputs"]] * 3, "a module global leaked between tasks"
+    assert [r["modules"] for r in results] == ["kept"] * 3
