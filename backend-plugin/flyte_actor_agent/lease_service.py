@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flyte-actor-agent")
 
+#: A stream that has not said Hello this long after it opened is closed.
+HELLO_TIMEOUT_SECONDS = 10.0
+#: Largest Hello accepted (ids, a token and the running lease ids of one replica take far less).
+MAX_HELLO_BYTES = 64 * 1024
+
 _OUTCOMES = {
     lease_pb2.SUCCEEDED: core.Outcome.SUCCEEDED,
     lease_pb2.FAILED: core.Outcome.FAILED,
@@ -36,8 +41,9 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
     ``advertise_address`` (default: the host and the port bound)."""
 
     def __init__(self, reactor: "Reactor", host: str = "127.0.0.1", port: int = 0,
-                 advertise_address: Optional[str] = None):
+                 advertise_address: Optional[str] = None, hello_timeout: float = HELLO_TIMEOUT_SECONDS):
         self.reactor = reactor
+        self.hello_timeout = hello_timeout
         self.host = host
         self.port = port
         self.advertise_address = advertise_address
@@ -84,9 +90,18 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
     # ------------------------------------------------------------------------------- from the replicas
 
     async def Connect(self, request_iterator, context):
-        first = await context.read()
+        try:
+            first = await asyncio.wait_for(context.read(), self.hello_timeout)
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no Hello within {self.hello_timeout:g}s of opening the lease stream")
         if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message on a lease stream must be Hello")
+        size = first.ByteSize()
+        if size > MAX_HELLO_BYTES:
+            log.warning("refused a Hello of %d bytes from %s", size, loggable(context.peer()))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"Hello is {size} bytes; at most {MAX_HELLO_BYTES} are accepted")
         hello = first.hello
         if hello.protocol_version != PROTOCOL_VERSION:
             await context.abort(
@@ -109,14 +124,15 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
                 self._streams[replica_id] = old
             else:
                 del self._streams[replica_id]
-            log.warning("refused replica: %s", refused)
+            log.warning("refused replica %s: %s", loggable(replica_id), loggable(str(refused)))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(refused))
         if old is not None:
             old.put_nowait(None)
         welcome = lease_pb2.AgentMessage(welcome=lease_pb2.Welcome(
             heartbeat_interval_seconds=self.reactor.heartbeat_interval, abandoned_lease_ids=abandoned))
         await context.write(welcome)
-        log.info("replica %s connected (worker %s, capacity %d)", replica_id, hello.worker_version, hello.capacity)
+        log.info("replica %s connected (worker %s, capacity %d)", loggable(replica_id), loggable(hello.worker_version),
+                 hello.capacity)
         reader = asyncio.ensure_future(self._read(context, replica_id))
         getter = None
         try:
@@ -143,15 +159,31 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
             message = await context.read()
             if message is grpc.aio.EOF:
                 return
-            kind = message.WhichOneof("body")
-            if kind == "heartbeat":
-                self.reactor.heartbeat(replica_id)
-            elif kind == "status":
-                status = message.status
-                outcome = _OUTCOMES.get(status.phase)
-                if outcome is None:
-                    log.warning("replica %s sent a status with no phase for lease %s", replica_id, status.lease_id)
-                    continue
-                self.reactor.report(replica_id, status.lease_id, outcome, outputs=status.outputs,
-                                    error=status.error or None, message=status.message, retryable=status.retryable,
-                                    run_seconds=status.run_seconds)
+            try:
+                self._handle(replica_id, message)
+            except Exception:  # noqa: BLE001 - one bad message must not end a healthy replica's stream
+                log.exception("replica %s: a %s message could not be handled; the stream goes on",
+                              loggable(replica_id), message.WhichOneof("body"))
+
+    def _handle(self, replica_id: str, message: lease_pb2.ReplicaMessage) -> None:
+        kind = message.WhichOneof("body")
+        if kind == "heartbeat":
+            self.reactor.heartbeat(replica_id, list(message.heartbeat.running_lease_ids))
+        elif kind == "status":
+            status = message.status
+            outcome = _OUTCOMES.get(status.phase)
+            if outcome is None:
+                log.warning("replica %s sent a status with no phase for lease %s", loggable(replica_id),
+                            loggable(status.lease_id))
+                return
+            self.reactor.report(replica_id, status.lease_id, outcome, outputs=status.outputs,
+                                error=status.error or None, message=status.message, retryable=status.retryable,
+                                run_seconds=status.run_seconds)
+        else:
+            log.warning("replica %s sent a %s message after Hello; ignored", loggable(replica_id), kind)
+
+
+def loggable(value: str, limit: int = 120) -> str:
+    """``value`` as it may go into a log line: quoted and escaped (no forged lines), and cut to ``limit``."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(value)} characters)"

@@ -42,6 +42,14 @@ RETAIN_SECONDS = 3600.0
 START_TIMEOUT_SECONDS = 600.0
 #: Extra time the agent gives a replica past a task's own timeout before taking the lease back.
 LEASE_GRACE_SECONDS = 30.0
+#: How long a replica whose lease stream dropped keeps its leases, waiting for it to reconnect (a TCP reset, an
+#: agent-side network blip), before it is stopped and its tasks are leased again.
+RECONNECT_GRACE_SECONDS = 10.0
+#: A lease that a replica's heartbeats have not listed for this long (two heartbeats at least) never reached it.
+GHOST_GRACE_SECONDS = 5.0
+#: Starts ended by a signal or a deleted pod (someone else's doing) that are retried before they count as failed
+#: starts; the bound keeps a replica the OS kills on every start (out of memory at import) from looping forever.
+KILLED_START_LIMIT = 5
 
 
 class Outcome(enum.Enum):
@@ -103,13 +111,21 @@ class Ack:
 
 
 @dataclass(frozen=True)
+class Disconnect:
+    """Close the replica's lease stream (it lost messages); the replica reconnects within the reconnect grace."""
+
+    replica_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Finished:
     """A task (or actor map) reached a terminal phase: wake whoever waits on ``key``."""
 
     key: str
 
 
-Effect = Union[Launch, Stop, Assign, CancelLease, Ack, Finished]
+Effect = Union[Launch, Stop, Assign, CancelLease, Ack, Disconnect, Finished]
 
 
 class ReplicaRefused(Exception):
@@ -180,6 +196,7 @@ class TaskState:
 class ReplicaState(enum.Enum):
     STARTING = "starting"  # launched, not connected yet
     READY = "ready"
+    DISCONNECTED = "disconnected"  # its stream dropped: it keeps its leases for the reconnect grace
     STOPPING = "stopping"  # asked to stop (idle, drained or lost)
 
 
@@ -198,6 +215,10 @@ class Replica:
     adopted: bool = False
     #: When it first connected (None while starting).
     connected_at: Optional[float] = None
+    #: When its stream dropped (while DISCONNECTED).
+    disconnected_at: float = 0.0
+    #: Leases it holds that its heartbeats have not listed, and since when.
+    unreported: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -225,6 +246,7 @@ class Fleet:
     queue: Deque[TaskState] = field(default_factory=deque)
     replicas: Dict[str, Replica] = field(default_factory=dict)
     start_failures: int = 0
+    killed_starts: int = 0
     last_start_error: str = ""
     failed_at: float = float("-inf")
 
@@ -269,6 +291,9 @@ class Scheduler:
         start_retry_after: float = START_RETRY_AFTER_SECONDS,
         retain: float = RETAIN_SECONDS,
         start_timeout: float = START_TIMEOUT_SECONDS,
+        reconnect_grace: float = RECONNECT_GRACE_SECONDS,
+        ghost_grace: float = GHOST_GRACE_SECONDS,
+        killed_start_limit: int = KILLED_START_LIMIT,
     ):
         self.clock = clock
         self.new_id = new_id
@@ -280,6 +305,9 @@ class Scheduler:
         self.start_retry_after = start_retry_after
         self.retain = retain
         self.start_timeout = start_timeout
+        self.reconnect_grace = reconnect_grace
+        self.ghost_grace = ghost_grace
+        self.killed_start_limit = killed_start_limit
         self._finished: Deque[tuple] = deque()  # (finished_at, key), oldest first, to forget results in O(1)
         self.fleets: Dict[str, Fleet] = {}
         self.tasks: Dict[str, TaskState] = {}
@@ -359,7 +387,10 @@ class Scheduler:
     def replica_connected(
         self, replica_id: str, token: str, fleet_key: str, capacity: int, running: List[str] = ()
     ) -> List[Effect]:
-        """A replica opened its lease stream; raises :class:`ReplicaRefused` if it is not one of ours."""
+        """A replica opened its lease stream; raises :class:`ReplicaRefused` if it is not one of ours.
+
+        ``running`` is every lease the replica still holds (running, or reported and not acked yet): a lease we
+        hold for it that it does not list never reached it, and is leased again at once."""
         replica = self.replicas.get(replica_id)
         if replica is None or not secrets.compare_digest(replica.token, token) or replica.fleet_key != fleet_key:
             raise ReplicaRefused(f"replica {replica_id!r} of {fleet_key!r} is unknown or its token is wrong")
@@ -372,8 +403,10 @@ class Scheduler:
         replica.capacity = max(1, capacity)
         replica.last_seen = now
         replica.idle_since = now
+        replica.unreported.clear()
         fleet = self.fleets[fleet_key]
         fleet.start_failures = 0
+        fleet.killed_starts = 0
         # A reconnecting replica keeps the leases we still hold for it; the rest it must drop.
         for lease_id in running:
             if replica.adopted and lease_id not in self.leases:
@@ -382,6 +415,8 @@ class Scheduler:
             if task is not None and task.replica_id == replica_id:
                 replica.leases.add(lease_id)
         effects: List[Effect] = []
+        for lease_id in sorted(replica.leases.difference(running)):
+            self._ghost(replica, lease_id, effects)
         self._dispatch(fleet, effects)
         return effects
 
@@ -416,10 +451,54 @@ class Scheduler:
         held = replica.leases if replica else set()
         return [lease for lease in running if lease not in held]
 
-    def heartbeat(self, replica_id: str) -> None:
+    def heartbeat(self, replica_id: str, running: Optional[List[str]] = None) -> List[Effect]:
+        """The replica is alive and runs ``running``: reconcile that with the leases we hold for it. A lease it
+        runs that we do not hold is cancelled on it; a lease we hold that it has not listed for ``ghost_grace``
+        never reached it (its stream lost bytes): the task is leased again and the stream closed."""
+        effects: List[Effect] = []
         replica = self.replicas.get(replica_id)
-        if replica is not None:
-            replica.last_seen = self.clock()
+        if replica is None:
+            return effects
+        now = self.clock()
+        replica.last_seen = now
+        if running is None or replica.state is not ReplicaState.READY:
+            return effects
+        listed = set(running)
+        for lease_id in sorted(listed - replica.leases):
+            effects.append(CancelLease(replica_id, lease_id, "the agent does not hold this lease"))
+        replica.unreported = {
+            lease_id: replica.unreported.get(lease_id, now) for lease_id in replica.leases if lease_id not in listed
+        }
+        ghosts = sorted(lease for lease, since in replica.unreported.items() if now - since >= self.ghost_grace)
+        if ghosts:
+            # Disconnected first, so that the re-queued tasks are not leased to it again on the broken stream.
+            replica.state = ReplicaState.DISCONNECTED
+            replica.disconnected_at = now
+            effects.append(Disconnect(replica_id, f"leases {ghosts} never reached it"))
+            for lease_id in ghosts:
+                self._ghost(replica, lease_id, effects)
+        return effects
+
+    def _ghost(self, replica: Replica, lease_id: str, effects: List[Effect]) -> None:
+        """``lease_id`` never reached ``replica``: free its slot and lease the task again."""
+        replica.leases.discard(lease_id)
+        replica.unreported.pop(lease_id, None)
+        task = self.leases.get(lease_id)
+        if task is not None and task.replica_id == replica.id:
+            del self.leases[lease_id]
+            self._lease_lost(task, f"lease {lease_id} never reached replica {replica.id}", effects)
+
+    def stream_lost(self, replica_id: str) -> List[Effect]:
+        """The replica's lease stream ended. A ready replica keeps its leases for ``reconnect_grace`` seconds,
+        waiting for it to reconnect; one being stopped is gone."""
+        replica = self.replicas.get(replica_id)
+        if replica is None or replica.state is ReplicaState.DISCONNECTED:
+            return []
+        if replica.state is ReplicaState.READY:
+            replica.state = ReplicaState.DISCONNECTED
+            replica.disconnected_at = self.clock()
+            return []
+        return self.replica_gone(replica_id, ReplicaExit(ExitReason.STREAM_CLOSED, "its lease stream closed"))
 
     def replica_gone(self, replica_id: str, exit: ReplicaExit) -> List[Effect]:
         """The replica's stream broke, its process exited or its pod went away."""
@@ -435,8 +514,11 @@ class Scheduler:
         fleet = self.fleets[replica.fleet_key]
         fleet.replicas.pop(replica_id, None)
         if replica.state is ReplicaState.STARTING and not replica.adopted:
-            fleet.start_failures += 1
-            fleet.last_start_error = cause
+            if exit.reason in (ExitReason.KILLED, ExitReason.DELETED) and fleet.killed_starts < self.killed_start_limit:
+                fleet.killed_starts += 1  # someone else's signal or deletion, not the image: start another
+            else:
+                fleet.start_failures += 1
+                fleet.last_start_error = cause
             if self._cannot_start(fleet):
                 fleet.failed_at = self.clock()
                 self._fail_queue(fleet, self._start_error(fleet), effects)
@@ -525,6 +607,12 @@ class Scheduler:
                 self._replica_gone(replica.id, ReplicaExit(
                     ExitReason.START_TIMEOUT,
                     f"replica {replica.id} did not connect within {self.start_timeout:g}s of its launch"), effects)
+            elif replica.state is ReplicaState.DISCONNECTED and now - replica.disconnected_at >= self.reconnect_grace:
+                replica.state = ReplicaState.STOPPING
+                effects.append(Stop(replica.id, "did not reconnect"))
+                self._replica_gone(replica.id, ReplicaExit(
+                    ExitReason.STREAM_CLOSED,
+                    f"its lease stream closed and it did not reconnect within {self.reconnect_grace:g}s"), effects)
             elif replica.state is ReplicaState.READY and now - replica.last_seen > self.heartbeat_timeout:
                 replica.state = ReplicaState.STOPPING
                 effects.append(Stop(replica.id, "no heartbeat"))
@@ -544,6 +632,8 @@ class Scheduler:
         for replica in self.replicas.values():
             if replica.state is ReplicaState.STARTING:
                 times.append(replica.launched_at + self.start_timeout)
+            elif replica.state is ReplicaState.DISCONNECTED:
+                times.append(replica.disconnected_at + self.reconnect_grace)
             elif replica.state is ReplicaState.READY:
                 times.append(replica.last_seen + self.heartbeat_timeout)
                 if not replica.leases:

@@ -130,6 +130,9 @@ class ReplicaWorker:
         self.outbox: Optional[asyncio.Queue] = None
         self.draining = False
         self.stopped = asyncio.Event()
+        #: The signal that drained this replica, if one did: it exits by that signal, so whoever started it can
+        #: tell "stopped from outside" from "failed".
+        self.signalled: Optional[signal.Signals] = None
 
     # -------------------------------------------------------------------------------------------- lifecycle
 
@@ -137,7 +140,7 @@ class ReplicaWorker:
         for slot in self.slots:
             self._start_slot(slot)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self._drain, f"signal {sig.name}")
+            self.loop.add_signal_handler(sig, self._on_signal, sig)
         lost_since: Optional[float] = None
         try:
             while not self.stopped.is_set():
@@ -159,6 +162,10 @@ class ReplicaWorker:
             for slot in self.slots:
                 slot.kill()
 
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self.signalled = sig
+        self._drain(f"signal {sig.name}")
+
     def _drain(self, reason: str) -> None:
         log.info("draining: %s", reason)
         self.draining = True
@@ -170,7 +177,8 @@ class ReplicaWorker:
     async def _session(self) -> None:
         async with grpc.aio.insecure_channel(self.config.agent_address, options=GRPC_OPTIONS) as channel:
             call = lease_pb2_grpc.LeaseServiceStub(channel).Connect()
-            running = [s.lease_id for s in self.slots if s.lease_id]
+            # Every lease still held, reported-but-unacked ones too: the agent re-leases those we do not list.
+            running = [s.lease_id for s in self.slots if s.lease_id] + [l for l in self.unacked if l]
             await call.write(
                 lease_pb2.ReplicaMessage(
                     hello=lease_pb2.Hello(
@@ -227,22 +235,33 @@ class ReplicaWorker:
             msg = await call.read()
             if msg is grpc.aio.EOF:
                 raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "the agent closed the stream")
-            kind = msg.WhichOneof("body")
-            if kind == "assignment":
-                self._assign(msg.assignment)
-            elif kind == "ack":
-                self.unacked.pop(msg.ack.lease_id, None)
-                if self.draining:
-                    self._drain("drain requested")
-            elif kind == "cancel":
-                self._stop_lease(
-                    msg.cancel.lease_id,
-                    report=lease_pb2.TaskStatus(
-                        lease_id=msg.cancel.lease_id, phase=lease_pb2.CANCELLED, message=msg.cancel.reason
-                    ),
-                )
-            elif kind == "drain":
-                self._drain(msg.drain.reason or "the agent asked")
+            try:
+                self._handle(msg)
+            except Exception as e:  # noqa: BLE001 - one bad message must not take the replica down
+                log.exception("could not handle a %s message from the agent", msg.WhichOneof("body"))
+                lease_id = msg.assignment.lease_id if msg.WhichOneof("body") == "assignment" else ""
+                if lease_id and not any(s.lease_id == lease_id for s in self.slots):
+                    self._report(lease_pb2.TaskStatus(
+                        lease_id=lease_id, phase=lease_pb2.LOST,
+                        message=f"replica {self.config.replica_id} could not start the task: {e!r}"))
+
+    def _handle(self, msg: lease_pb2.AgentMessage) -> None:
+        kind = msg.WhichOneof("body")
+        if kind == "assignment":
+            self._assign(msg.assignment)
+        elif kind == "ack":
+            self.unacked.pop(msg.ack.lease_id, None)
+            if self.draining:
+                self._drain("drain requested")
+        elif kind == "cancel":
+            self._stop_lease(
+                msg.cancel.lease_id,
+                report=lease_pb2.TaskStatus(
+                    lease_id=msg.cancel.lease_id, phase=lease_pb2.CANCELLED, message=msg.cancel.reason
+                ),
+            )
+        elif kind == "drain":
+            self._drain(msg.drain.reason or "the agent asked")
 
     def _send(self, msg: lease_pb2.ReplicaMessage) -> None:
         if self.outbox is not None:
@@ -364,10 +383,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=os.environ.get("FLYTE_ACTOR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
     config = Config.from_env()
 
-    async def _main() -> int:
-        return await ReplicaWorker(config).run()
+    workers: List[ReplicaWorker] = []
 
-    sys.exit(asyncio.run(_main()))
+    async def _main() -> int:
+        workers.append(ReplicaWorker(config))
+        return await workers[0].run()
+
+    code = asyncio.run(_main())
+    if workers and workers[0].signalled is not None:
+        # Drained by a signal: exit by it, so the launcher sees a replica stopped from outside, not a failure.
+        logging.shutdown()
+        signal.signal(workers[0].signalled, signal.SIG_DFL)
+        os.kill(os.getpid(), workers[0].signalled)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
