@@ -30,15 +30,18 @@ from flytekit.tools.module_loader import load_object_from_module
 # state to keep, not task state to wipe) before any task runs: @actor_cache's store and the task type stay put.
 from .. import cache, contract, environment, local, map, task  # noqa: F401
 from ..protocol import lease_pb2
-from .sandbox import TaskSandbox
+from .sandbox import TaskSandbox, limit_memory
 
 SUCCEEDED, FAILED = "succeeded", "failed"
+#: Bytes of data memory (RLIMIT_DATA) an executor may use; set by the local launcher from ``limits.mem``.
+MEMORY_LIMIT_VARIABLE = "FLYTE_ACTOR_MEMORY_LIMIT_BYTES"
 
 
 def serve(conn: Connection, scratch_root: str) -> None:
     """Executor process main loop: run tasks until the pipe closes."""
     _die_with_parent()
     os.makedirs(scratch_root, exist_ok=True)
+    limit_memory(int(os.environ.get(MEMORY_LIMIT_VARIABLE) or 0))
     sandbox = TaskSandbox(scratch_root)
     while True:
         try:
@@ -46,7 +49,10 @@ def serve(conn: Connection, scratch_root: str) -> None:
         except (EOFError, OSError):
             return
         task_run = lease_pb2.TaskRun.FromString(run_bytes)
-        conn.send((lease_id, run_task(task_run, sandbox, scratch_root)))
+        result = run_task(task_run, sandbox, scratch_root)
+        conn.send((lease_id, result))
+        if result.get("retire"):
+            os._exit(0)  # the task left a thread running: the replica starts a clean executor in this one's place
 
 
 def _die_with_parent() -> None:
@@ -70,6 +76,8 @@ def run_task(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, scratch_root: st
         result = _failure(f"Task {task_run.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
     finally:
         sandbox.exit()
+    if sandbox.guard.leaked:
+        result["retire"] = sandbox.guard.leaked
     result["run_seconds"] = time.monotonic() - started
     return result
 

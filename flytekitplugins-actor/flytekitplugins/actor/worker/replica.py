@@ -319,6 +319,9 @@ class ReplicaWorker:
             return
         expected = slot.lease_id
         self._finish_slot(slot)
+        if result.get("retire"):
+            log.info("replacing executor %d: %s", slot.index, result["retire"])
+            self._replace_executor(slot)
         if lease_id != expected:
             return  # abandoned while it ran
         self._report(lease_pb2.TaskStatus(
@@ -347,6 +350,15 @@ class ReplicaWorker:
         if not self.stopped.is_set():
             self._start_slot(slot)
         self._after_slot_freed()
+
+    def _replace_executor(self, slot: Slot) -> None:
+        """Start a clean executor in ``slot`` before anything else is assigned to it."""
+        self.loop.remove_reader(slot.conn.fileno())
+        slot.kill()
+        slot.process.join(timeout=5)
+        slot.conn.close()
+        if not self.stopped.is_set():
+            self._start_slot(slot)
 
     def _finish_slot(self, slot: Slot) -> None:
         if slot.timer is not None:
