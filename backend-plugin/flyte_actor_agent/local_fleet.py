@@ -35,10 +35,11 @@ from .reactor import Reactor
 
 class LocalFleet:
     """``launcher_factory(on_exit)`` makes the launcher (default: local processes running ``worker_command``,
-    default the replica worker); ``reactor_options`` go to :class:`Reactor`."""
+    default the replica worker); ``channel_factory(reactor)`` the lease service (the chaos tests put a proxy in
+    front of it); ``reactor_options`` go to :class:`Reactor`."""
 
     def __init__(self, launcher_factory: Optional[Callable] = None, worker_command: Optional[Sequence[str]] = None,
-                 **reactor_options: Any):
+                 channel_factory: Callable = LeaseService, **reactor_options: Any):
         if launcher_factory is None:
             launcher_factory = LocalProcessLauncher
             if worker_command is not None:
@@ -50,7 +51,7 @@ class LocalFleet:
             self.launchers.append(made)
             return made
 
-        self.agent = Reactor(factory, **reactor_options).start(LeaseService)
+        self.agent = Reactor(factory, **reactor_options).start(channel_factory)
         self.connector = ActorConnector(lambda: self.agent)
         self.root = tempfile.mkdtemp(prefix="flyte-actors-fleet-")
         self._prefixes = 0

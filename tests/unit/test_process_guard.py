@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import types
 
 from flytekitplugins.actor.worker.sandbox import ProcessGuard
@@ -45,10 +46,6 @@ def _user_exit_handler(path: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)  # builtins.open is patched by the task when this runs
     os.write(fd, b"ran")
     os.close(fd)
-
-
-def _spin(event: threading.Event) -> None:
-    event.wait()
 
 
 def test_a_task_that_changes_the_process_leaves_nothing_behind(tmp_path):
@@ -84,8 +81,7 @@ def test_a_task_that_changes_the_process_leaves_nothing_behind(tmp_path):
         atexit.register(_user_exit_handler, str(marker))
         subprocess.Popen(["sleep", "60"])
         subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 &"]).wait()  # daemonized grandchildren
-        event = threading.Event()
-        threading.Thread(target=_spin, args=(event,), name="left-running", daemon=True).start()
+        threading.Thread(target=time.sleep, args=(60,), name="left-running", daemon=True).start()
 
         ended = guard.before_wipe()
         restored = guard.after_wipe()
@@ -125,8 +121,10 @@ def test_an_untouched_process_needs_nothing_put_back_and_library_threads_are_kep
         results = []
         for _ in range(3):
             guard.take()
-            # A library thread (the target is library code), as an I/O loop of fsspec would start.
-            threading.Thread(target=threading.Event().wait, args=(60,), daemon=True).start()
+            # A thread a library starts, as fsspec starts its I/O loop.
+            import concurrent.futures
+
+            concurrent.futures.ThreadPoolExecutor(1).submit(time.sleep, 60)
             results.append((guard.before_wipe(), guard.after_wipe(), guard.leaked))
         return {"results": results}
 

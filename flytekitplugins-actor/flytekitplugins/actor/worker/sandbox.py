@@ -131,8 +131,9 @@ class ProcessGuard:
     deleted or added (monkeypatches); modules of ``sys.modules`` that the task replaced or deleted, and modules it
     made by hand. Ended: child processes the task left (the executor is a child subreaper, so daemonized
     grandchildren come back to it and are ended too). Run: ``atexit`` handlers the task's own code registered, at
-    the end of the task. Not put back: a thread started from the task's code and still running; :attr:`leaked`
-    then says so, and the executor is replaced.
+    the end of the task. Not put back: a thread that the task's own code started (recorded as
+    it starts) and that is still running; :attr:`leaked` then says so, and the executor is replaced. Threads that
+    libraries start (an I/O loop, a pool's workers) are library state and stay.
     """
 
     def __init__(self) -> None:
@@ -142,7 +143,7 @@ class ProcessGuard:
         self._watch_stdlib()
         self._modules: Dict[str, ModuleType] = {}
         self._environ_keys: Set[object] = set()
-        self._threads: Set[int] = set()
+        self._started: List[tuple] = []  # (thread, the module that started it) during the task
         self._umask = 0
         self._signals: Dict[int, object] = {}
         self._signal_mask: Set[int] = set()
@@ -165,7 +166,7 @@ class ProcessGuard:
 
         self.leaked = ""
         self._modules = sys.modules.copy()
-        self._threads = {t.ident for t in threading.enumerate()}
+        self._started = []
         self._umask = os.umask(0o022)
         os.umask(self._umask)
         self._signal_mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
@@ -181,6 +182,14 @@ class ProcessGuard:
         self._originals = (signal.signal, atexit.register, atexit.unregister, os.putenv, os.unsetenv)
         for module, name, value in self._wrappers():
             ModuleType.__setattr__(module, name, value)
+        start = self._thread_start = threading.Thread.start
+        started = self._started
+
+        def record_start(thread, *args, **kwargs):
+            started.append((thread, sys._getframe(1).f_globals.get("__name__", "")))
+            return start(thread, *args, **kwargs)
+
+        threading.Thread.start = record_start
 
     def _wrappers(self) -> List[tuple]:
         import atexit
@@ -221,8 +230,11 @@ class ProcessGuard:
         import atexit
         import signal
 
+        import threading
+
         for (module, name, _), original in zip(self._wrappers(), self._originals):
             ModuleType.__setattr__(module, name, original)
+        threading.Thread.start = self._thread_start
         done = []
         if self._exits:
             done.append(f"{len(self._exits)} atexit handlers run")
@@ -265,7 +277,9 @@ class ProcessGuard:
         done += self._restore_logging()
         done += self._restore_stdlib()
         done += self._restore_modules()
-        self.leaked = _leaked_threads(self._threads)
+        leaked = [t.name for t, starter in self._started if t.is_alive() and _top_level(starter) not in _library_packages()]
+        self.leaked = f"the task left threads running: {', '.join(leaked)}" if leaked else ""
+        self._started = []
         return done
 
     def _restore_logging(self) -> List[str]:
@@ -369,24 +383,6 @@ def _library_packages() -> frozenset:
 
 def _top_level(name: str) -> str:
     return name.partition(".")[0]
-
-
-def _leaked_threads(before: Set[int]) -> str:
-    """Threads started from the task's own code (its modules are gone from ``sys.modules`` by now) that still
-    run; threads of libraries (an I/O loop, a pool) are library state and stay."""
-    import threading
-
-    leaked = []
-    for thread in threading.enumerate():
-        if thread.ident in before or not thread.is_alive():
-            continue
-        code = getattr(thread, "_target", None) or type(thread).run
-        code = getattr(code, "func", code)  # functools.partial
-        code = getattr(code, "__func__", code)  # bound method
-        owner = getattr(code, "__module__", None) or type(getattr(code, "__self__", None)).__module__
-        if _top_level(owner) not in _library_packages():
-            leaked.append(thread.name)
-    return f"the task left threads running: {', '.join(leaked)}" if leaked else ""
 
 
 def _become_subreaper() -> None:
