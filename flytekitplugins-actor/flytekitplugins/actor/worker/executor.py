@@ -30,9 +30,12 @@ from flytekit.tools.module_loader import load_object_from_module
 # state to keep, not task state to wipe) before any task runs: @actor_cache's store and the task type stay put.
 from .. import cache, contract, environment, local, map, task  # noqa: F401
 from ..protocol import lease_pb2
-from .sandbox import TaskSandbox, limit_memory
+from .sandbox import TaskSandbox, _installed_top_level_names, limit_memory
 
 SUCCEEDED, FAILED = "succeeded", "failed"
+# Listing installed distributions takes ~0.1 s: done once here, in the fork server, and inherited by every executor
+# (a replacement executor, after a task that left a thread running or died, starts in milliseconds).
+_installed_top_level_names()
 #: Bytes of data memory (RLIMIT_DATA) an executor may use; set by the local launcher from ``limits.mem``.
 MEMORY_LIMIT_VARIABLE = "FLYTE_ACTOR_MEMORY_LIMIT_BYTES"
 

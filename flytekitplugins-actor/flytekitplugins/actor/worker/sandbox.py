@@ -43,6 +43,7 @@ def _library_roots() -> List[str]:
     return sorted(os.path.realpath(r) + os.sep for r in roots)
 
 
+@functools.lru_cache(maxsize=1)
 def _installed_top_level_names() -> Set[str]:
     """Top-level packages of installed distributions, editable installs included (they live outside
     site-packages but are libraries all the same)."""
