@@ -14,6 +14,7 @@ Configured by environment variables (set by the agent's launcher):
 ``FLYTE_ACTOR_PARALLELISM``         tasks run at once (default 1)
 ``FLYTE_ACTOR_SCRATCH_DIR``         where task temp dirs and code bundles go (default: a temp dir)
 ``FLYTE_ACTOR_RECONNECT_SECONDS``   how long to keep trying to reach a lost agent before exiting (default 60)
+``FLYTE_ACTOR_MEMORY_LIMIT_BYTES``  data memory each executor may use (RLIMIT_DATA; set by the local launcher)
 ==================================  =====================================================================
 """
 
