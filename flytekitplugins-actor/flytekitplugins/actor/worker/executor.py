@@ -79,6 +79,8 @@ def run_task(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, scratch_root: st
         result = _failure(f"Task {task_run.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
     finally:
         sandbox.exit()
+    if sandbox.restored:  # into the replica's log: what the task changed in the process and did not undo
+        print(f"after task {task_run.task_name}: {'; '.join(sandbox.restored)}", file=sys.stderr, flush=True)
     if sandbox.guard.leaked:
         result["retire"] = sandbox.guard.leaked
     result["run_seconds"] = time.monotonic() - started

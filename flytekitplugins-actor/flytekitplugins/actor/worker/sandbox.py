@@ -117,7 +117,6 @@ class TaskSandbox:
         return all(any(loc.startswith(root) for root in self._roots) for loc in locations)
 
 
-
 # ------------------------------------------------------------------------------ process-wide state of a task
 
 
