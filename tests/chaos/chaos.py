@@ -10,7 +10,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Set
+from typing import Iterable, List, Optional
 
 #: Variable every process of a scenario inherits, so that processes left over can be found in /proc.
 RUN_VARIABLE = "FLYTE_CHAOS_RUN"
@@ -171,7 +171,3 @@ def wait_for(condition, timeout: float, what: str):
         time.sleep(0.05)
     raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
 
-
-def groups_of(pids: Dict[str, int]) -> Set[int]:
-    """Process groups of replica processes (each replica leads its own group)."""
-    return set(pids.values())

@@ -3,7 +3,6 @@ settings and monkeypatches are put back, child processes ended, atexit handlers 
 thread replaced, and ``limits.mem`` enforced on local executors."""
 
 import os
-import time
 
 import pytest
 from flyteidl.core.execution_pb2 import TaskExecution
