@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flyte-actor-agent")
 
+#: A stream that has not said Hello this long after it opened is closed.
+HELLO_TIMEOUT_SECONDS = 10.0
+#: Largest Hello accepted (ids, a token and the running lease ids of one replica take far less).
+MAX_HELLO_BYTES = 64 * 1024
+
 _OUTCOMES = {
     lease_pb2.SUCCEEDED: core.Outcome.SUCCEEDED,
     lease_pb2.FAILED: core.Outcome.FAILED,
@@ -38,8 +43,9 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
 
     def __init__(self, reactor: "Reactor", host: str = "127.0.0.1", port: int = 0,
                  advertise_address: Optional[str] = None, credentials: Optional[grpc.ServerCredentials] = None,
-                 ca_certificate: str = ""):
+                 ca_certificate: str = "", hello_timeout: float = HELLO_TIMEOUT_SECONDS):
         self.reactor = reactor
+        self.hello_timeout = hello_timeout
         self.host = host
         self.port = port
         self.advertise_address = advertise_address
@@ -91,9 +97,18 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
     # ------------------------------------------------------------------------------- from the replicas
 
     async def Connect(self, request_iterator, context):
-        first = await context.read()
+        try:
+            first = await asyncio.wait_for(context.read(), self.hello_timeout)
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no Hello within {self.hello_timeout:g}s of opening the lease stream")
         if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message on a lease stream must be Hello")
+        size = first.ByteSize()
+        if size > MAX_HELLO_BYTES:
+            log.warning("refused a Hello of %d bytes from %s", size, loggable(context.peer()))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"Hello is {size} bytes; at most {MAX_HELLO_BYTES} are accepted")
         hello = first.hello
         if hello.protocol_version != PROTOCOL_VERSION:
             await context.abort(
@@ -106,12 +121,12 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
         try:
             self.reactor.authenticate(replica_id, hello.token, hello.environment_key)
         except core.ReplicaRefused as refused:
-            log.warning("refused replica: %s", refused)
+            log.warning("refused replica %s: %s", loggable(replica_id), loggable(str(refused)))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(refused))
         if replica_id in self._streams:
             # One live stream per replica: a second Hello (someone holding the token, or the replica itself before
             # the agent saw its old stream end) is refused, never swapped in. The replica retries ALREADY_EXISTS.
-            log.warning("refused a second stream for replica %s", replica_id)
+            log.warning("refused a second stream for replica %s", loggable(replica_id))
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"replica {replica_id} already has a live lease stream")
         queue: asyncio.Queue = asyncio.Queue()
         # Mapped before the reactor hears of the replica, so the leases it hands out at once reach this stream;
@@ -122,12 +137,13 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
                                                        running)
         except core.ReplicaRefused as refused:
             del self._streams[replica_id]
-            log.warning("refused replica: %s", refused)
+            log.warning("refused replica %s: %s", loggable(replica_id), loggable(str(refused)))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(refused))
         welcome = lease_pb2.AgentMessage(welcome=lease_pb2.Welcome(
             heartbeat_interval_seconds=self.reactor.heartbeat_interval, abandoned_lease_ids=abandoned))
         await context.write(welcome)
-        log.info("replica %s connected (worker %.40r, capacity %d)", replica_id, hello.worker_version, hello.capacity)
+        log.info("replica %s connected (worker %s, capacity %d)", loggable(replica_id), loggable(hello.worker_version),
+                 hello.capacity)
         reader = asyncio.ensure_future(self._read(context, replica_id))
         getter = None
         try:
@@ -154,17 +170,33 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
             message = await context.read()
             if message is grpc.aio.EOF:
                 return
-            kind = message.WhichOneof("body")
-            if kind == "heartbeat":
-                self.reactor.heartbeat(replica_id)
-            elif kind == "status":
-                status = message.status
-                outcome = _OUTCOMES.get(status.phase)
-                if outcome is None:
-                    log.warning("replica %s sent a status with no phase for lease %.120r", replica_id, status.lease_id)
-                    continue
-                self.reactor.report(replica_id, status.lease_id, outcome,
-                                    outputs=None if status.outputs_in_prefix else status.outputs,
-                                    error=status.error or None, message=status.message, retryable=status.retryable,
-                                    run_seconds=status.run_seconds, outputs_size=status.outputs_size,
-                                    system_error=status.system_error)
+            try:
+                self._handle(replica_id, message)
+            except Exception:  # noqa: BLE001 - one bad message must not end a healthy replica's stream
+                log.exception("replica %s: a %s message could not be handled; the stream goes on",
+                              loggable(replica_id), message.WhichOneof("body"))
+
+    def _handle(self, replica_id: str, message: lease_pb2.ReplicaMessage) -> None:
+        kind = message.WhichOneof("body")
+        if kind == "heartbeat":
+            self.reactor.heartbeat(replica_id, list(message.heartbeat.running_lease_ids))
+        elif kind == "status":
+            status = message.status
+            outcome = _OUTCOMES.get(status.phase)
+            if outcome is None:
+                log.warning("replica %s sent a status with no phase for lease %s", loggable(replica_id),
+                            loggable(status.lease_id))
+                return
+            self.reactor.report(replica_id, status.lease_id, outcome,
+                                outputs=None if status.outputs_in_prefix else status.outputs,
+                                error=status.error or None, message=status.message, retryable=status.retryable,
+                                run_seconds=status.run_seconds, outputs_size=status.outputs_size,
+                                system_error=status.system_error)
+        else:
+            log.warning("replica %s sent a %s message after Hello; ignored", loggable(replica_id), kind)
+
+
+def loggable(value: str, limit: int = 120) -> str:
+    """``value`` as it may go into a log line: quoted and escaped (no forged lines), and cut to ``limit``."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(value)} characters)"

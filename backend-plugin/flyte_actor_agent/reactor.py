@@ -77,6 +77,7 @@ class Reactor:
         self._recovering_until = 0.0
         self.heartbeat_interval = heartbeat_interval
         self.metrics = metrics or Metrics()
+        scheduler_options.setdefault("ghost_grace", heartbeat_interval)
         self.scheduler = core.Scheduler(
             clock=time.monotonic, heartbeat_timeout=HEARTBEAT_MISSES * heartbeat_interval, **scheduler_options
         )
@@ -88,6 +89,9 @@ class Reactor:
         self._timer: Optional[asyncio.TimerHandle] = None
         self._background: set = set()
         self._stopped = False
+        #: Finished tasks and maps whose result no GetTask has read yet: a draining agent waits for them.
+        self._unread: set = set()
+        self._unread_limit = 1024
 
     # -------------------------------------------------------------------------------------- thread-safe API
 
@@ -123,9 +127,13 @@ class Reactor:
         seconds, then stop. A launcher whose replicas outlive the agent (Kubernetes) leaves them running."""
         deadline = time.monotonic() + grace
         self.call(setattr, self.scheduler, "draining", True).result(timeout=10)
-        while time.monotonic() < deadline and self.call(lambda: bool(self.scheduler.leases)).result(timeout=10):
+        while time.monotonic() < deadline and self.call(self._drain_pending).result(timeout=10):
             time.sleep(0.2)
         self.stop()
+
+    def _drain_pending(self) -> bool:
+        """Whether a draining agent still has work: running leases, or results that GetTask has not read."""
+        return bool(self.scheduler.leases) or any(self._known(key) for key in self._unread)
 
     @property
     def lease_address(self) -> str:
@@ -156,7 +164,10 @@ class Reactor:
         self.scheduler.forget(key)
 
     def view(self, key: str) -> Optional[TaskView]:
-        view = task_view(self.scheduler, key, recovering=time.monotonic() < self._recovering_until)
+        """What GetTask answers; a terminal answer counts as delivered (a draining agent waits for that)."""
+        view = self._view(key)
+        if view is not None and view.phase.terminal:
+            self._unread.discard(key)
         task = self.scheduler.tasks.get(key)
         if view is not None and task is not None and view.phase is core.Phase.RUNNING and task.replica_id:
             # Where the task runs, for its log links: the launcher knows the replica's pod.
@@ -165,15 +176,18 @@ class Reactor:
                 view.started_at = time.time() - (time.monotonic() - task.started_at)
         return view
 
+    def _view(self, key: str) -> Optional[TaskView]:
+        return task_view(self.scheduler, key, recovering=time.monotonic() < self._recovering_until)
+
     async def wait(self, key: str) -> Optional[TaskView]:
         """Wait until ``key`` reaches a terminal phase, without polling."""
-        view = self.view(key)
+        view = self._view(key)
         if view is None or view.phase.terminal:
             return view
         future = self.loop.create_future()
         self._waiters.setdefault(key, []).append(future)
         await future
-        return self.view(key)
+        return self._view(key)
 
     # ----------------------------------------------------------------------- loop side: from the lease service
 
@@ -191,8 +205,10 @@ class Reactor:
         """Raises :class:`.scheduler.ReplicaRefused` unless ``token`` is the token of this replica of ours."""
         self.scheduler.authenticate(replica_id, token, fleet_key)
 
-    def heartbeat(self, replica_id: str) -> None:
-        self.scheduler.heartbeat(replica_id)
+    def heartbeat(self, replica_id: str, running: Optional[List[str]] = None) -> None:
+        effects = self.scheduler.heartbeat(replica_id, running)
+        if effects:  # most heartbeats change nothing: skip re-arming the timer
+            self._apply(effects)
 
     def report(self, replica_id: str, lease_id: str, outcome: core.Outcome, outputs: Optional[bytes],
                error: Optional[bytes], message: str, retryable: bool, run_seconds: float,
@@ -203,8 +219,10 @@ class Reactor:
             **details))
 
     def stream_lost(self, replica_id: str) -> None:
-        """The stream of a replica that was still ours ended: it is lost."""
-        self._replica_gone(replica_id, core.ReplicaExit(core.ExitReason.STREAM_CLOSED, "its lease stream closed"))
+        """The stream of a replica that was still ours ended: it has the reconnect grace to come back."""
+        if replica_id in self.scheduler.replicas:
+            self.metrics.replica_event(self.fleet_name(replica_id), "disconnected")
+        self._apply(self.scheduler.stream_lost(replica_id))
 
     def fleet_name(self, replica_id: str) -> str:
         replica = self.scheduler.replicas.get(replica_id)
@@ -253,6 +271,9 @@ class Reactor:
                 if isinstance(effect, core.Assign):
                     self.metrics.dispatched(effect.task)
                 self.channel.deliver(effect)
+            elif isinstance(effect, core.Disconnect):
+                log.warning("closing the lease stream of replica %s: %s", effect.replica_id, effect.reason)
+                self.channel.close(effect.replica_id)
             elif isinstance(effect, core.Finished):
                 self._finished(effect.key)
             elif isinstance(effect, core.Launch):
@@ -265,9 +286,14 @@ class Reactor:
         self._arm_timer()
 
     def _finished(self, key: str) -> None:
-        view = self.view(key)
+        view = self._view(key)
         if view is not None:
             self.metrics.finished(view)
+            if view.phase is not core.Phase.ABORTED:  # propeller stops asking about what it aborted
+                self._unread.add(key)
+                if len(self._unread) > self._unread_limit:  # results nobody reads, then forgotten: prune
+                    self._unread = {k for k in self._unread if self._known(k)}
+                    self._unread_limit = max(1024, 2 * len(self._unread))
         for future in self._waiters.pop(key, []):
             if not future.done():
                 future.set_result(None)

@@ -53,6 +53,14 @@ MAP_ERRORS_KEPT = 100
 #: How an element's outputs are held when they are not in memory: in ``<map output prefix>/<index>/outputs.pb``
 #: (or an earlier attempt's, for elements recovered from it).
 IN_PREFIX = "in-prefix"
+#: How long a replica whose lease stream dropped keeps its leases, waiting for it to reconnect (a TCP reset, an
+#: agent-side network blip), before it is stopped and its tasks are leased again.
+RECONNECT_GRACE_SECONDS = 10.0
+#: A lease that a replica's heartbeats have not listed for this long (two heartbeats at least) never reached it.
+GHOST_GRACE_SECONDS = 5.0
+#: Starts ended by a signal or a deleted pod (someone else's doing) that are retried before they count as failed
+#: starts; the bound keeps a replica the OS kills on every start (out of memory at import) from looping forever.
+KILLED_START_LIMIT = 5
 
 
 class Outcome(enum.Enum):
@@ -114,13 +122,21 @@ class Ack:
 
 
 @dataclass(frozen=True)
+class Disconnect:
+    """Close the replica's lease stream (it lost messages); the replica reconnects within the reconnect grace."""
+
+    replica_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Finished:
     """A task (or actor map) reached a terminal phase: wake whoever waits on ``key``."""
 
     key: str
 
 
-Effect = Union[Launch, Stop, Assign, CancelLease, Ack, Finished]
+Effect = Union[Launch, Stop, Assign, CancelLease, Ack, Disconnect, Finished]
 
 
 class ReplicaRefused(Exception):
@@ -196,6 +212,7 @@ class TaskState:
 class ReplicaState(enum.Enum):
     STARTING = "starting"  # launched, not connected yet
     READY = "ready"
+    DISCONNECTED = "disconnected"  # its stream dropped: it keeps its leases for the reconnect grace
     STOPPING = "stopping"  # asked to stop (idle, drained or lost)
 
 
@@ -219,6 +236,10 @@ class Replica:
     waiting: str = ""
     #: The last task that failed or was lost on it, for the status page.
     last_failure: str = ""
+    #: When its stream dropped (while DISCONNECTED).
+    disconnected_at: float = 0.0
+    #: Leases it holds that its heartbeats have not listed, and since when.
+    unreported: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -246,6 +267,7 @@ class Fleet:
     queue: Deque[TaskState] = field(default_factory=deque)
     replicas: Dict[str, Replica] = field(default_factory=dict)
     start_failures: int = 0
+    killed_starts: int = 0
     last_start_error: str = ""
     failed_at: float = float("-inf")
     #: The last replica that went away without being asked to, and when (for the status page).
@@ -319,6 +341,9 @@ class Scheduler:
         lease_key: Optional[bytes] = None,
         max_output_bytes: int = 0,
         map_inline_budget: int = MAP_INLINE_BUDGET_BYTES,
+        reconnect_grace: float = RECONNECT_GRACE_SECONDS,
+        ghost_grace: float = GHOST_GRACE_SECONDS,
+        killed_start_limit: int = KILLED_START_LIMIT,
     ):
         """``lease_key`` signs lease ids (see :mod:`.lease_ids`); without one, a random key of this scheduler."""
         self.clock = clock
@@ -335,6 +360,9 @@ class Scheduler:
         #: Outputs larger than this fail their task (0: no cap); the server's --max-output-bytes.
         self.max_output_bytes = max_output_bytes
         self.map_inline_budget = map_inline_budget
+        self.reconnect_grace = reconnect_grace
+        self.ghost_grace = ghost_grace
+        self.killed_start_limit = killed_start_limit
         self._finished: Deque[tuple] = deque()  # (finished_at, key), oldest first, to forget results in O(1)
         self.fleets: Dict[str, Fleet] = {}
         self.tasks: Dict[str, TaskState] = {}
@@ -428,7 +456,10 @@ class Scheduler:
     def replica_connected(
         self, replica_id: str, token: str, fleet_key: str, capacity: int, running: List[str] = ()
     ) -> List[Effect]:
-        """A replica opened its lease stream; raises :class:`ReplicaRefused` if it is not one of ours."""
+        """A replica opened its lease stream; raises :class:`ReplicaRefused` if it is not one of ours.
+
+        ``running`` is every lease the replica still holds (running, or reported and not acked yet): a lease we
+        hold for it that it does not list never reached it, and is leased again at once."""
         replica = self.authenticate(replica_id, token, fleet_key)
         now = self.clock()
         if replica.connected_at is None:
@@ -437,8 +468,10 @@ class Scheduler:
         replica.capacity = max(1, capacity)
         replica.last_seen = now
         replica.idle_since = now
+        replica.unreported.clear()
         fleet = self.fleets[fleet_key]
         fleet.start_failures = 0
+        fleet.killed_starts = 0
         # A reconnecting replica keeps the leases we still hold for it; the rest it must drop.
         for lease_id in running:
             if replica.adopted and lease_id not in self.leases:
@@ -447,6 +480,8 @@ class Scheduler:
             if task is not None and task.replica_id == replica_id:
                 replica.leases.add(lease_id)
         effects: List[Effect] = []
+        for lease_id in sorted(replica.leases.difference(running)):
+            self._ghost(replica, lease_id, effects)
         self._dispatch(fleet, effects)
         return effects
 
@@ -491,10 +526,54 @@ class Scheduler:
         held = replica.leases if replica else set()
         return [lease for lease in running if lease not in held]
 
-    def heartbeat(self, replica_id: str) -> None:
+    def heartbeat(self, replica_id: str, running: Optional[List[str]] = None) -> List[Effect]:
+        """The replica is alive and runs ``running``: reconcile that with the leases we hold for it. A lease it
+        runs that we do not hold is cancelled on it; a lease we hold that it has not listed for ``ghost_grace``
+        never reached it (its stream lost bytes): the task is leased again and the stream closed."""
+        effects: List[Effect] = []
         replica = self.replicas.get(replica_id)
-        if replica is not None:
-            replica.last_seen = self.clock()
+        if replica is None:
+            return effects
+        now = self.clock()
+        replica.last_seen = now
+        if running is None or replica.state is not ReplicaState.READY:
+            return effects
+        listed = set(running)
+        for lease_id in sorted(listed - replica.leases):
+            effects.append(CancelLease(replica_id, lease_id, "the agent does not hold this lease"))
+        replica.unreported = {
+            lease_id: replica.unreported.get(lease_id, now) for lease_id in replica.leases if lease_id not in listed
+        }
+        ghosts = sorted(lease for lease, since in replica.unreported.items() if now - since >= self.ghost_grace)
+        if ghosts:
+            # Disconnected first, so that the re-queued tasks are not leased to it again on the broken stream.
+            replica.state = ReplicaState.DISCONNECTED
+            replica.disconnected_at = now
+            effects.append(Disconnect(replica_id, f"leases {ghosts} never reached it"))
+            for lease_id in ghosts:
+                self._ghost(replica, lease_id, effects)
+        return effects
+
+    def _ghost(self, replica: Replica, lease_id: str, effects: List[Effect]) -> None:
+        """``lease_id`` never reached ``replica``: free its slot and lease the task again."""
+        replica.leases.discard(lease_id)
+        replica.unreported.pop(lease_id, None)
+        task = self.leases.get(lease_id)
+        if task is not None and task.replica_id == replica.id:
+            del self.leases[lease_id]
+            self._lease_lost(task, f"lease {lease_id} never reached replica {replica.id}", effects)
+
+    def stream_lost(self, replica_id: str) -> List[Effect]:
+        """The replica's lease stream ended. A ready replica keeps its leases for ``reconnect_grace`` seconds,
+        waiting for it to reconnect; one being stopped is gone."""
+        replica = self.replicas.get(replica_id)
+        if replica is None or replica.state is ReplicaState.DISCONNECTED:
+            return []
+        if replica.state is ReplicaState.READY:
+            replica.state = ReplicaState.DISCONNECTED
+            replica.disconnected_at = self.clock()
+            return []
+        return self.replica_gone(replica_id, ReplicaExit(ExitReason.STREAM_CLOSED, "its lease stream closed"))
 
     def replica_gone(self, replica_id: str, exit: ReplicaExit) -> List[Effect]:
         """The replica's stream broke, its process exited or its pod went away."""
@@ -512,10 +591,13 @@ class Scheduler:
         if replica.state is not ReplicaState.STOPPING or exit.reason is ExitReason.NO_HEARTBEAT:
             fleet.last_replica_failure, fleet.last_replica_failure_at = exit, self.clock()
         if replica.state is ReplicaState.STARTING and not replica.adopted:
-            fleet.start_failures += 1
-            if exit.reason is ExitReason.REFUSED:
-                fleet.start_failures = max(fleet.start_failures, self.start_failure_limit)
-            fleet.last_start_error = cause
+            if exit.reason in (ExitReason.KILLED, ExitReason.DELETED) and fleet.killed_starts < self.killed_start_limit:
+                fleet.killed_starts += 1  # someone else's signal or deletion, not the image: start another
+            else:
+                fleet.start_failures += 1
+                if exit.reason is ExitReason.REFUSED:
+                    fleet.start_failures = max(fleet.start_failures, self.start_failure_limit)
+                fleet.last_start_error = cause
             if self._cannot_start(fleet):
                 fleet.failed_at = self.clock()
                 self._fail_queue(fleet, self._start_error(fleet), effects)
@@ -639,6 +721,12 @@ class Scheduler:
                 self._replica_gone(replica.id, ReplicaExit(
                     ExitReason.START_TIMEOUT,
                     f"replica {replica.id} did not connect within {self.start_timeout:g}s of its launch"), effects)
+            elif replica.state is ReplicaState.DISCONNECTED and now - replica.disconnected_at >= self.reconnect_grace:
+                replica.state = ReplicaState.STOPPING
+                effects.append(Stop(replica.id, "did not reconnect"))
+                self._replica_gone(replica.id, ReplicaExit(
+                    ExitReason.STREAM_CLOSED,
+                    f"its lease stream closed and it did not reconnect within {self.reconnect_grace:g}s"), effects)
             elif replica.state is ReplicaState.READY and now - replica.last_seen > self.heartbeat_timeout:
                 replica.state = ReplicaState.STOPPING
                 effects.append(Stop(replica.id, "no heartbeat"))
@@ -658,6 +746,8 @@ class Scheduler:
         for replica in self.replicas.values():
             if replica.state is ReplicaState.STARTING and not replica.waiting:
                 times.append(replica.launched_at + self.start_timeout)
+            elif replica.state is ReplicaState.DISCONNECTED:
+                times.append(replica.disconnected_at + self.reconnect_grace)
             elif replica.state is ReplicaState.READY:
                 times.append(replica.last_seen + self.heartbeat_timeout)
                 if not replica.leases:

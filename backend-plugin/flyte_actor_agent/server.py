@@ -353,8 +353,10 @@ async def serve(args: argparse.Namespace) -> None:
     await stopping.wait()
     log.info("shutting down: no new tasks, %ss for running ones", args.shutdown_grace_seconds)
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=5)
+    # The connector keeps answering GetTask during the drain: propeller collects the results of the tasks that
+    # finish in it (the drain ends once they are read, or at the grace); only then does the port close.
     await asyncio.to_thread(agent.shutdown, args.shutdown_grace_seconds)
+    await server.stop(grace=5)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -1,6 +1,7 @@
 """Unit tests of the scheduling core (``flyte_actor_agent.scheduler``), driven with a fake clock and deterministic ids.
 
-Covered: scale-up on demand, dispatch to the busiest replica, idempotent submit, at-least-once report de-duplication,
+Covered: lease reconciliation on Hello and Heartbeat (ghost leases, leases the agent no longer holds), the reconnect
+grace of a replica whose stream dropped, starts ended by signals, scale-up on demand, dispatch to the busiest replica, idempotent submit, at-least-once report de-duplication,
 failure phases, lost leases and replicas (re-queue, re-lease, ``max_leases``), replicas that cannot start, refused
 connections, cancellation, ``tick`` (TTL, heartbeat timeout, lease deadline, forgetting results), ``next_deadline``,
 actor maps (concurrency, output order, ``min_success_ratio``, cancel, empty maps), ``drain`` and the module doctest.
@@ -19,6 +20,7 @@ from flyte_actor_agent.scheduler import (
     Ack,
     Assign,
     CancelLease,
+    Disconnect,
     ExitReason,
     Finished,
     FleetConfig,
@@ -830,3 +832,136 @@ def test_outputs_over_the_cap_fail_the_task_naming_the_cap_and_the_setting(clock
     task = sched.tasks["t1"]
     assert task.phase is Phase.FAILED
     assert "101 bytes" in task.message and "100 bytes" in task.message and "--max-output-bytes" in task.message
+
+
+# ------------------------------------------------------------------------------------ reconciliation and reconnects
+
+
+def test_a_lease_the_replica_never_received_is_leased_again_when_it_reconnects(sched):
+    fleet = fleet_spec()
+    (launch,) = submit_all(sched, fleet, "t1")
+    lost = assigned(connect(sched, launch))["t1"]  # the Assignment is lost on the way
+    sched.stream_lost(launch.replica_id)
+
+    effects = sched.replica_connected(launch.replica_id, launch.token, fleet.key, capacity=1, running=[])
+    (again,) = only(effects, Assign)
+    assert (again.replica_id, again.task.key) == (launch.replica_id, "t1") and again.lease_id != lost.lease_id
+    assert sched.replicas[launch.replica_id].leases == {again.lease_id}
+    assert lost.lease_id not in sched.leases
+
+
+def test_a_reconnecting_replica_keeps_the_leases_it_lists_and_drops_the_ones_we_no_longer_hold(sched):
+    fleet = fleet_spec(replica_count=1, parallelism=2)
+    (launch,) = submit_all(sched, fleet, "t1", "t2")
+    leases = assigned(sched.replica_connected(launch.replica_id, launch.token, fleet.key, capacity=2))
+    sched.stream_lost(launch.replica_id)
+    sched.cancel("t2")  # its Cancel cannot reach the replica now
+
+    effects = sched.replica_connected(launch.replica_id, launch.token, fleet.key, capacity=2,
+                                      running=[leases["t1"].lease_id, "old|gone"])
+    assert only(effects, Assign) == []
+    assert sched.replicas[launch.replica_id].leases == {leases["t1"].lease_id}
+    assert sched.abandoned_leases(launch.replica_id, [leases["t1"].lease_id, "old|gone"]) == ["old|gone"]
+    assert sched.tasks["t1"].phase is Phase.RUNNING and sched.tasks["t2"].phase is Phase.ABORTED
+
+
+def test_a_lease_missing_from_heartbeats_for_the_ghost_grace_is_leased_again_and_the_stream_closed(clock):
+    sched = make_scheduler(clock, ghost_grace=5)
+    fleet = fleet_spec(replica_count=2, ttl_seconds=600)
+    a, b = submit_all(sched, fleet, "t1", "t2")
+    ghost = assigned(connect(sched, a))["t1"]
+    report(sched, assigned(connect(sched, b))["t2"])  # b is free
+
+    clock.now = 1.0  # sent before the Assignment arrived: not yet a ghost
+    assert sched.heartbeat(a.replica_id, []) == []
+    clock.now = 5.5
+    assert sched.heartbeat(a.replica_id, []) == []
+    clock.now = 6.0
+    effects = sched.heartbeat(a.replica_id, [])
+    assert effects[0] == Disconnect(a.replica_id, f"leases {[ghost.lease_id]} never reached it")
+    (again,) = only(effects, Assign)
+    assert (again.replica_id, again.task.key) == (b.replica_id, "t1")  # not the replica whose stream lost it
+    assert sched.replicas[a.replica_id].state is ReplicaState.DISCONNECTED
+    assert sched.replicas[a.replica_id].leases == set()
+
+
+def test_a_listed_lease_is_not_a_ghost(clock):
+    sched = make_scheduler(clock, ghost_grace=5)
+    assign = start_one(sched, fleet_spec(ttl_seconds=600))
+    for now in (1.0, 6.0, 11.0, 16.0):
+        clock.now = now
+        assert sched.heartbeat(assign.replica_id, [assign.lease_id]) == []
+    clock.now = 17.0  # an old worker that lists nothing is trusted
+    assert sched.heartbeat(assign.replica_id) == []
+    assert sched.tasks["t1"].lease_id == assign.lease_id
+
+
+def test_a_heartbeat_listing_a_lease_we_no_longer_hold_cancels_it_on_the_replica(sched):
+    assign = start_one(sched, fleet_spec())
+    report(sched, assign)
+    effects = sched.heartbeat(assign.replica_id, [assign.lease_id])
+    assert effects == [CancelLease(assign.replica_id, assign.lease_id, "the agent does not hold this lease")]
+
+
+def test_a_replica_whose_stream_dropped_keeps_its_leases_for_the_reconnect_grace(clock):
+    sched = make_scheduler(clock, reconnect_grace=10)
+    fleet = fleet_spec(ttl_seconds=600)
+    (launch,) = submit_all(sched, fleet, "t1", "t2")
+    assign = assigned(connect(sched, launch))["t1"]
+
+    assert sched.stream_lost(launch.replica_id) == []  # no replacement, no re-lease
+    assert sched.replicas[launch.replica_id].state is ReplicaState.DISCONNECTED
+    assert sched.next_deadline() == 10.0
+    clock.now = 9.0
+    assert sched.tick() == []
+    assert sched.replica_connected(launch.replica_id, launch.token, fleet.key, capacity=1,
+                                   running=[assign.lease_id]) == []
+    assert sched.replicas[launch.replica_id].state is ReplicaState.READY
+    effects = report(sched, assign)
+    assert [a.task.key for a in only(effects, Assign)] == ["t2"]
+    assert sched.tasks["t1"].phase is Phase.SUCCEEDED and sched.tasks["t1"].leases == 1
+
+
+def test_a_replica_that_does_not_reconnect_within_the_grace_is_stopped_and_its_tasks_leased_again(clock):
+    sched = make_scheduler(clock, reconnect_grace=10)
+    fleet = fleet_spec(ttl_seconds=600)
+    assign = start_one(sched, fleet)
+    sched.stream_lost(assign.replica_id)
+    clock.now = 10.0
+    effects = sched.tick()
+    assert effects[0] == Stop(assign.replica_id, "did not reconnect")
+    (replacement,) = only(effects, Launch)
+    assert sched.tasks["t1"].phase is Phase.QUEUED
+    assert assigned(connect(sched, replacement))["t1"].lease_id != assign.lease_id
+    with pytest.raises(ReplicaRefused):
+        sched.replica_connected(assign.replica_id, "token1", fleet.key, capacity=1)
+
+
+def test_a_stream_of_a_replica_being_stopped_ends_it_at_once(sched):
+    assign = start_one(sched, fleet_spec())
+    sched.stop_replica(assign.replica_id, "ttl")
+    effects = sched.stream_lost(assign.replica_id)
+    assert assign.replica_id not in sched.replicas
+    assert sched.tasks["t1"].phase is Phase.QUEUED and only(effects, Launch)
+
+
+@pytest.mark.parametrize("reason", [ExitReason.KILLED, ExitReason.DELETED])
+def test_starts_ended_by_a_signal_are_retried_without_failing_anything(clock, reason):
+    sched = make_scheduler(clock, start_failure_limit=2, killed_start_limit=5)
+    fleet = fleet_spec()
+    (launch,) = submit_all(sched, fleet, "t1")
+    for _ in range(5):
+        (launch,) = only(sched.replica_gone(launch.replica_id, ReplicaExit(reason, "killed by signal 9")), Launch)
+    assert sched.tasks["t1"].phase is Phase.QUEUED
+    assert only(sched.submit(request("t2", fleet)), Finished) == []  # the environment is not poisoned
+    assert assigned(connect(sched, launch))["t1"].replica_id == launch.replica_id
+
+
+def test_a_replica_killed_on_every_start_fails_the_queue_after_the_killed_start_limit(clock):
+    sched = make_scheduler(clock, start_failure_limit=2, killed_start_limit=3)
+    (launch,) = submit_all(sched, fleet_spec(), "t1")
+    killed = ReplicaExit(ExitReason.KILLED, "replica process was killed by signal 9")
+    for _ in range(4):
+        (launch,) = only(sched.replica_gone(launch.replica_id, killed), Launch)
+    assert sched.replica_gone(launch.replica_id, killed) == [Finished("t1")]
+    assert sched.tasks["t1"].phase is Phase.FAILED and "killed by signal 9" in sched.tasks["t1"].message

@@ -8,6 +8,10 @@ Its token comes through a pipe, never the environment, so no other process can r
 Replicas run on this host, so a task's code bundle (``pyflyte-fast-execute --additional-distribution``) is fetched
 only from a trusted place: local paths, plus the prefixes an admin configures (``trusted_bundles``,
 ``flyte-actor-agent serve --trusted-bundle-prefixes``).
+
+No container enforces the environment's ``limits.mem`` here: each executor caps its own data memory at it
+(RLIMIT_DATA: heap and private mappings), so a task that allocates past it gets a MemoryError instead of taking
+the machine's memory. It is per executor, not shared by a replica's ``parallelism`` executors as a pod's is.
 """
 
 from __future__ import annotations
@@ -185,6 +189,9 @@ class LocalProcessLauncher(Launcher):
         env["FLYTE_ACTOR_RECONNECT_SECONDS"] = str(self.reconnect_seconds)
         env["FLYTE_ACTOR_SCRATCH_DIR"] = os.path.join(self.log_dir, replica.replica_id)
         env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p or os.getcwd()) for p in sys.path)
+        memory = (replica.environment.replica.get("limits") or {}).get("mem")
+        if memory:
+            env["FLYTE_ACTOR_MEMORY_LIMIT_BYTES"] = str(quantity_bytes(memory))
         log_path = os.path.join(self.log_dir, f"{replica.replica_id}.log")
         zygote = await self._warm_parent(_zygote_env(env))
         proc = None
@@ -285,6 +292,23 @@ class LocalProcessLauncher(Launcher):
 def _zygote_env(replica_env: Dict[str, str]) -> Dict[str, str]:
     """The zygote's environment: a replica's, less what names one replica (each fork gets its own)."""
     return {k: v for k, v in replica_env.items() if not k.startswith("FLYTE_ACTOR_")}
+
+
+_SUFFIXES = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """Bytes of a Kubernetes memory quantity ("512Mi", "1G", "1.5Gi", "1e9", "1000")."""
+    text = str(quantity).strip()
+    number = text.rstrip("kKMGTPi")
+    suffix = text[len(number):]
+    try:
+        if suffix not in _SUFFIXES:
+            raise ValueError(suffix)
+        return int(float(number) * _SUFFIXES[suffix])
+    except ValueError:
+        raise ValueError(f"limits.mem {quantity!r} is not a memory quantity; write it as 512Mi, 2Gi or 1G") from None
 
 
 def _kill_group(pid: int, sig: int) -> None:

@@ -16,6 +16,7 @@ Configured by environment variables (set by the agent's launcher):
 ``FLYTE_ACTOR_PARALLELISM``         tasks run at once (default 1)
 ``FLYTE_ACTOR_SCRATCH_DIR``         where task temp dirs and code bundles go (default: a temp dir)
 ``FLYTE_ACTOR_RECONNECT_SECONDS``   how long to keep trying to reach a lost agent before exiting (default 60)
+``FLYTE_ACTOR_MEMORY_LIMIT_BYTES``  data memory each executor may use (RLIMIT_DATA; set by the local launcher)
 ==================================  =====================================================================
 
 The token never reaches task code: it is read once and removed from this process's environment before any
@@ -164,6 +165,9 @@ class ReplicaWorker:
         self.outbox: Optional[asyncio.Queue] = None
         self.draining = False
         self.stopped = asyncio.Event()
+        #: The signal that drained this replica, if one did: it exits by that signal, so whoever started it can
+        #: tell "stopped from outside" from "failed".
+        self.signalled: Optional[signal.Signals] = None
 
     # -------------------------------------------------------------------------------------------- lifecycle
 
@@ -171,7 +175,7 @@ class ReplicaWorker:
         for slot in self.slots:
             self._start_slot(slot)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self._drain, f"signal {sig.name}")
+            self.loop.add_signal_handler(sig, self._on_signal, sig)
         lost_since: Optional[float] = None
         try:
             while not self.stopped.is_set():
@@ -193,6 +197,10 @@ class ReplicaWorker:
             for slot in self.slots:
                 slot.kill()
 
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self.signalled = sig
+        self._drain(f"signal {sig.name}")
+
     def _drain(self, reason: str) -> None:
         log.info("draining: %s", reason)
         self.draining = True
@@ -210,7 +218,8 @@ class ReplicaWorker:
     async def _session(self) -> None:
         async with self._channel() as channel:
             call = lease_pb2_grpc.LeaseServiceStub(channel).Connect()
-            running = [s.lease_id for s in self.slots if s.lease_id]
+            # Every lease still held, reported-but-unacked ones too: the agent re-leases those we do not list.
+            running = [s.lease_id for s in self.slots if s.lease_id] + [l for l in self.unacked if l]
             await call.write(
                 lease_pb2.ReplicaMessage(
                     hello=lease_pb2.Hello(
@@ -267,22 +276,33 @@ class ReplicaWorker:
             msg = await call.read()
             if msg is grpc.aio.EOF:
                 raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "the agent closed the stream")
-            kind = msg.WhichOneof("body")
-            if kind == "assignment":
-                self._assign(msg.assignment)
-            elif kind == "ack":
-                self.unacked.pop(msg.ack.lease_id, None)
-                if self.draining:
-                    self._drain("drain requested")
-            elif kind == "cancel":
-                self._stop_lease(
-                    msg.cancel.lease_id,
-                    report=lease_pb2.TaskStatus(
-                        lease_id=msg.cancel.lease_id, phase=lease_pb2.CANCELLED, message=msg.cancel.reason
-                    ),
-                )
-            elif kind == "drain":
-                self._drain(msg.drain.reason or "the agent asked")
+            try:
+                self._handle(msg)
+            except Exception as e:  # noqa: BLE001 - one bad message must not take the replica down
+                log.exception("could not handle a %s message from the agent", msg.WhichOneof("body"))
+                lease_id = msg.assignment.lease_id if msg.WhichOneof("body") == "assignment" else ""
+                if lease_id and not any(s.lease_id == lease_id for s in self.slots):
+                    self._report(lease_pb2.TaskStatus(
+                        lease_id=lease_id, phase=lease_pb2.LOST,
+                        message=f"replica {self.config.replica_id} could not start the task: {e!r}"))
+
+    def _handle(self, msg: lease_pb2.AgentMessage) -> None:
+        kind = msg.WhichOneof("body")
+        if kind == "assignment":
+            self._assign(msg.assignment)
+        elif kind == "ack":
+            self.unacked.pop(msg.ack.lease_id, None)
+            if self.draining:
+                self._drain("drain requested")
+        elif kind == "cancel":
+            self._stop_lease(
+                msg.cancel.lease_id,
+                report=lease_pb2.TaskStatus(
+                    lease_id=msg.cancel.lease_id, phase=lease_pb2.CANCELLED, message=msg.cancel.reason
+                ),
+            )
+        elif kind == "drain":
+            self._drain(msg.drain.reason or "the agent asked")
 
     def _send(self, msg: lease_pb2.ReplicaMessage) -> None:
         if self.outbox is not None:
@@ -345,6 +365,9 @@ class ReplicaWorker:
             return
         expected = slot.lease_id
         self._finish_slot(slot)
+        if result.get("retire"):
+            log.info("replacing executor %d: %s", slot.index, result["retire"])
+            self._replace_executor(slot)
         if lease_id != expected:
             return  # abandoned while it ran
         self._report(_status_of(lease_id, result))
@@ -365,6 +388,15 @@ class ReplicaWorker:
         if not self.stopped.is_set():
             self._start_slot(slot)
         self._after_slot_freed()
+
+    def _replace_executor(self, slot: Slot) -> None:
+        """Start a clean executor in ``slot`` before anything else is assigned to it."""
+        self.loop.remove_reader(slot.conn.fileno())
+        slot.kill()
+        slot.process.join(timeout=5)
+        slot.conn.close()
+        if not self.stopped.is_set():
+            self._start_slot(slot)
 
     def _finish_slot(self, slot: Slot) -> None:
         if slot.timer is not None:
@@ -479,10 +511,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     _not_dumpable()
     config = Config.from_env()
 
-    async def _main() -> int:
-        return await ReplicaWorker(config).run()
+    workers: List[ReplicaWorker] = []
 
-    sys.exit(asyncio.run(_main()))
+    async def _main() -> int:
+        workers.append(ReplicaWorker(config))
+        return await workers[0].run()
+
+    code = asyncio.run(_main())
+    if workers and workers[0].signalled is not None:
+        # Drained by a signal: exit by it, so the launcher sees a replica stopped from outside, not a failure.
+        logging.shutdown()
+        signal.signal(workers[0].signalled, signal.SIG_DFL)
+        os.kill(os.getpid(), workers[0].signalled)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
