@@ -3,16 +3,18 @@
 By default each actor task goes to the embedded agent, which starts a fleet of local replica processes per
 environment on first use and stops them when this process exits, and waits for the result directly (no polling).
 ``FLYTE_ACTOR_LOCAL_MODE=inprocess`` runs tasks in this process instead, for debugging with breakpoints; the
-environment's variables are applied around each task in both modes.
+environment's variables are applied around each task in both modes. Where the agent cannot be imported (only the
+SDK is installed, as in a notebook), tasks run in this process too, after a one-line hint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 from flytekit import FlyteContext
 from flytekit.configuration import ImageConfig, SerializationSettings
@@ -44,7 +46,23 @@ def runs_on_local_fleet(ctx: FlyteContext) -> bool:
     state = ctx.execution_state
     if state is None or not state.is_local_execution():
         return False
-    return local_mode() == FLEET
+    return local_mode() == FLEET and embedded_agent() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def embedded_agent() -> Optional[Callable[[], Any]]:
+    """The embedded agent's ``local_agent``, or ``None`` when the agent cannot be imported: actor tasks then run in
+    this process, and the first call says so on stderr in one line (cached, so once per process)."""
+    try:
+        from flyte_actor_agent.embedded import local_agent
+    except ImportError as e:
+        if e.name == "flyte_actor_agent":
+            why = "needs flyte-actors-agent (pip install flyte-actors-agent)"
+        else:  # installed, but it does not load here (e.g. a flytekit older than the agent's 1.16)
+            why = f"cannot load flyte-actors-agent ({e})"
+        print(f"flyte-actors: the local fleet {why}; running actor tasks in this process", file=sys.stderr)
+        return None
+    return local_agent
 
 
 @contextlib.contextmanager
@@ -65,15 +83,11 @@ def replica_environment(ctx: FlyteContext, environment: "ActorEnvironment") -> I
 
 def run_on_fleet(task: Union["ActorTask", "ActorMapTask"], ctx: FlyteContext, inputs: LiteralMap) -> LiteralMap:
     """Run one actor task (or actor map) on the embedded local fleet and return its outputs."""
-    try:
-        from flyte_actor_agent.embedded import local_agent
-    except ImportError as e:
-        raise ImportError(
-            f"Running actor task {task.name} locally needs the actor agent package ({e}). Install "
-            f"'flyte-actors-agent', or set {LOCAL_MODE_ENV}={INPROCESS} to run actor tasks in this process."
-        ) from e
     from flyteidl.core.execution_pb2 import TaskExecution
 
+    local_agent = embedded_agent()
+    if local_agent is None:
+        raise RuntimeError(f"Actor task {task.name} cannot run on the local fleet: flyte-actors-agent does not load.")
     template, output_prefix = local_template(task, ctx)
     resource = local_agent().run(template, inputs=inputs, output_prefix=output_prefix)
     if resource.phase != TaskExecution.SUCCEEDED:
