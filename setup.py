@@ -47,5 +47,6 @@ setup(
             "flyte-actor-replica=flytekitplugins.actor.worker.replica:main",
             "flyte-actor-agent=flyte_actor_agent.server:main",
         ],
+        "flytekitplugins.actor.local_fleet": ["embedded=flyte_actor_agent.embedded:local_agent"],
     },
 )

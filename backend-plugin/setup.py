@@ -20,5 +20,8 @@ setup(
         # resolves (to protobuf 5.x); on its own the agent takes the newest.
         "grpcio-health-checking>=1.62.0,<2",
     ],
-    entry_points={"console_scripts": ["flyte-actor-agent=flyte_actor_agent.server:main"]},
+    entry_points={
+        "console_scripts": ["flyte-actor-agent=flyte_actor_agent.server:main"],
+        "flytekitplugins.actor.local_fleet": ["embedded=flyte_actor_agent.embedded:local_agent"],
+    },
 )

@@ -1,7 +1,7 @@
 """The executor's loop without the replica around it, for profiling with py-spy (which cannot follow a replica's
 executors here): a process that imports what a replica's fork server preloads (the executor module, nothing else),
 then runs ``executor.run_task`` with a ``TaskSandbox`` exactly as ``executor.serve`` does, for ``--n`` copies of a
-TaskSpec the connector built (``--spec``: its serialized bytes), each with its own output prefix.
+TaskRun the connector built (``--spec``: its serialized bytes), each with its own output prefix.
 Prints the median seconds of run_task."""
 
 import argparse
@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     args = parser.parse_args()
     with open(args.spec, "rb") as f:
-        spec = lease_pb2.TaskSpec.FromString(f.read())
+        spec = lease_pb2.TaskRun.FromString(f.read())
     scratch = tempfile.mkdtemp(prefix="flyte-actors-executor-")
     sandbox = TaskSandbox(scratch)
     out = tempfile.mkdtemp(prefix="flyte-actors-outputs-")

@@ -50,7 +50,7 @@ def _runs(task, elements: int, runs: int):
             template = fleet.template(map_task)
             inputs = fleet.inputs(map_task, x=list(range(elements)), log=load_log)
             started = now()
-            resource = asyncio.run(fleet.run(template, inputs))
+            resource = asyncio.run(fleet.run_template(template, inputs))
             times.append(now() - started)
             check(resource, f"the map over {task.name}")
             values = [lit.scalar.primitive.integer for lit in resource.outputs.literals["o0"].collection.literals]

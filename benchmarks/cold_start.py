@@ -26,8 +26,8 @@ def run(results: Results, quick: bool) -> None:
             async def one():
                 started = now()
                 meta = await fleet.create(template)
-                await fleet.wait(meta.key)
-                check(await fleet.get(meta), "the first task")
+                await fleet.finished(meta.key)
+                check(await fleet.connector.get(meta), "the first task")
                 return meta.key, started, now()
 
             key, started, ended = asyncio.run(one())
@@ -35,12 +35,11 @@ def run(results: Results, quick: bool) -> None:
             def read():
                 task = scheduler.tasks[key]
                 replica = next(iter(scheduler.replicas.values()))
-                return task.submitted_at, task.started_at, task.finished_at, replica.id, replica.launched_at
+                return task.submitted_at, task.started_at, task.finished_at, replica.connected_at, replica.launched_at
 
-            submitted, leased, finished, replica_id, launched = fleet.on_loop(read)
+            submitted, leased, finished, connected, launched = fleet.on_loop(read)
         finally:
             fleet.stop()
-        connected = fleet.connected_at[replica_id]
         parts["lease"].append(leased - submitted)
         parts["launch"].append(launched - submitted)
         parts["connect"].append(connected - launched)

@@ -3,27 +3,18 @@ tests/integration/harness.py), launchers for special cases, timing statistics an
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from flytekit import FlyteContextManager
-from flytekit.core.type_engine import TypeEngine
 from flytekit.extend.backend.base_connector import Resource
 
-from flyte_actor_agent import scheduler as core
-from flyte_actor_agent.agent import ActorAgent
-from flyte_actor_agent.connector import ActorConnector, ActorMetadata
-from flyte_actor_agent.launchers import Launcher, ReplicaLaunch
-from flyte_actor_agent.launchers.local import LocalProcessLauncher
-from flytekitplugins.actor.local import local_template
+from flyte_actor_agent.launchers import ExitReason, Launcher, ReplicaExit, ReplicaLaunch
+from flyte_actor_agent.local_fleet import LocalFleet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -109,108 +100,21 @@ class NullLauncher(Launcher):
         return None
 
     async def stop(self, replica_id: str, reason: str) -> None:
-        self.on_exit(replica_id, f"stopped: {reason}")
+        self.on_exit(replica_id, ReplicaExit(ExitReason.STOPPED, f"stopped: {reason}"))
 
     async def close(self) -> None:
         return None
 
 
-REPLICA_MODULE = "flytekitplugins.actor.worker.replica"
-PROBED_REPLICA_MODULE = "benchmarks._probe_replica"
+#: The product's replica worker plus a probe in its executors that records when each task starts and ends.
+PROBED_REPLICA_COMMAND = (sys.executable, "-m", "benchmarks._probe_replica")
 
 
-def use_probed_replicas() -> None:
-    """Make LocalProcessLauncher start ``benchmarks._probe_replica`` (the product's replica worker plus a probe in
-    its executors that records when each task starts and ends) instead of the replica module. Only for the
-    benchmark process that asks for it: it wraps ``asyncio.create_subprocess_exec`` of this process."""
-    original = asyncio.create_subprocess_exec
-    if getattr(original, "_bench_probed", False):
-        return
-
-    async def create_subprocess_exec(program, *args, **kwargs):
-        args = tuple(PROBED_REPLICA_MODULE if a == REPLICA_MODULE else a for a in args)
-        return await original(program, *args, **kwargs)
-
-    create_subprocess_exec._bench_probed = True  # type: ignore[attr-defined]
-    asyncio.create_subprocess_exec = create_subprocess_exec
-
-
-# -------------------------------------------------------------------------------------------------------- fleet
-
-
-class Fleet:
-    """A real actor agent behind the connector, as Flyte drives it: ``create``, then ``get`` once the task ended.
-
-    Instead of polling ``get`` (propeller polls every few seconds), the driver waits on the agent's own completion
-    signal (``ActorAgent.wait``) and then calls ``get`` once: that measures the agent, not a polling interval.
-    """
-
-    def __init__(self, launcher_factory: Callable = LocalProcessLauncher, **agent_options: Any):
-        self.launchers: List[Launcher] = []
-
-        def factory(on_exit):
-            made = launcher_factory(on_exit)
-            self.launchers.append(made)
-            return made
-
-        self.agent = ActorAgent(factory, **agent_options).start()
-        self.connector = ActorConnector(lambda: self.agent)
-        #: When each replica first connected (a wrapper on this agent's scheduler instance only).
-        self.connected_at: Dict[str, float] = {}
-        scheduler = self.agent.scheduler
-        replica_connected = scheduler.replica_connected
-
-        def record(replica_id, *args, **kwargs):
-            self.connected_at.setdefault(replica_id, now())
-            return replica_connected(replica_id, *args, **kwargs)
-
-        scheduler.replica_connected = record
-        self.root = tempfile.mkdtemp(prefix="flyte-actors-bench-")
-        self._prefixes = 0
-
-    def template(self, task, **environment: Any):
-        """The task's TaskTemplate as a local run serializes it; ``environment`` overrides fields of the
-        serialized environment (``replica_count``, ``ttl_seconds``), as a re-registration would."""
-        template, _ = local_template(task, FlyteContextManager.current_context())
-        template.custom["environment"].update(environment)
-        return template
-
-    @staticmethod
-    def inputs(task, **values: Any):
-        ctx = FlyteContextManager.current_context()
-        return TypeEngine.dict_to_literal_map(ctx, values, task.get_input_types())
-
-    def prefix(self) -> str:
-        self._prefixes += 1
-        return os.path.join(self.root, str(self._prefixes))
-
-    async def create(self, template, inputs=None, prefix: Optional[str] = None) -> ActorMetadata:
-        return await self.connector.create(template, prefix or self.prefix(), inputs)
-
-    async def wait(self, key: str) -> None:
-        await asyncio.wrap_future(self.agent.call(self.agent.wait, key))
-
-    async def get(self, meta: ActorMetadata) -> Resource:
-        return await self.connector.get(meta)
-
-    async def run(self, template, inputs=None) -> Resource:
-        meta = await self.create(template, inputs)
-        await self.wait(meta.key)
-        return await self.get(meta)
-
-    def on_loop(self, fn: Callable, *args: Any, timeout: float = 120) -> Any:
-        return self.agent.call(fn, *args).result(timeout=timeout)
-
-    def ready_replicas(self) -> int:
-        return self.on_loop(
-            lambda: sum(1 for r in self.agent.scheduler.replicas.values() if r.state is core.ReplicaState.READY))
+class Fleet(LocalFleet):
+    """The shared local fleet, plus what only the benchmarks read: replicas ready, and task times."""
 
     def wait_ready(self, count: int, timeout: float = 300) -> None:
-        deadline = now() + timeout
-        while self.ready_replicas() < count:
-            if now() > deadline:
-                raise TimeoutError(f"{count} replicas did not connect within {timeout:g}s")
-            time.sleep(0.05)
+        self.wait_until(lambda: self.ready_replicas() >= count, timeout, f"{count} replicas to connect")
 
     def task_times(self, keys: Sequence[str]) -> List[tuple]:
         """(submitted_at, started_at, finished_at) of tasks the scheduler still holds."""
@@ -220,15 +124,6 @@ class Fleet:
             return [(tasks[k].submitted_at, tasks[k].started_at, tasks[k].finished_at) for k in keys]
 
         return self.on_loop(read)
-
-    def stop(self) -> None:
-        try:
-            self.agent.stop()
-        finally:
-            shutil.rmtree(self.root, ignore_errors=True)
-            for launcher in self.launchers:  # the local launcher keeps its replicas' logs; these are ours
-                if getattr(launcher, "log_dir", None):
-                    shutil.rmtree(launcher.log_dir, ignore_errors=True)
 
 
 def succeeded(resource: Resource) -> bool:

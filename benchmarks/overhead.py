@@ -23,7 +23,7 @@ from typing import Dict, List, Tuple
 from . import _echo, tasks
 from .common import (
     ROOT, Fleet, Results, check, cpu_delta, cpu_seconds, log, median, ms, now, percentile, python_env, runs_note,
-    use_probed_replicas,
+    PROBED_REPLICA_COMMAND,
 )
 
 PARTS = ("create", "queue", "dispatch", "execution", "report", "get")
@@ -35,8 +35,8 @@ def run(results: Results, quick: bool) -> None:
     bench = "2"
     probe_dir = tempfile.mkdtemp(prefix="flyte-actors-probe-")
     os.environ["BENCH_PROBE_DIR"] = probe_dir
-    use_probed_replicas()
-    fleet = Fleet()
+    # Replicas run benchmarks._probe_replica (the product worker plus a probe in its executors).
+    fleet = Fleet(worker_command=PROBED_REPLICA_COMMAND)
     per_run: List[Dict[str, List[float]]] = []
     try:
         template = fleet.template(tasks.noop)
@@ -122,8 +122,8 @@ async def _sequential(fleet: Fleet, template, n: int) -> List[Tuple[str, str, fl
         prefix = fleet.prefix()
         started = now()
         meta = await fleet.create(template, None, prefix)
-        await fleet.wait(meta.key)
-        resource = await fleet.get(meta)
+        await fleet.finished(meta.key)
+        resource = await fleet.connector.get(meta)
         ended = now()
         check(resource, "the no-op task")
         records.append((meta.key, prefix, started, ended))

@@ -13,7 +13,7 @@ dependencies). Three recordings:
    follow the replicas here, which run in sessions of their own): the stream, slots and pipes.
 3. **executor** (py-spy, which starts it): ``executor.run_task`` with its ``TaskSandbox``, as ``executor.serve``
    runs it, in a process that imported what a replica's fork server preloads, for ``--executor-tasks`` copies of
-   the TaskSpec the connector builds for the no-op task.
+   the TaskRun the connector builds for the no-op task.
 
 Prints, per role, busy time per task (samples of waiting threads left out) and the functions with the most time,
 inclusive and own (by function, summed over lines). Raw data stays in DIR.
@@ -82,10 +82,10 @@ def main(argv=None) -> int:
 
 def _workload(tasks_count: int, out: str, throughput: bool) -> int:
     from . import tasks
-    from .common import Fleet, check, log, now, use_probed_replicas
+    from .common import PROBED_REPLICA_COMMAND, Fleet, check, log, now
 
-    use_probed_replicas()  # replicas run benchmarks._probe_replica, which profiles them (BENCH_PROFILE_DIR)
-    fleet = Fleet()
+    # Replicas run benchmarks._probe_replica (the product worker plus a probe in its executors).
+    fleet = Fleet(worker_command=PROBED_REPLICA_COMMAND)
     try:
         template = fleet.template(tasks.noop4 if throughput else tasks.noop)
         replicas = 4 if throughput else 1
@@ -97,16 +97,16 @@ def _workload(tasks_count: int, out: str, throughput: bool) -> int:
             started = now()
             for _ in range(n):
                 meta = await fleet.create(template)
-                await fleet.wait(meta.key)
-                check(await fleet.get(meta), "a no-op task")
+                await fleet.finished(meta.key)
+                check(await fleet.connector.get(meta), "a no-op task")
             return now() - started
 
         async def all_at_once(n: int) -> float:
             started = now()
             metas = [await fleet.create(template) for _ in range(n)]
-            await asyncio.gather(*(fleet.wait(m.key) for m in metas))
+            await asyncio.gather(*(fleet.finished(m.key) for m in metas))
             for meta in metas:
-                check(await fleet.get(meta), "a no-op task")
+                check(await fleet.connector.get(meta), "a no-op task")
             return now() - started
 
         batch = all_at_once if throughput else one_by_one
@@ -118,7 +118,7 @@ def _workload(tasks_count: int, out: str, throughput: bool) -> int:
         asyncio.run(batch(16))
         fleet.agent.submit = submit
         with open(os.path.join(out, "spec.pb"), "wb") as f:
-            f.write(captured[0].payload.SerializeToString())  # the TaskSpec the connector built, for the executor
+            f.write(captured[0].payload.SerializeToString())  # the TaskRun the connector built, for the executor
         fleet.wait_ready(replicas)
         asyncio.run(batch(WARMUP - 16))
         seconds = asyncio.run(profiled_batch(tasks_count))

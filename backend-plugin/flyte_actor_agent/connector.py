@@ -31,10 +31,12 @@ from flytekit.models.literals import Literal, LiteralCollection, LiteralMap, Sca
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
 from flytekitplugins.actor.protocol import lease_pb2
-from flytekitplugins.actor.spec import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE, ActorCustom, EnvironmentSpec, TaskCommand
+from flytekitplugins.actor.contract import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE, ActorCustom, TaskCommand
 
 from . import scheduler as core
-from .agent import ActorAgent, TaskView
+from .placement import Placement, execution_id, fleet_config
+from .reactor import Reactor
+from .views import TaskView
 
 _PHASES = {
     core.Phase.QUEUED: TaskExecution.QUEUED,
@@ -59,7 +61,7 @@ class ActorMetadata(ResourceMeta):
 class ActorConnector(AsyncConnectorBase):
     name = "Actor Connector"
 
-    def __init__(self, agent: Callable[[], ActorAgent], task_type_name: str = ACTOR_TASK_TYPE):
+    def __init__(self, agent: Callable[[], Reactor], task_type_name: str = ACTOR_TASK_TYPE):
         super().__init__(task_type_name=task_type_name, metadata_type=ActorMetadata)
         self._agent = agent
 
@@ -80,14 +82,14 @@ class ActorConnector(AsyncConnectorBase):
             )
         command = TaskCommand.from_args(list(task_template.container.args))
         key = _task_key(task_execution_metadata) or uuid.uuid4().hex
-        fleet = fleet_spec(custom.environment, task_execution_metadata, agent.max_ttl_seconds)
+        fleet = fleet_config(custom.environment, Placement.of_execution(task_execution_metadata), agent.max_ttl_seconds)
         env = _task_environment(task_template, task_execution_metadata)
         timeout = task_template.metadata.timeout.total_seconds() if task_template.metadata.timeout else 0.0
         name = task_template.id.name or "task"
 
-        def task_spec(task_inputs: bytes, prefix: str) -> bytes:
+        def task_run(task_inputs: bytes, prefix: str) -> bytes:
             # Serialized: a queued task then costs a third of the memory of a live message.
-            return lease_pb2.TaskSpec(
+            return lease_pb2.TaskRun(
                 task_name=name,
                 resolver=command.resolver,
                 resolver_args=command.resolver_args,
@@ -107,7 +109,7 @@ class ActorConnector(AsyncConnectorBase):
             request = core.TaskRequest(
                 key=key,
                 fleet=fleet,
-                payload=task_spec(inputs.to_flyte_idl().SerializeToString() if inputs else b"", output_prefix),
+                payload=task_run(inputs.to_flyte_idl().SerializeToString() if inputs else b"", output_prefix),
                 timeout_seconds=timeout,
                 name=name,
             )
@@ -123,7 +125,7 @@ class ActorConnector(AsyncConnectorBase):
             return core.TaskRequest(
                 key=f"{key}/{index}",
                 fleet=fleet,
-                payload=task_spec(elements.inputs(index), f"{prefix}/{index}"),
+                payload=task_run(elements.inputs(index), f"{prefix}/{index}"),
                 timeout_seconds=timeout,
                 name=f"{name}[{index}]",
             )
@@ -171,28 +173,6 @@ def resource_of(view: Optional[TaskView], meta: ActorMetadata) -> Resource:
     return Resource(phase=phase, message=message, outputs=outputs, custom_info=custom_info)
 
 
-def fleet_spec(
-    environment: EnvironmentSpec, metadata: Optional[TaskExecutionMetadata], max_ttl: Optional[float] = None
-) -> core.Fleet.Spec:
-    namespace = getattr(metadata, "namespace", None) or ""
-    context: Dict[str, str] = {"namespace": namespace}
-    if getattr(metadata, "k8s_service_account", None):
-        context["service_account"] = metadata.k8s_service_account
-    exec_id = _execution_id(metadata)
-    if exec_id is not None:
-        context.update(project=exec_id.project, domain=exec_id.domain)
-    return core.Fleet.Spec(
-        # Replicas live in the execution's namespace, so one environment has one fleet per namespace.
-        key=environment.key + (f".{namespace}" if namespace else ""),
-        name=environment.name,
-        replica_count=environment.replica_count,
-        ttl_seconds=min(environment.ttl_seconds, max_ttl) if max_ttl else environment.ttl_seconds,
-        parallelism=environment.parallelism,
-        extra={"environment": environment, "context": context},
-        lineage=f"{environment.name}.{namespace}",
-    )
-
-
 class MapElements:
     """Cuts an actor map's inputs into per-element input maps, lazily (a map can have many elements)."""
 
@@ -230,17 +210,11 @@ def gather_map_outputs(names: List[str], element_outputs: List[Optional[bytes]])
 
 def _task_key(metadata: Optional[TaskExecutionMetadata]) -> Optional[str]:
     task_id = getattr(metadata, "task_execution_id", None)
-    exec_id = _execution_id(metadata)
+    exec_id = execution_id(metadata)
     if task_id is None or exec_id is None or not exec_id.name:
         return None
     node = task_id.node_execution_id.node_id
     return f"{exec_id.project}/{exec_id.domain}/{exec_id.name}/{node}/{task_id.retry_attempt}"
-
-
-def _execution_id(metadata: Optional[TaskExecutionMetadata]):
-    task_id = getattr(metadata, "task_execution_id", None)
-    node = getattr(task_id, "node_execution_id", None)
-    return getattr(node, "execution_id", None)
 
 
 def _task_environment(template: TaskTemplate, metadata: Optional[TaskExecutionMetadata]) -> Dict[str, str]:
@@ -248,7 +222,7 @@ def _task_environment(template: TaskTemplate, metadata: Optional[TaskExecutionMe
     and the FLYTE_INTERNAL_* identity flytekit reads to fill in the execution parameters."""
     env = dict(template.container.env or {})
     env.update(getattr(metadata, "environment_variables", None) or {})
-    exec_id = _execution_id(metadata)
+    exec_id = execution_id(metadata)
     if exec_id is not None and exec_id.name:
         env.update(
             FLYTE_INTERNAL_EXECUTION_PROJECT=exec_id.project,
@@ -276,7 +250,7 @@ def _read_inputs(uri: Optional[str]) -> LiteralMap:
         return LiteralMap.from_flyte_idl(literals_pb2.LiteralMap.FromString(f.read()))
 
 
-def register(agent: Callable[[], ActorAgent]) -> List[ActorConnector]:
+def register(agent: Callable[[], Reactor]) -> List[ActorConnector]:
     """Register connectors for both actor task types with flytekit's ConnectorRegistry."""
     from flytekit.extend.backend.base_connector import ConnectorRegistry
 

@@ -14,9 +14,10 @@ from flytekit.extend.backend.base_connector import Resource
 from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskTemplate
 
-from .agent import ActorAgent
 from .connector import ActorConnector
 from .launchers.local import LocalProcessLauncher
+from .lease_service import LeaseService
+from .reactor import Reactor
 
 _lock = threading.Lock()
 _agent: Optional["EmbeddedAgent"] = None
@@ -24,7 +25,7 @@ _agent: Optional["EmbeddedAgent"] = None
 
 class EmbeddedAgent:
     def __init__(self, **agent_options):
-        self.agent = ActorAgent(lambda on_exit: LocalProcessLauncher(on_exit), **agent_options).start()
+        self.agent = Reactor(LocalProcessLauncher, **agent_options).start(LeaseService)
         self.connector = ActorConnector(lambda: self.agent)
 
     def run(self, template: TaskTemplate, inputs: LiteralMap, output_prefix: str) -> Resource:

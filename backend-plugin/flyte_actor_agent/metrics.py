@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from .agent import TaskView
-    from .scheduler import Scheduler, TaskState
+    from .scheduler import ExitReason, Scheduler, TaskState
+    from .views import TaskView
 
 
 class Metrics:
@@ -59,24 +59,12 @@ class Metrics:
     def finished(self, view: "TaskView") -> None:
         self.task_outcomes.labels(view.phase.value).inc()
 
-    def replica_gone(self, environment: str, cause: str) -> None:
-        self.replica_events.labels(environment, "gone: " + _cause_label(cause)).inc()
+    def replica_gone(self, environment: str, reason: "ExitReason") -> None:
+        self.replica_events.labels(environment, "gone: " + reason.value).inc()
 
     def replica_event(self, environment: str, event: str) -> None:
         """``event`` must come from a small fixed set (it is a label value)."""
         self.replica_events.labels(environment, event).inc()
-
-
-# Replica loss causes as bounded label values, most specific first.
-_CAUSES = (
-    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CrashLoopBackOff", "CreateContainerConfigError",
-    "CreateContainerError", "OOMKilled", "Unschedulable", "was deleted", "no heartbeat", "lease stream closed",
-    "did not connect", "could not launch", "stopped", "killed by signal", "exited with code", "terminated",
-)
-
-
-def _cause_label(cause: str) -> str:
-    return next((c for c in _CAUSES if c in cause), "other")
 
 
 class _SchedulerCollector:
@@ -104,5 +92,5 @@ class _SchedulerCollector:
             states = {}
             for replica in fleet.replicas.values():
                 states[replica.state.value] = states.get(replica.state.value, 0) + 1
-            out.append((fleet.spec.name, len(fleet.queue), states))
+            out.append((fleet.config.name, len(fleet.queue), states))
         return out

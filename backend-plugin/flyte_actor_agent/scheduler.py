@@ -5,8 +5,8 @@ the effects the caller must carry out (launch or stop a replica, send an assignm
 whoever waits on a task). The agent's reactor is the only caller in production; tests drive it directly:
 
     >>> s = Scheduler(clock=lambda: 0.0, new_id=iter(["r1", "l1"]).__next__, new_token=lambda: "t")
-    >>> env = Fleet.Spec(key="hello-abc", name="hello", replica_count=1, ttl_seconds=60, parallelism=1)
-    >>> [type(e).__name__ for e in s.submit(TaskRequest(key="t1", fleet=env, payload="spec"))]
+    >>> env = FleetConfig(key="hello-abc", name="hello", replica_count=1, ttl_seconds=60, parallelism=1)
+    >>> [type(e).__name__ for e in s.submit(TaskRequest(key="t1", fleet=env, payload="task"))]
     ['Launch']
     >>> (assign,) = s.replica_connected("r1", "t", "hello-abc", capacity=1)
     >>> type(assign).__name__, assign.lease_id
@@ -23,7 +23,12 @@ import secrets
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Union
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Set, Union
+
+if TYPE_CHECKING:
+    from flytekitplugins.actor.contract import SerializedEnvironment
+
+    from .placement import Placement
 
 #: A replica that says nothing (no heartbeat, no status) for this long is treated as lost.
 HEARTBEAT_TIMEOUT_SECONDS = 30.0
@@ -68,7 +73,7 @@ class Phase(enum.Enum):
 class Launch:
     replica_id: str
     token: str
-    fleet: "Fleet.Spec"
+    fleet: FleetConfig
 
 
 @dataclass(frozen=True)
@@ -104,15 +109,39 @@ class Finished:
     key: str
 
 
+Effect = Union[Launch, Stop, Assign, CancelLease, Ack, Finished]
+
+
+class ReplicaRefused(Exception):
+    """A replica that tried to connect is not one we launched, not with that token, or is being stopped."""
+
+
+class ExitReason(enum.Enum):
+    """Why a replica is gone, as a bounded value (metrics label it; people read ``ReplicaExit.detail``)."""
+
+    IMAGE_PULL = "image_pull"
+    CRASH_LOOP = "crash_loop"
+    CONFIG_ERROR = "config_error"
+    OOM_KILLED = "oom_killed"
+    UNSCHEDULABLE = "unschedulable"
+    DELETED = "deleted"
+    NO_HEARTBEAT = "no_heartbeat"
+    STREAM_CLOSED = "stream_closed"
+    START_TIMEOUT = "start_timeout"
+    LAUNCH_FAILED = "launch_failed"
+    STOPPED = "stopped"
+    KILLED = "killed"
+    EXITED = "exited"
+
+
 @dataclass(frozen=True)
-class Refuse:
-    """A replica that tried to connect is not one we launched, or not with that token."""
+class ReplicaExit:
+    reason: ExitReason
+    #: What a person can act on (a pod's reason and message, a process's last output).
+    detail: str
 
-    replica_id: str
-    reason: str
-
-
-Effect = Union[Launch, Stop, Assign, CancelLease, Ack, Finished, Refuse]
+    def __str__(self) -> str:
+        return self.detail
 
 # ------------------------------------------------------------------------------------------------------- state
 
@@ -120,7 +149,7 @@ Effect = Union[Launch, Stop, Assign, CancelLease, Ack, Finished, Refuse]
 @dataclass
 class TaskRequest:
     key: str
-    fleet: "Fleet.Spec"
+    fleet: FleetConfig
     payload: Any  # what the replica needs to run the task; opaque here
     timeout_seconds: float = 0.0
     name: str = ""
@@ -167,24 +196,30 @@ class Replica:
     last_seen: float = 0.0
     tasks_run: int = 0
     adopted: bool = False
+    #: When it first connected (None while starting).
+    connected_at: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """What the core needs to know of a fleet. Built by :func:`flyte_actor_agent.placement.fleet_config` (the
+    connector and restart adoption share it); the core reads no field below ``lineage``."""
+
+    key: str
+    name: str
+    replica_count: int
+    ttl_seconds: float
+    parallelism: int
+    #: Fleets of one lineage are versions of one environment in one place; the newest one replaces the others.
+    lineage: str = ""
+    #: The environment as its tasks carry it, and where its replicas run: what a launcher needs.
+    environment: Optional["SerializedEnvironment"] = field(default=None, compare=False, hash=False)
+    placement: Optional["Placement"] = field(default=None, compare=False, hash=False)
 
 
 @dataclass(eq=False)
 class Fleet:
-    @dataclass(frozen=True)
-    class Spec:
-        """What the core needs to know of an environment; ``extra`` carries the launcher's full spec."""
-
-        key: str
-        name: str
-        replica_count: int
-        ttl_seconds: float
-        parallelism: int
-        extra: Any = field(default=None, compare=False, hash=False)
-        #: Fleets of one lineage are versions of one environment in one place; the newest one replaces the others.
-        lineage: str = ""
-
-    spec: Spec
+    config: FleetConfig
     #: A newer version of the environment is in use: this fleet's replicas stop as soon as they are idle.
     superseded: bool = False
     queue: Deque[TaskState] = field(default_factory=deque)
@@ -197,7 +232,7 @@ class Fleet:
 @dataclass(eq=False)
 class MapJob:
     key: str
-    fleet: Fleet.Spec
+    fleet: FleetConfig
     size: int
     make_element: Callable[[int], TaskRequest]
     concurrency: int
@@ -259,15 +294,17 @@ class Scheduler:
         """Queue a task; a second submit with the same key is a no-op (CreateTask may be retried)."""
         if request.key in self.tasks or request.key in self.maps:
             return []
-        effects = self._use_fleet(request.fleet)
+        effects: List[Effect] = []
+        self._use_fleet(request.fleet, effects)
         task = self._new_task(request)
         self.tasks[task.key] = task
-        return effects + self._enqueue(task)
+        self._enqueue(task, effects)
+        return effects
 
     def submit_map(
         self,
         key: str,
-        fleet: Fleet.Spec,
+        fleet: FleetConfig,
         size: int,
         make_element: Callable[[int], TaskRequest],
         concurrency: Optional[int] = None,
@@ -287,10 +324,12 @@ class Scheduler:
             outputs=[None] * size,
         )
         self.maps[key] = job
-        effects = self._use_fleet(fleet)
+        effects: List[Effect] = []
+        self._use_fleet(fleet, effects)
         if size == 0:
-            return self._finish_map(job, Phase.SUCCEEDED, "no elements")
-        self._feed_map(job, effects)
+            self._finish_map(job, Phase.SUCCEEDED, "no elements", effects)
+        else:
+            self._feed_map(job, effects)
         return effects
 
     def cancel(self, key: str, reason: str = "aborted") -> List[Effect]:
@@ -298,7 +337,7 @@ class Scheduler:
         job = self.maps.get(key)
         if job is not None:
             if not job.phase.terminal:
-                effects += self._finish_map(job, Phase.ABORTED, reason)
+                self._finish_map(job, Phase.ABORTED, reason, effects)
             return effects
         task = self.tasks.get(key)
         if task is not None and not task.phase.terminal:
@@ -320,12 +359,15 @@ class Scheduler:
     def replica_connected(
         self, replica_id: str, token: str, fleet_key: str, capacity: int, running: List[str] = ()
     ) -> List[Effect]:
+        """A replica opened its lease stream; raises :class:`ReplicaRefused` if it is not one of ours."""
         replica = self.replicas.get(replica_id)
         if replica is None or not secrets.compare_digest(replica.token, token) or replica.fleet_key != fleet_key:
-            return [Refuse(replica_id, f"replica {replica_id!r} of {fleet_key!r} is unknown or its token is wrong")]
+            raise ReplicaRefused(f"replica {replica_id!r} of {fleet_key!r} is unknown or its token is wrong")
         if replica.state is ReplicaState.STOPPING:
-            return [Refuse(replica_id, f"replica {replica_id!r} is being stopped")]
+            raise ReplicaRefused(f"replica {replica_id!r} is being stopped")
         now = self.clock()
+        if replica.connected_at is None:
+            replica.connected_at = now
         replica.state = ReplicaState.READY
         replica.capacity = max(1, capacity)
         replica.last_seen = now
@@ -343,14 +385,14 @@ class Scheduler:
         self._dispatch(fleet, effects)
         return effects
 
-    def adopt_replica(self, replica_id: str, token: str, fleet: "Fleet.Spec") -> None:
+    def adopt_replica(self, replica_id: str, token: str, fleet: FleetConfig) -> None:
         """Take back a replica a previous agent launched (after a restart); it counts as starting until it
         connects and reports what it runs."""
         if replica_id in self.replicas:
             return
         fleet_state = self.fleets.get(fleet.key)
         if fleet_state is None:
-            fleet_state = self.fleets[fleet.key] = Fleet(spec=fleet)
+            fleet_state = self.fleets[fleet.key] = Fleet(config=fleet)
         replica = Replica(id=replica_id, token=token, fleet_key=fleet.key, launched_at=self.clock(), adopted=True)
         fleet_state.replicas[replica_id] = replica
         self.replicas[replica_id] = replica
@@ -379,14 +421,19 @@ class Scheduler:
         if replica is not None:
             replica.last_seen = self.clock()
 
-    def replica_gone(self, replica_id: str, cause: str) -> List[Effect]:
+    def replica_gone(self, replica_id: str, exit: ReplicaExit) -> List[Effect]:
         """The replica's stream broke, its process exited or its pod went away."""
+        effects: List[Effect] = []
+        self._replica_gone(replica_id, exit, effects)
+        return effects
+
+    def _replica_gone(self, replica_id: str, exit: ReplicaExit, effects: List[Effect]) -> None:
         replica = self.replicas.pop(replica_id, None)
         if replica is None:
-            return []
+            return
+        cause = exit.detail
         fleet = self.fleets[replica.fleet_key]
         fleet.replicas.pop(replica_id, None)
-        effects: List[Effect] = []
         if replica.state is ReplicaState.STARTING and not replica.adopted:
             fleet.start_failures += 1
             fleet.last_start_error = cause
@@ -399,14 +446,17 @@ class Scheduler:
                 self._lease_lost(task, f"replica {replica_id} was lost: {cause}", effects)
         if replica.state is not ReplicaState.STOPPING or fleet.queue:
             self._scale(fleet, effects)
-        return effects
 
     def stop_replica(self, replica_id: str, reason: str) -> List[Effect]:
+        effects: List[Effect] = []
+        self._stop_replica(replica_id, reason, effects)
+        return effects
+
+    def _stop_replica(self, replica_id: str, reason: str, effects: List[Effect]) -> None:
         replica = self.replicas.get(replica_id)
-        if replica is None or replica.state is ReplicaState.STOPPING:
-            return []
-        replica.state = ReplicaState.STOPPING
-        return [Stop(replica_id, reason)]
+        if replica is not None and replica.state is not ReplicaState.STOPPING:
+            replica.state = ReplicaState.STOPPING
+            effects.append(Stop(replica_id, reason))
 
     # --------------------------------------------------------------------------------------------- reports
 
@@ -446,7 +496,7 @@ class Scheduler:
             fleet = self.fleets[replica.fleet_key]
             self._dispatch(fleet, effects)
             if fleet.superseded and not replica.leases and not fleet.queue:
-                effects += self.stop_replica(replica.id, f"environment {fleet.spec.name!r} has a new version")
+                self._stop_replica(replica.id, f"environment {fleet.config.name!r} has a new version", effects)
         return effects
 
     # ------------------------------------------------------------------------------------------------ time
@@ -472,16 +522,18 @@ class Scheduler:
         for replica in list(self.replicas.values()):
             if replica.state is ReplicaState.STARTING and now - replica.launched_at >= self.start_timeout:
                 effects.append(Stop(replica.id, "did not connect in time"))
-                effects += self.replica_gone(
-                    replica.id, f"replica {replica.id} did not connect within {self.start_timeout:g}s of its launch")
+                self._replica_gone(replica.id, ReplicaExit(
+                    ExitReason.START_TIMEOUT,
+                    f"replica {replica.id} did not connect within {self.start_timeout:g}s of its launch"), effects)
             elif replica.state is ReplicaState.READY and now - replica.last_seen > self.heartbeat_timeout:
                 replica.state = ReplicaState.STOPPING
                 effects.append(Stop(replica.id, "no heartbeat"))
-                effects += self.replica_gone(replica.id, f"no heartbeat for {now - replica.last_seen:.0f}s")
+                self._replica_gone(replica.id, ReplicaExit(
+                    ExitReason.NO_HEARTBEAT, f"no heartbeat for {now - replica.last_seen:.0f}s"), effects)
             elif replica.state is ReplicaState.READY and not replica.leases:
                 fleet = self.fleets[replica.fleet_key]
-                if now - replica.idle_since >= fleet.spec.ttl_seconds and not fleet.queue:
-                    effects += self.stop_replica(replica.id, f"idle for {fleet.spec.ttl_seconds:g}s (ttl_seconds)")
+                if now - replica.idle_since >= fleet.config.ttl_seconds and not fleet.queue:
+                    self._stop_replica(replica.id, f"idle for {fleet.config.ttl_seconds:g}s (ttl_seconds)", effects)
         return effects
 
     def next_deadline(self) -> Optional[float]:
@@ -495,7 +547,7 @@ class Scheduler:
             elif replica.state is ReplicaState.READY:
                 times.append(replica.last_seen + self.heartbeat_timeout)
                 if not replica.leases:
-                    times.append(replica.idle_since + self.fleets[replica.fleet_key].spec.ttl_seconds)
+                    times.append(replica.idle_since + self.fleets[replica.fleet_key].config.ttl_seconds)
         return min(times) if times else None
 
     def drain(self) -> List[Effect]:
@@ -504,33 +556,32 @@ class Scheduler:
         effects: List[Effect] = []
         for job in list(self.maps.values()):
             if not job.phase.terminal:
-                effects += self._finish_map(job, Phase.RETRYABLE_FAILED, "the actor agent shut down")
+                self._finish_map(job, Phase.RETRYABLE_FAILED, "the actor agent shut down", effects)
         for task in list(self.tasks.values()):
             if not task.phase.terminal:
                 self._abort_task(task, "the actor agent shut down", effects, Phase.RETRYABLE_FAILED)
                 self._announce(task.key, task.finished_at, effects)
         for replica in list(self.replicas.values()):
-            effects += self.stop_replica(replica.id, "the actor agent shut down")
+            self._stop_replica(replica.id, "the actor agent shut down", effects)
         return effects
 
     # ------------------------------------------------------------------------------------------- internals
 
-    def _use_fleet(self, spec: Fleet.Spec) -> List[Effect]:
-        """Make ``spec``'s fleet the current version of its environment: older versions' replicas stop when idle."""
-        effects: List[Effect] = []
-        fleet = self.fleets.get(spec.key)
+    def _use_fleet(self, config: FleetConfig, effects: List[Effect]) -> None:
+        """Make ``config``'s fleet the current version of its environment: older versions' replicas stop when
+        idle."""
+        fleet = self.fleets.get(config.key)
         if fleet is None:
-            fleet = self.fleets[spec.key] = Fleet(spec=spec)
-        elif spec.replica_count != fleet.spec.replica_count or spec.ttl_seconds != fleet.spec.ttl_seconds:
-            fleet.spec = spec  # the latest registration decides the fleet's size and TTL
+            fleet = self.fleets[config.key] = Fleet(config=config)
+        elif config.replica_count != fleet.config.replica_count or config.ttl_seconds != fleet.config.ttl_seconds:
+            fleet.config = config  # the latest registration decides the fleet's size and TTL
         fleet.superseded = False
         for other in self.fleets.values():
-            if other is not fleet and other.spec.lineage == spec.lineage and spec.lineage and not other.superseded:
+            if other is not fleet and other.config.lineage == config.lineage and config.lineage and not other.superseded:
                 other.superseded = True
                 for replica in list(other.replicas.values()):
                     if replica.state is ReplicaState.READY and not replica.leases and not other.queue:
-                        effects += self.stop_replica(replica.id, f"environment {spec.name!r} has a new version")
-        return effects
+                        self._stop_replica(replica.id, f"environment {config.name!r} has a new version", effects)
 
     def _new_task(self, request: TaskRequest, parent: Optional[MapJob] = None, index: int = 0) -> TaskState:
         return TaskState(
@@ -544,23 +595,21 @@ class Scheduler:
             index=index,
         )
 
-    def _enqueue(self, task: TaskState, front: bool = False) -> List[Effect]:
-        effects: List[Effect] = []
+    def _enqueue(self, task: TaskState, effects: List[Effect], front: bool = False) -> None:
         fleet = self.fleets[task.fleet_key]
         task.phase = Phase.QUEUED
         if self.draining:
             self._finish_task(task, Phase.RETRYABLE_FAILED, "the actor agent is shutting down", effects)
-            return effects
+            return
         if self._cannot_start(fleet) and self.clock() - fleet.failed_at < self.start_retry_after:
             self._finish_task(task, Phase.FAILED, self._start_error(fleet), effects)
-            return effects
+            return
         if front:
             fleet.queue.appendleft(task)
         else:
             fleet.queue.append(task)
         self._dispatch(fleet, effects)
         self._scale(fleet, effects)
-        return effects
 
     def _cannot_start(self, fleet: Fleet) -> bool:
         return fleet.start_failures >= self.start_failure_limit and not any(
@@ -569,7 +618,7 @@ class Scheduler:
 
     def _start_error(self, fleet: Fleet) -> str:
         return (
-            f"Replicas of actor environment {fleet.spec.name!r} cannot start ({fleet.start_failures} tries): "
+            f"Replicas of actor environment {fleet.config.name!r} cannot start ({fleet.start_failures} tries): "
             f"{fleet.last_start_error}"
         )
 
@@ -604,13 +653,13 @@ class Scheduler:
             return
         running = sum(len(r.leases) for r in fleet.replicas.values())
         demand = len(fleet.queue) + running
-        desired = min(fleet.spec.replica_count, math.ceil(demand / max(1, fleet.spec.parallelism)))
+        desired = min(fleet.config.replica_count, math.ceil(demand / max(1, fleet.config.parallelism)))
         alive = [r for r in fleet.replicas.values() if r.state is not ReplicaState.STOPPING]
         for _ in range(desired - len(alive)):
-            replica = Replica(id=self.new_id(), token=self.new_token(), fleet_key=fleet.spec.key, launched_at=self.clock())
+            replica = Replica(id=self.new_id(), token=self.new_token(), fleet_key=fleet.config.key, launched_at=self.clock())
             fleet.replicas[replica.id] = replica
             self.replicas[replica.id] = replica
-            effects.append(Launch(replica.id, replica.token, fleet.spec))
+            effects.append(Launch(replica.id, replica.token, fleet.config))
 
     def _lease_lost(self, task: TaskState, cause: str, effects: List[Effect]) -> None:
         task.lease_id = None
@@ -626,7 +675,7 @@ class Scheduler:
                 effects,
             )
         else:
-            effects += self._enqueue(task, front=True)
+            self._enqueue(task, effects, front=True)
 
     def _fail_queue(self, fleet: Fleet, message: str, effects: List[Effect]) -> None:
         while fleet.queue:
@@ -683,7 +732,7 @@ class Scheduler:
             job.next_index += 1
             task = self._new_task(job.make_element(index), parent=job, index=index)
             job.in_flight[index] = task
-            effects += self._enqueue(task)
+            self._enqueue(task, effects)
 
     def _element_finished(self, job: MapJob, task: TaskState, effects: List[Effect]) -> None:
         job.in_flight.pop(task.index, None)
@@ -697,20 +746,20 @@ class Scheduler:
             job.errors[task.index] = task.message
             if job.failed > job.allowed_failures:
                 phase = Phase.RETRYABLE_FAILED if task.phase is Phase.RETRYABLE_FAILED else Phase.FAILED
-                effects += self._finish_map(
+                self._finish_map(
                     job,
                     phase,
                     f"{job.failed} of {job.size} elements failed, more than min_success_ratio="
                     f"{job.min_success_ratio:g} allows; element {task.index}: {task.message}",
+                    effects,
                 )
                 return
         if job.succeeded + job.failed == job.size:
-            effects += self._finish_map(job, Phase.SUCCEEDED, f"{job.succeeded} of {job.size} elements succeeded")
+            self._finish_map(job, Phase.SUCCEEDED, f"{job.succeeded} of {job.size} elements succeeded", effects)
         else:
             self._feed_map(job, effects)
 
-    def _finish_map(self, job: MapJob, phase: Phase, message: str) -> List[Effect]:
-        effects: List[Effect] = []
+    def _finish_map(self, job: MapJob, phase: Phase, message: str, effects: List[Effect]) -> None:
         job.phase = phase
         job.message = message
         job.finished_at = self.clock()
@@ -718,4 +767,3 @@ class Scheduler:
             self._abort_task(task, f"actor map {job.key} ended: {message}", effects)
         job.in_flight.clear()
         self._announce(job.key, job.finished_at, effects)
-        return effects

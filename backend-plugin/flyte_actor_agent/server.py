@@ -29,10 +29,11 @@ from flytekit.extend.backend.connector_service import AsyncConnectorService
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
-from flytekitplugins.actor.spec import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE
+from flytekitplugins.actor.contract import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE
 
-from .agent import ActorAgent
 from .connector import ActorConnector, register
+from .lease_service import LeaseService
+from .reactor import Reactor
 
 log = logging.getLogger("flyte-actor-agent")
 ACTOR_TASK_TYPES = (ACTOR_TASK_TYPE, ACTOR_MAP_TASK_TYPE)
@@ -121,16 +122,11 @@ def make_launcher_factory(args: argparse.Namespace):
 
 
 async def serve(args: argparse.Namespace) -> None:
-    lease_host, _, lease_port = (args.lease_address or "").rpartition(":")
-    agent = ActorAgent(
+    agent = Reactor(
         make_launcher_factory(args),
-        lease_host=args.host,
-        lease_port=args.lease_port,
-        advertise_host=lease_host or None,
-        advertised_port=int(lease_port) if lease_port else None,
         max_ttl_seconds=args.max_ttl_seconds or None,
         recovery_grace=args.recovery_grace_seconds,
-    ).start()
+    ).start(lambda reactor: LeaseService(reactor, args.host, args.lease_port, args.lease_address or None))
     register(lambda: agent)
     agent.metrics.watch(agent.scheduler, agent.call)
     if args.metrics_port:

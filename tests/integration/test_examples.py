@@ -11,7 +11,7 @@ import pytest
 from flyteidl.admin import task_pb2
 from google.protobuf import json_format
 
-from flytekitplugins.actor.spec import ActorCustom, TaskCommand
+from flytekitplugins.actor.contract import ActorCustom, TaskCommand
 
 pytestmark = pytest.mark.timeout(300)
 

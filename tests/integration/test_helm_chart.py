@@ -613,15 +613,16 @@ async def _drive_launcher(cluster, user: str) -> None:
 
     from flyte_actor_agent.launchers import ReplicaLaunch
     from flyte_actor_agent.launchers.kubernetes import KubernetesLauncher
-    from flytekitplugins.actor.spec import EnvironmentSpec
+    from flyte_actor_agent.placement import Placement
+    from flytekitplugins.actor.contract import SerializedEnvironment
 
     admin = client.CoreV1Api(cluster.api_client())
     exits = []
-    environment = EnvironmentSpec(name="helm-rbac", version="0123456789abcdef", replica_count=1, ttl_seconds=60,
+    environment = SerializedEnvironment(name="helm-rbac", version="0123456789abcdef", replica_count=1, ttl_seconds=60,
                                   parallelism=1, replica={"image": "registry.example.com/replica:1"})
     replica = ReplicaLaunch(replica_id="r0", token="secret-token", fleet_key=f"{environment.key}/team-a",
                             environment=environment, agent_address=f"{FULLNAME}.{NAMESPACE}.svc.cluster.local:8001",
-                            context={"namespace": "team-a"})
+                            placement=Placement(namespace="team-a"))
     def as_agent():
         return KubernetesLauncher(lambda *a: exits.append(a), namespaces=["team-a", "team-b"],
                                   api_client=cluster.impersonating_client(user))

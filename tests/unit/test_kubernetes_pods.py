@@ -11,9 +11,10 @@ from kubernetes.client import (
     V1PodStatus,
 )
 
-from flyte_actor_agent.launchers import ReplicaLaunch
+from flyte_actor_agent.launchers import ExitReason, ReplicaExit, ReplicaLaunch
+from flyte_actor_agent.placement import Placement
 from flyte_actor_agent.launchers.kubernetes import build_replica, flyte_secret_annotations, pod_failure
-from flytekitplugins.actor.spec import EnvironmentSpec
+from flytekitplugins.actor.contract import SerializedEnvironment
 
 
 def pod(phase="Pending", waiting=None, terminated=None, conditions=()):
@@ -30,9 +31,13 @@ def pod(phase="Pending", waiting=None, terminated=None, conditions=()):
 
 
 def test_start_failures_are_named_by_their_kubernetes_reason():
-    for reason in ("ErrImagePull", "ImagePullBackOff", "CrashLoopBackOff", "CreateContainerConfigError"):
-        assert reason in pod_failure(pod(waiting=reason), {}, 0.0, 0.0)
-    assert "OOMKilled" in pod_failure(pod("Failed", terminated="OOMKilled"), {}, 0.0, 0.0)
+    for reason, kind in (("ErrImagePull", ExitReason.IMAGE_PULL), ("ImagePullBackOff", ExitReason.IMAGE_PULL),
+                         ("CrashLoopBackOff", ExitReason.CRASH_LOOP),
+                         ("CreateContainerConfigError", ExitReason.CONFIG_ERROR)):
+        failure = pod_failure(pod(waiting=reason), {}, 0.0, 0.0)
+        assert failure.reason is kind and reason in failure.detail
+    failure = pod_failure(pod("Failed", terminated="OOMKilled"), {}, 0.0, 0.0)
+    assert failure.reason is ExitReason.OOM_KILLED and "OOMKilled" in failure.detail
     assert pod_failure(pod(waiting="ContainerCreating"), {}, 0.0, 0.0) is None
     assert pod_failure(pod("Running"), {}, 0.0, 0.0) is None
 
@@ -42,7 +47,8 @@ def test_unschedulable_fails_only_after_its_grace():
     since = {}
     assert pod_failure(pod(conditions=[unschedulable]), since, 100.0, 60.0) is None
     assert pod_failure(pod(conditions=[unschedulable]), since, 159.0, 60.0) is None
-    assert "Unschedulable: 0/3 nodes" == pod_failure(pod(conditions=[unschedulable]), since, 160.0, 60.0)
+    assert pod_failure(pod(conditions=[unschedulable]), since, 160.0, 60.0) == ReplicaExit(
+        ExitReason.UNSCHEDULABLE, "Unschedulable: 0/3 nodes")
 
 
 def test_secret_annotations_are_encoded_as_flytes_webhook_reads_them():
@@ -53,13 +59,13 @@ def test_secret_annotations_are_encoded_as_flytes_webhook_reads_them():
 
 
 def test_replica_pod_without_pod_template_carries_image_resources_secrets_and_no_token():
-    environment = EnvironmentSpec(
+    environment = SerializedEnvironment(
         name="env", version="abc", replica_count=1, ttl_seconds=60, parallelism=2,
         replica={"image": "ghcr.io/x/y:1", "environment": {"A": "1"}, "requests": {"cpu": "1", "mem": "1Gi"},
                  "limits": {"gpu": "1"}, "secrets": [{"group": "g", "key": "k", "mount_requirement": 1}]},
     )
     launch = ReplicaLaunch(replica_id="r1", token="s3cr3t", fleet_key="env-abc.ns", environment=environment,
-                           agent_address="agent:8001", context={"namespace": "ns", "project": "p", "domain": "d"})
+                           agent_address="agent:8001", placement=Placement(namespace="ns", project="p", domain="d"))
     secret, replica = build_replica(launch, "ns")
     (container,) = replica["spec"]["containers"]
     assert container["image"] == "ghcr.io/x/y:1" and container["command"] == ["flyte-actor-replica"]
@@ -74,4 +80,6 @@ def test_replica_pod_without_pod_template_carries_image_resources_secrets_and_no
     labels = replica["metadata"]["labels"]
     assert labels["inject-flyte-secrets"] == "true" and labels["project"] == "p" and labels["domain"] == "d"
     assert "flyte.secrets/s0" in replica["metadata"]["annotations"]
+    # What a restarted agent reads back to adopt the replica into the same fleet.
+    assert Placement.from_json(replica["metadata"]["annotations"]["flyte-actors.io/placement"]) == launch.placement
     assert replica["spec"]["restartPolicy"] == "Never" and "ownerReferences" not in replica["metadata"]

@@ -1,9 +1,10 @@
 """Local runs with only the SDK usable: actor tasks (and actor maps) run in the calling process, after a one-line
 hint on stderr, printed once per process.
 
-Each case runs a small workflow in a fresh interpreter whose import system refuses one module: the agent package
-itself (only the SDK installed, as in a notebook), or one module inside it (the agent installed but failing to load,
-as next to a flytekit older than the agent needs).
+Each case runs a small workflow in a fresh interpreter where the SDK sees the agent as not installed (no entry point
+for the local fleet, and the package refused by the import system: only the SDK installed, as in a notebook), or as
+installed but failing to load (its entry point is there, the module it names is refused: as next to a flytekit older
+than the agent needs).
 """
 
 from __future__ import annotations
@@ -29,8 +30,23 @@ SCRIPT = textwrap.dedent(
             return None
 
 
-    BLOCKED = sys.argv[1]
+    BLOCKED, ENTRY_POINT = sys.argv[1:]
     sys.meta_path.insert(0, Refuse())
+
+    # The agent's distribution, as the SDK finds it: through its local-fleet entry point, present or not.
+    from importlib import metadata
+
+    all_entry_points = metadata.entry_points
+
+
+    def entry_points(**selection):
+        if selection.get("group") != "flytekitplugins.actor.local_fleet":
+            return all_entry_points(**selection)
+        found = [metadata.EntryPoint("embedded", ENTRY_POINT, selection["group"])] if ENTRY_POINT else []
+        return metadata.EntryPoints(found)
+
+
+    metadata.entry_points = entry_points
 
     from flytekit import workflow
     from flytekitplugins.actor import ActorEnvironment, map
@@ -63,23 +79,28 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.parametrize(
-    "blocked, hint",
+    "blocked, entry_point, hint",
     [
         (
             "flyte_actor_agent",
+            "",
             "flyte-actors: the local fleet needs flyte-actors-agent (pip install flyte-actors-agent); "
             "running actor tasks in this process",
         ),
-        ("flyte_actor_agent.agent", "flyte-actors: the local fleet cannot load flyte-actors-agent ("),
+        (
+            "flyte_actor_agent.embedded",
+            "flyte_actor_agent.embedded:local_agent",
+            "flyte-actors: the local fleet cannot load flyte-actors-agent (",
+        ),
     ],
     ids=["sdk-only", "agent-unloadable"],
 )
-def test_actor_tasks_run_in_process_with_one_hint_when_the_agent_cannot_be_imported(tmp_path, blocked, hint):
+def test_actor_tasks_run_in_process_with_one_hint_when_the_agent_cannot_be_imported(tmp_path, blocked, entry_point, hint):
     script = tmp_path / "fallback_wf.py"
     script.write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "FLYTE_ACTOR_LOCAL_MODE"}  # the default: fleet
     run = subprocess.run(
-        [sys.executable, str(script), blocked], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), blocked, entry_point], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()

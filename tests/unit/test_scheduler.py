@@ -19,12 +19,14 @@ from flyte_actor_agent.scheduler import (
     Ack,
     Assign,
     CancelLease,
+    ExitReason,
     Finished,
-    Fleet,
+    FleetConfig,
     Launch,
     Outcome,
     Phase,
-    Refuse,
+    ReplicaExit,
+    ReplicaRefused,
     ReplicaState,
     Scheduler,
     Stop,
@@ -61,17 +63,17 @@ def sched(clock: Clock) -> Scheduler:
     return make_scheduler(clock)
 
 
-def fleet_spec(replica_count: int = 1, parallelism: int = 1, ttl_seconds: float = 60, name: str = "env") -> Fleet.Spec:
-    return Fleet.Spec(
+def fleet_spec(replica_count: int = 1, parallelism: int = 1, ttl_seconds: float = 60, name: str = "env") -> FleetConfig:
+    return FleetConfig(
         key=f"{name}-v1", name=name, replica_count=replica_count, ttl_seconds=ttl_seconds, parallelism=parallelism
     )
 
 
-def request(key: str, fleet: Fleet.Spec, timeout: float = 0.0) -> TaskRequest:
+def request(key: str, fleet: FleetConfig, timeout: float = 0.0) -> TaskRequest:
     return TaskRequest(key=key, fleet=fleet, payload=f"payload of {key}", timeout_seconds=timeout, name=key)
 
 
-def elements(fleet: Fleet.Spec, map_key: str = "m", timeout: float = 0.0):
+def elements(fleet: FleetConfig, map_key: str = "m", timeout: float = 0.0):
     """``make_element`` for ``submit_map``: element ``i`` is ``m[i]`` with payload ``i``."""
     return lambda i: TaskRequest(key=f"{map_key}[{i}]", fleet=fleet, payload=i, timeout_seconds=timeout)
 
@@ -89,7 +91,7 @@ def connect(sched: Scheduler, launch: Launch) -> list:
     return sched.replica_connected(launch.replica_id, launch.token, launch.fleet.key, capacity=launch.fleet.parallelism)
 
 
-def submit_all(sched: Scheduler, fleet: Fleet.Spec, *keys: str, timeout: float = 0.0) -> List[Launch]:
+def submit_all(sched: Scheduler, fleet: FleetConfig, *keys: str, timeout: float = 0.0) -> List[Launch]:
     """Submit tasks; return the replicas launched for them."""
     launches: List[Launch] = []
     for key in keys:
@@ -97,7 +99,7 @@ def submit_all(sched: Scheduler, fleet: Fleet.Spec, *keys: str, timeout: float =
     return launches
 
 
-def start_one(sched: Scheduler, fleet: Fleet.Spec, key: str = "t1", timeout: float = 0.0) -> Assign:
+def start_one(sched: Scheduler, fleet: FleetConfig, key: str = "t1", timeout: float = 0.0) -> Assign:
     """Submit one task to an empty fleet and connect the replica launched for it: the task's Assign."""
     (launch,) = submit_all(sched, fleet, key, timeout=timeout)
     return assigned(connect(sched, launch))[key]
@@ -207,7 +209,7 @@ def test_a_lost_replicas_task_goes_back_to_the_front_of_the_queue(sched):
     (a,) = submit_all(sched, fleet, "t1", "t2")
     first = assigned(connect(sched, a))["t1"]
 
-    effects = sched.replica_gone(a.replica_id, "OOMKilled")
+    effects = sched.replica_gone(a.replica_id, ReplicaExit(ExitReason.OOM_KILLED, "OOMKilled"))
     (b,) = only(effects, Launch)  # the queue still holds work, so a replacement starts
     assert sched.tasks["t1"].phase is Phase.QUEUED
     assert [t.key for t in sched.fleets[fleet.key].queue] == ["t1", "t2"]
@@ -227,7 +229,7 @@ def test_a_lost_replicas_task_is_leased_again_to_a_free_replica(sched):
     on_a = assigned(connect(sched, a))["t1"]
     report(sched, assigned(connect(sched, b))["t2"])  # b is free
 
-    effects = sched.replica_gone(a.replica_id, "node drained")
+    effects = sched.replica_gone(a.replica_id, ReplicaExit(ExitReason.EXITED, "node drained"))
     (again,) = only(effects, Assign)
     assert only(effects, Launch) == []
     assert (again.replica_id, again.task.key) == (b.replica_id, "t1")
@@ -242,7 +244,7 @@ def test_a_task_lost_max_leases_times_fails_retryably_naming_the_replica_and_cau
     (launch,) = submit_all(sched, fleet, "t1")
     for attempt in range(1, 4):
         assign = assigned(connect(sched, launch))["t1"]
-        effects = sched.replica_gone(assign.replica_id, f"pod evicted ({attempt})")
+        effects = sched.replica_gone(assign.replica_id, ReplicaExit(ExitReason.EXITED, f"pod evicted ({attempt})"))
         if attempt < 3:
             (launch,) = only(effects, Launch)
             assert sched.tasks["t1"].phase is Phase.QUEUED
@@ -279,12 +281,13 @@ def test_replicas_that_cannot_start_fail_the_queue_then_launches_are_retried_lat
     sched = make_scheduler(clock, start_failure_limit=2, start_retry_after=60)
     fleet = fleet_spec(name="gpu-env")
     cause = "ErrImagePull: ghcr.io/x/y:1 not found"
+    exit = ReplicaExit(ExitReason.IMAGE_PULL, cause)
     (first,) = submit_all(sched, fleet, "t1")
 
-    (second,) = only(sched.replica_gone(first.replica_id, cause), Launch)  # one failure: try again
+    (second,) = only(sched.replica_gone(first.replica_id, exit), Launch)  # one failure: try again
     assert sched.tasks["t1"].phase is Phase.QUEUED
 
-    assert sched.replica_gone(second.replica_id, cause) == [Finished("t1")]
+    assert sched.replica_gone(second.replica_id, exit) == [Finished("t1")]
     task = sched.tasks["t1"]
     assert task.phase is Phase.FAILED
     assert cause in task.message and "'gpu-env'" in task.message and "2 tries" in task.message
@@ -316,8 +319,8 @@ def test_connections_that_do_not_match_a_launch_are_refused(sched, replica_id, t
     (launch,) = submit_all(sched, fleet_spec(), "t1")
     assert (launch.replica_id, launch.token, launch.fleet.key) == ("id1", "token1", "env-v1")
 
-    effects = sched.replica_connected(replica_id, token, fleet_key, capacity=1)
-    assert [type(e) for e in effects] == [Refuse] and effects[0].replica_id == replica_id
+    with pytest.raises(ReplicaRefused, match=repr(replica_id)):
+        sched.replica_connected(replica_id, token, fleet_key, capacity=1)
     assert sched.replicas["id1"].state is ReplicaState.STARTING
     assert sched.tasks["t1"].phase is Phase.QUEUED
 
@@ -325,7 +328,8 @@ def test_connections_that_do_not_match_a_launch_are_refused(sched, replica_id, t
 def test_a_replica_being_stopped_is_refused(sched):
     (launch,) = submit_all(sched, fleet_spec(), "t1")
     sched.stop_replica(launch.replica_id, "test")
-    assert [type(e) for e in connect(sched, launch)] == [Refuse]
+    with pytest.raises(ReplicaRefused, match="being stopped"):
+        connect(sched, launch)
 
 
 # ------------------------------------------------------------------------------------------------------- cancel
@@ -374,7 +378,7 @@ def test_an_idle_replica_is_stopped_once_its_ttl_has_passed(sched, clock):
     assert sched.tick() == [Stop(assign.replica_id, "idle for 20s (ttl_seconds)")]
     assert sched.replicas[assign.replica_id].state is ReplicaState.STOPPING
     assert sched.tick() == []
-    assert sched.replica_gone(assign.replica_id, "stopped") == []  # no replacement: nothing to do
+    assert sched.replica_gone(assign.replica_id, ReplicaExit(ExitReason.STOPPED, "stopped")) == []  # no replacement: nothing to do
 
 
 def test_a_busy_replica_is_not_stopped_by_its_ttl(sched, clock):
@@ -623,7 +627,7 @@ def test_drain_fails_everything_retryably_and_stops_every_replica(sched):
 
     assert sched.submit(request("t4", fleet)) == [Finished("t4")]
     assert sched.tasks["t4"].phase is Phase.RETRYABLE_FAILED
-    assert sched.replica_gone(a.replica_id, "stopped") == []  # no replacement while draining
+    assert sched.replica_gone(a.replica_id, ReplicaExit(ExitReason.STOPPED, "stopped")) == []  # no replacement while draining
 
 
 # -------------------------------------------------------------------------------------------------------- doctest
@@ -638,8 +642,8 @@ def test_module_doctest():
 def test_a_new_environment_version_stops_the_old_versions_replicas_once_idle():
     clock = Clock()
     s = make_scheduler(clock)
-    old = Fleet.Spec(key="env-v1", name="env", replica_count=2, ttl_seconds=600, parallelism=1, lineage="env.ns")
-    new = Fleet.Spec(key="env-v2", name="env", replica_count=1, ttl_seconds=600, parallelism=1, lineage="env.ns")
+    old = FleetConfig(key="env-v1", name="env", replica_count=2, ttl_seconds=600, parallelism=1, lineage="env.ns")
+    new = FleetConfig(key="env-v2", name="env", replica_count=1, ttl_seconds=600, parallelism=1, lineage="env.ns")
     (launch_a,) = s.submit(TaskRequest(key="a", fleet=old, payload="p"))
     (launch_b,) = s.submit(TaskRequest(key="b", fleet=old, payload="p"))
     (assign_a,) = s.replica_connected(launch_a.replica_id, launch_a.token, "env-v1", capacity=1)

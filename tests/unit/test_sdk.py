@@ -22,7 +22,7 @@ from google.protobuf import json_format, struct_pb2
 from kubernetes.client import V1Container, V1PodSpec
 
 from flytekitplugins.actor import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE, ActorEnvironment, map
-from flytekitplugins.actor.spec import ActorCustom, TaskCommand
+from flytekitplugins.actor.contract import ActorCustom, TaskCommand
 
 IMAGE = "ghcr.io/x/y:1"
 SETTINGS = SerializationSettings(ImageConfig.auto(img_name=IMAGE))
@@ -144,6 +144,42 @@ def test_per_task_settings_pass_through_to_flytekit():
     assert cached.actor_environment is actor
 
 
+def test_flytekit_task_with_an_actor_environment_as_task_config_is_an_actor_task():
+    gpu_env = ActorEnvironment(name="cfg-actor", container_image="ghcr.io/x/gpu:1", requests=Resources(cpu="2"),
+                               interruptible=True)
+
+    @flytekit.task(task_config=gpu_env, retries=1)
+    def double(x: int) -> int:
+        return 2 * x
+
+    template = serialize(double)
+    assert template.type == ACTOR_TASK_TYPE and template.container.image == "ghcr.io/x/gpu:1"
+    assert double.actor_environment is gpu_env and double.metadata.interruptible is True
+    assert ActorCustom.from_custom(struct_round_trip(template.custom)).environment.name == "cfg-actor"
+    with pytest.raises(TypeError, match="requests.*'cfg-actor'"):
+        flytekit.task(task_config=gpu_env, requests=Resources(cpu="1"))(lambda x: x)
+    with pytest.raises(TypeError, match="interruptible"):
+        flytekit.task(task_config=gpu_env, interruptible=False)(lambda x: x)
+
+
+def test_tasks_and_maps_take_the_same_arguments_from_their_environment():
+    from flytekit.extras.accelerators import T4
+
+    gpu_env = ActorEnvironment(name="gpu-args", accelerator=T4, interruptible=True, limits=Resources(gpu="1"),
+                               environment={"A": "1"})
+
+    @gpu_env.task
+    def infer(x: int) -> int:
+        return x
+
+    task_template, map_template = serialize(infer), serialize(map(infer))
+    for template in (task_template, map_template):
+        assert template.metadata.interruptible is True
+        assert template.extended_resources.gpu_accelerator.device == "nvidia-tesla-t4"
+        assert template.container.env == {"A": "1"}
+    assert task_template.container.resources == map_template.container.resources
+
+
 # --------------------------------------------------------------------------------------------------- serialization
 
 
@@ -227,7 +263,7 @@ def test_a_map_turns_mapped_inputs_and_outputs_into_lists_and_keeps_bound_inputs
     mapped = map(functools.partial(add, y=1))
     assert mapped.python_interface.inputs == {"x": typing.List[int], "y": int}
     assert mapped.python_interface.outputs == {"o0": typing.List[int]}
-    assert (mapped.map_spec.mapped_inputs, mapped.map_spec.bound_inputs) == (["x"], ["y"])
+    assert (mapped.map_options.mapped_inputs, mapped.map_options.bound_inputs) == (["x"], ["y"])
 
 
 def test_a_map_with_min_success_ratio_below_one_has_optional_elements():

@@ -54,7 +54,7 @@ RUN = textwrap.dedent(
     for name in ("plus_one", "boom"):
         out = os.path.join(scratch, "out-" + name)
         os.makedirs(out)
-        spec = lease_pb2.TaskSpec(
+        task_run = lease_pb2.TaskRun(
             task_name=name,
             resolver="flytekit.core.python_auto_container.default_task_resolver",
             resolver_args=["task-module", "executor_tasks", "task-name", name],
@@ -63,7 +63,7 @@ RUN = textwrap.dedent(
             raw_output_data_prefix=os.path.join(scratch, "raw"),
             dest_dir=code_dir,
         )
-        result = run_task(spec, sandbox, scratch)
+        result = run_task(task_run, sandbox, scratch)
         if result.get("outputs"):
             outputs = literals_pb2.LiteralMap.FromString(result["outputs"])
             result["o0"] = outputs.literals["o0"].scalar.primitive.integer

@@ -1,19 +1,25 @@
 """Launchers start and stop replicas; the agent tells them what to launch and they tell it when a replica ends.
 
 A launcher is the only code that touches processes or pods. It is handed a callback, ``on_exit(replica_id,
-cause)``, which it must call exactly once for every replica it launched, when that replica is gone for whatever
-reason (exited, killed, pod failed or deleted, could not be created), with a cause a person can act on.
+exit)``, which it must call exactly once for every replica it launched, when that replica is gone for whatever
+reason (exited, killed, pod failed or deleted, could not be created), with a :class:`ReplicaExit`: a bounded
+reason and a detail a person can act on.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
-from flytekitplugins.actor.spec import EnvironmentSpec
+from flytekitplugins.actor.contract import SerializedEnvironment
 
-OnExit = Callable[[str, str], None]
+from ..placement import Placement
+from ..scheduler import ExitReason, ReplicaExit
+
+OnExit = Callable[[str, ReplicaExit], None]
+
+__all__ = ["AdoptedReplica", "ExitReason", "Launcher", "OnExit", "ReplicaExit", "ReplicaLaunch"]
 
 
 @dataclass(frozen=True)
@@ -22,11 +28,11 @@ class ReplicaLaunch:
     token: str
     #: The fleet the replica joins (the environment key, plus the namespace where there is one).
     fleet_key: str
-    environment: EnvironmentSpec
+    environment: SerializedEnvironment
     #: Where the replica reaches the agent's lease service (host:port).
     agent_address: str
-    #: Extra metadata of the task that caused the launch (namespace, project, domain), for launchers that use it.
-    context: Dict[str, str]
+    #: Where the replica runs and on whose behalf (namespace, service account, project, domain).
+    placement: Placement
 
     def worker_env(self) -> Dict[str, str]:
         """Variables the replica worker reads (see flytekitplugins.actor.worker.replica), token excluded."""
@@ -36,6 +42,18 @@ class ReplicaLaunch:
             "FLYTE_ACTOR_REPLICA_ID": self.replica_id,
             "FLYTE_ACTOR_PARALLELISM": str(self.environment.parallelism),
         }
+
+
+@dataclass(frozen=True)
+class AdoptedReplica:
+    """A replica a previous agent launched that is still running (found by a launcher whose replicas outlive
+    the agent)."""
+
+    replica_id: str
+    token: str
+    fleet_key: str
+    environment: SerializedEnvironment
+    placement: Placement
 
 
 class Launcher(abc.ABC):
@@ -57,6 +75,6 @@ class Launcher(abc.ABC):
     async def close(self) -> None:
         """Release the launcher: stop the replicas it started, unless they outlive the agent."""
 
-    async def adopt(self) -> list:
+    async def adopt(self) -> List[AdoptedReplica]:
         """Replicas a previous agent left running (only where they outlive the agent)."""
         return []

@@ -23,15 +23,15 @@ import copy
 import json
 import logging
 import threading
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-from flytekitplugins.actor.spec import EnvironmentSpec
+from flytekitplugins.actor.contract import SerializedEnvironment
 
-from . import Launcher, OnExit, ReplicaLaunch
+from ..placement import Placement
+from . import AdoptedReplica, ExitReason, Launcher, OnExit, ReplicaExit, ReplicaLaunch
 
 log = logging.getLogger("flyte-actor-agent.kubernetes")
 
@@ -41,29 +41,21 @@ LABEL_VERSION = "flyte-actors.io/version"
 LABEL_REPLICA_ID = "flyte-actors.io/replica-id"
 ANNOTATION_FLEET = "flyte-actors.io/fleet-key"
 ANNOTATION_ENVIRONMENT = "flyte-actors.io/environment"
+ANNOTATION_PLACEMENT = "flyte-actors.io/placement"
 TOKEN_KEY = "token"
 DEFAULT_CONTAINER = "actor"
 #: Waiting reasons after which a container will not start without a change to the environment.
 START_FAILURES = {
-    "ErrImagePull",
-    "ImagePullBackOff",
-    "InvalidImageName",
-    "CrashLoopBackOff",
-    "CreateContainerConfigError",
-    "CreateContainerError",
+    "ErrImagePull": ExitReason.IMAGE_PULL,
+    "ImagePullBackOff": ExitReason.IMAGE_PULL,
+    "InvalidImageName": ExitReason.IMAGE_PULL,
+    "CrashLoopBackOff": ExitReason.CRASH_LOOP,
+    "CreateContainerConfigError": ExitReason.CONFIG_ERROR,
+    "CreateContainerError": ExitReason.CONFIG_ERROR,
 }
 # Flyte's secret webhook reads each requested secret from these annotations: the protobuf text form of a
 # flyteidl core.Secret, base32 with this alphabet and no padding (flyteplugins' encoding package).
 _FLYTE_BASE32 = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", "abcdefghijklmnopqrstuvwxyz123456")
-
-
-@dataclass
-class AdoptedReplica:
-    replica_id: str
-    token: str
-    fleet_key: str
-    environment: EnvironmentSpec
-    context: Dict[str, str]
 
 
 class KubernetesLauncher(Launcher):
@@ -95,7 +87,7 @@ class KubernetesLauncher(Launcher):
     # ---------------------------------------------------------------------------------------------- launch
 
     async def launch(self, replica: ReplicaLaunch) -> None:
-        namespace = replica.context.get("namespace") or (self.namespaces[0] if self.namespaces else "default")
+        namespace = replica.placement.namespace or (self.namespaces[0] if self.namespaces else "default")
         if self.namespaces and namespace not in self.namespaces:
             raise ValueError(
                 f"namespace {namespace!r} is not one this agent may create replicas in ({self.namespaces}); add it "
@@ -148,7 +140,9 @@ class KubernetesLauncher(Launcher):
                 try:
                     secret = await asyncio.to_thread(self.api.read_namespaced_secret, pod.metadata.name, pod.metadata.namespace)
                     token = base64.b64decode(secret.data[TOKEN_KEY]).decode()
-                    environment = EnvironmentSpec.from_custom(json.loads(annotations[ANNOTATION_ENVIRONMENT]))
+                    environment = SerializedEnvironment.from_custom(json.loads(annotations[ANNOTATION_ENVIRONMENT]))
+                    placement = Placement.from_json(annotations[ANNOTATION_PLACEMENT]) if ANNOTATION_PLACEMENT in annotations \
+                        else Placement(namespace=pod.metadata.namespace)
                 except (ApiException, KeyError, ValueError) as e:
                     log.warning("cannot adopt replica pod %s/%s (%s); deleting it", pod.metadata.namespace, pod.metadata.name, e)
                     await asyncio.to_thread(self._delete_pod, pod.metadata.namespace, pod.metadata.name)
@@ -161,7 +155,7 @@ class KubernetesLauncher(Launcher):
                     token=token,
                     fleet_key=annotations[ANNOTATION_FLEET],
                     environment=environment,
-                    context={"namespace": pod.metadata.namespace},
+                    placement=placement,
                 ))
         return adopted
 
@@ -208,20 +202,20 @@ class KubernetesLauncher(Launcher):
             return
         where = f"pod {pod.metadata.namespace}/{pod.metadata.name}"
         if kind == "DELETED":
-            self._gone(replica_id, f"{where} was deleted")
+            self._gone(replica_id, ReplicaExit(ExitReason.DELETED, f"{where} was deleted"))
             return
         if pod.metadata.deletion_timestamp is not None:
             return
-        cause = pod_failure(pod, self._unschedulable_since, self.loop.time(), self.unschedulable_grace)
-        if cause is not None:
-            self._gone(replica_id, f"{where}: {cause}")
+        failure = pod_failure(pod, self._unschedulable_since, self.loop.time(), self.unschedulable_grace)
+        if failure is not None:
+            self._gone(replica_id, ReplicaExit(failure.reason, f"{where}: {failure.detail}"))
             asyncio.ensure_future(asyncio.to_thread(self._delete_pod, pod.metadata.namespace, pod.metadata.name))
 
-    def _gone(self, replica_id: str, cause: str) -> None:
+    def _gone(self, replica_id: str, exit: ReplicaExit) -> None:
         self._reported.add(replica_id)
         self.pods.pop(replica_id, None)
         self._unschedulable_since.pop(replica_id, None)
-        self.on_exit(replica_id, cause)
+        self.on_exit(replica_id, exit)
 
     def _delete_pod(self, namespace: str, name: str) -> None:
         """Delete a replica pod and its token Secret (they share the name); gone already is fine."""
@@ -240,7 +234,9 @@ def _delete_if_there(delete, namespace: str, name: str) -> None:
             raise
 
 
-def pod_failure(pod: client.V1Pod, unschedulable_since: Dict[str, float], now: float, grace: float) -> Optional[str]:
+def pod_failure(
+    pod: client.V1Pod, unschedulable_since: Dict[str, float], now: float, grace: float
+) -> Optional[ReplicaExit]:
     """Why a replica pod will not (or no longer) run, or ``None`` while it may still be fine."""
     replica_id = pod.metadata.labels.get(LABEL_REPLICA_ID, "")
     status = pod.status
@@ -249,17 +245,23 @@ def pod_failure(pod: client.V1Pod, unschedulable_since: Dict[str, float], now: f
     for container in status.container_statuses or []:
         state = container.state
         if state and state.waiting and state.waiting.reason in START_FAILURES:
-            return f"container {container.name}: {state.waiting.reason}: {state.waiting.message or ''}".rstrip(": ")
+            return ReplicaExit(
+                START_FAILURES[state.waiting.reason],
+                f"container {container.name}: {state.waiting.reason}: {state.waiting.message or ''}".rstrip(": "),
+            )
         if state and state.terminated:
             t = state.terminated
-            return f"container {container.name} terminated: {t.reason or 'Error'} (exit code {t.exit_code}) {t.message or ''}".rstrip()
+            reason = ExitReason.OOM_KILLED if t.reason == "OOMKilled" else ExitReason.EXITED
+            return ReplicaExit(reason, f"container {container.name} terminated: {t.reason or 'Error'} "
+                               f"(exit code {t.exit_code}) {t.message or ''}".rstrip())
     if status.phase in ("Failed", "Succeeded"):
-        return f"pod {status.phase.lower()}: {status.reason or ''} {status.message or ''}".strip()
+        return ReplicaExit(ExitReason.EXITED,
+                           f"pod {status.phase.lower()}: {status.reason or ''} {status.message or ''}".strip())
     for condition in status.conditions or []:
         if condition.type == "PodScheduled" and condition.status == "False" and condition.reason == "Unschedulable":
             since = unschedulable_since.setdefault(replica_id, now)
             if now - since >= grace:
-                return f"Unschedulable: {condition.message or ''}".rstrip(": ")
+                return ReplicaExit(ExitReason.UNSCHEDULABLE, f"Unschedulable: {condition.message or ''}".rstrip(": "))
     return None
 
 
@@ -292,8 +294,9 @@ def build_replica(replica: ReplicaLaunch, namespace: str):
             resources.setdefault(kind, {}).update({k: v for k, v in values.items() if k not in resources.get(kind, {})})
     pod_spec["restartPolicy"] = "Never"
     pod_spec.setdefault("enableServiceLinks", False)  # Service variables would clash with FLYTE_ACTOR_AGENT_*
-    if replica.context.get("service_account") and not pod_spec.get("serviceAccountName"):
-        pod_spec["serviceAccountName"] = replica.context["service_account"]
+    placement = replica.placement
+    if placement.service_account and not pod_spec.get("serviceAccountName"):
+        pod_spec["serviceAccountName"] = placement.service_account
 
     labels = dict(template.get("labels") or {})
     labels.update({
@@ -302,12 +305,13 @@ def build_replica(replica: ReplicaLaunch, namespace: str):
         LABEL_VERSION: environment.version,
         LABEL_REPLICA_ID: replica.replica_id,
     })
-    for key in ("project", "domain"):
-        if replica.context.get(key):
-            labels[key] = replica.context[key]
+    for key, value in (("project", placement.project), ("domain", placement.domain)):
+        if value:
+            labels[key] = value
     annotations = dict(template.get("annotations") or {})
     annotations[ANNOTATION_FLEET] = replica.fleet_key
     annotations[ANNOTATION_ENVIRONMENT] = json.dumps(environment.to_custom(), sort_keys=True)
+    annotations[ANNOTATION_PLACEMENT] = placement.to_json()
     secrets = spec.get("secrets") or []
     if secrets:
         labels["inject-flyte-secrets"] = "true"

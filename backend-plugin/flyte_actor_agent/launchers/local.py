@@ -14,14 +14,16 @@ import signal
 import sys
 import tempfile
 from collections import deque
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
-from flytekitplugins.actor.spec import replica_variables
+from flytekitplugins.actor.contract import replica_variables
 
-from . import Launcher, OnExit, ReplicaLaunch
+from . import ExitReason, Launcher, OnExit, ReplicaExit, ReplicaLaunch
 
 #: Seconds a replica gets to exit after SIGTERM before it is killed.
 STOP_GRACE_SECONDS = 5.0
+#: The replica worker, run with this interpreter.
+REPLICA_WORKER_COMMAND = (sys.executable, "-m", "flytekitplugins.actor.worker.replica")
 
 
 class _Process:
@@ -32,8 +34,16 @@ class _Process:
 
 
 class LocalProcessLauncher(Launcher):
-    def __init__(self, on_exit: OnExit, log_dir: Optional[str] = None, reconnect_seconds: float = 5.0):
+    def __init__(
+        self,
+        on_exit: OnExit,
+        log_dir: Optional[str] = None,
+        reconnect_seconds: float = 5.0,
+        worker_command: Sequence[str] = REPLICA_WORKER_COMMAND,
+    ):
+        """``worker_command`` runs a replica worker (benchmarks run an instrumented one)."""
         super().__init__(on_exit)
+        self.worker_command: List[str] = list(worker_command)
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="flyte-actor-replicas-")
         self.reconnect_seconds = reconnect_seconds
         self.processes: Dict[str, _Process] = {}
@@ -50,9 +60,7 @@ class LocalProcessLauncher(Launcher):
         log_path = os.path.join(self.log_dir, f"{replica.replica_id}.log")
         with open(log_path, "wb") as log:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "flytekitplugins.actor.worker.replica",
+                *self.worker_command,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
@@ -69,11 +77,12 @@ class LocalProcessLauncher(Launcher):
         del self.processes[replica_id]
         self._watchers.pop(replica_id, None)
         if process.stop_reason is not None:
-            cause = f"stopped: {process.stop_reason}"
+            exit = ReplicaExit(ExitReason.STOPPED, f"stopped: {process.stop_reason}")
         else:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            cause = f"replica process {how}; last output:\n{_tail(process.log_path)}"
-        self.on_exit(replica_id, cause)
+            exit = ReplicaExit(ExitReason.KILLED if code < 0 else ExitReason.EXITED,
+                               f"replica process {how}; last output:\n{_tail(process.log_path)}")
+        self.on_exit(replica_id, exit)
 
     async def stop(self, replica_id: str, reason: str) -> None:
         process = self.processes.get(replica_id)

@@ -33,13 +33,12 @@ from typing import TYPE_CHECKING
 # flytekitplugins.actor.worker and .protocol) does not pay for importing flytekit.
 _API = {
     "ActorEnvironment": ".environment",
-    "ActorConfig": ".task",
     "ActorTask": ".task",
     "ActorMapTask": ".map",
     "map": ".map",
     "actor_cache": ".cache",
-    "ACTOR_TASK_TYPE": ".spec",
-    "ACTOR_MAP_TASK_TYPE": ".spec",
+    "ACTOR_TASK_TYPE": ".contract",
+    "ACTOR_MAP_TASK_TYPE": ".contract",
 }
 
 __all__ = sorted(_API)
@@ -47,9 +46,9 @@ __all__ = sorted(_API)
 if TYPE_CHECKING:
     from .cache import actor_cache
     from .environment import ActorEnvironment
+    from .contract import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE
     from .map import ActorMapTask, map
-    from .spec import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE
-    from .task import ActorConfig, ActorTask
+    from .task import ActorTask
 
 
 def __getattr__(name: str):

@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from flytekit import ImageSpec, PodTemplate, Resources, Secret
+from flytekit import task as flytekit_task
+from flytekit.extend import TaskPlugins
 from flytekit.extras.accelerators import BaseAccelerator
+
+from .contract import SerializedEnvironment
+from .task import ActorTask
 
 #: Bounds for ``ttl_seconds``: at least 10 s so a replica survives the gap between two tasks of one workflow
 #: (propeller polls agents every few seconds), at most 7 days so a forgotten fleet does not run for ever.
@@ -118,30 +123,10 @@ class ActorEnvironment:
     def task(self, _task_function: Optional[Callable] = None, **task_kwargs):
         """Declare a task that runs on this environment's replicas; takes ``flytekit.task``'s per-task arguments
         (``cache``, ``cache_version``, ``retries``, ``timeout``, ``docs``, ...)."""
-        owned = sorted(set(task_kwargs) & set(_ENVIRONMENT_OWNED_TASK_ARGS))
-        if owned:
-            raise TypeError(
-                f"@{self.name}.task got {', '.join(owned)}: on an actor these belong to the environment, since every "
-                f"task of ActorEnvironment {self.name!r} runs on the same replicas. Set them on "
-                f"ActorEnvironment({self.name!r}, ...) instead."
-            )
-        from flytekit import task as flytekit_task
-
-        from .task import ActorConfig
+        self.refuse_owned_task_arguments(task_kwargs, f"@{self.name}.task")
 
         def wrapper(fn: Callable):
-            actor_task = flytekit_task(
-                fn,
-                task_config=ActorConfig(environment=self),
-                container_image=self.container_image,
-                environment=dict(self.environment or {}),
-                requests=self.requests,
-                limits=self.limits,
-                accelerator=self.accelerator,
-                secret_requests=list(self.secret_requests or []),
-                interruptible=self.interruptible,
-                **task_kwargs,
-            )
+            actor_task = flytekit_task(fn, task_config=self, **task_kwargs)
             self._tasks.append(actor_task)
             return actor_task
 
@@ -149,7 +134,43 @@ class ActorEnvironment:
             return wrapper(_task_function)
         return wrapper
 
-    def spec(self, image: str) -> Dict[str, Any]:
+    def refuse_owned_task_arguments(self, arguments: Dict[str, Any], where: str) -> None:
+        """Raise if ``arguments`` set what belongs to the environment (``None`` counts as unset)."""
+        owned = sorted(k for k in _ENVIRONMENT_OWNED_TASK_ARGS if arguments.get(k) is not None)
+        if owned:
+            raise TypeError(
+                f"{where} got {', '.join(owned)}: on an actor these belong to the environment, since every "
+                f"task of ActorEnvironment {self.name!r} runs on the same replicas. Set them on "
+                f"ActorEnvironment({self.name!r}, ...) instead."
+            )
+
+    def task_arguments(self) -> Dict[str, Any]:
+        """The container arguments of every task of this environment (actor tasks and actor maps alike), as
+        flytekit's task classes take them. ``interruptible`` travels in the task metadata; the pod template
+        travels in ``custom`` only (a task with a pod template would serialize a pod target, which propeller
+        does not render for agents)."""
+        return {
+            "container_image": self.container_image,
+            "environment": dict(self.environment or {}),
+            "requests": self.requests,
+            "limits": self.limits,
+            "accelerator": self.accelerator,
+            "secret_requests": list(self.secret_requests or []),
+        }
+
+    def serialized(self, image: str) -> SerializedEnvironment:
+        """The environment as its tasks carry it to the agent, given the image resolved at serialization."""
+        replica = self.replica_template(image)
+        return SerializedEnvironment(
+            name=self.name,
+            version=environment_version(replica),
+            replica_count=self.replica_count,
+            ttl_seconds=self.effective_ttl_seconds,
+            parallelism=self.parallelism,
+            replica=replica,
+        )
+
+    def replica_template(self, image: str) -> Dict[str, Any]:
         """What a replica of this environment is, as plain JSON, given the image resolved at serialization."""
         pod_template = None
         if self.pod_template is not None:
@@ -176,9 +197,9 @@ class ActorEnvironment:
         }
 
 
-def environment_version(spec: Dict[str, Any]) -> str:
-    """A short deterministic id of a replica spec: equal specs share replicas, any change starts new ones."""
-    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
+def environment_version(replica_template: Dict[str, Any]) -> str:
+    """A short deterministic id of a replica template: equal ones share replicas, any change starts new ones."""
+    canonical = json.dumps(replica_template, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -206,3 +227,7 @@ def _secret(secret: Secret) -> Dict[str, Any]:
         "mount_requirement": int(secret.mount_requirement),
         "env_var": getattr(secret, "env_var", None),
     }
+
+
+# ``@task(task_config=ActorEnvironment(...))`` builds an actor task, as ``@actor.task`` does.
+TaskPlugins.register_pythontask_plugin(ActorEnvironment, ActorTask)

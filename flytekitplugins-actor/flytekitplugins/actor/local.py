@@ -3,8 +3,8 @@
 By default each actor task goes to the embedded agent, which starts a fleet of local replica processes per
 environment on first use and stops them when this process exits, and waits for the result directly (no polling).
 ``FLYTE_ACTOR_LOCAL_MODE=inprocess`` runs tasks in this process instead, for debugging with breakpoints; the
-environment's variables are applied around each task in both modes. Where the agent cannot be imported (only the
-SDK is installed, as in a notebook), tasks run in this process too, after a one-line hint.
+environment's variables are applied around each task in both modes. Where the agent is not installed (only the
+SDK, as in a notebook) or does not load, tasks run in this process too, after a one-line hint.
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ import functools
 import os
 import sys
 from collections import OrderedDict
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
+from flyteidl.core.execution_pb2 import TaskExecution
 from flytekit import FlyteContext
 from flytekit.configuration import ImageConfig, SerializationSettings
 from flytekit.models.literals import LiteralMap
 
-from .spec import replica_variables
+from .contract import replica_variables
 
 if TYPE_CHECKING:
     from .environment import ActorEnvironment
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from .task import ActorTask
 
 LOCAL_MODE_ENV = "FLYTE_ACTOR_LOCAL_MODE"
+#: Entry point group under which the agent package offers its embedded agent (a function returning it).
+LOCAL_FLEET_ENTRY_POINT_GROUP = "flytekitplugins.actor.local_fleet"
 FLEET, INPROCESS = "fleet", "inprocess"
 
 
@@ -51,18 +55,19 @@ def runs_on_local_fleet(ctx: FlyteContext) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def embedded_agent() -> Optional[Callable[[], Any]]:
-    """The embedded agent's ``local_agent``, or ``None`` when the agent cannot be imported: actor tasks then run in
-    this process, and the first call says so on stderr in one line (cached, so once per process)."""
-    try:
-        from flyte_actor_agent.embedded import local_agent
-    except ImportError as e:
-        if e.name == "flyte_actor_agent":
-            why = "needs flyte-actors-agent (pip install flyte-actors-agent)"
-        else:  # installed, but it does not load here (e.g. a flytekit older than the agent's 1.16)
+    """The embedded agent (a function returning it), found through the entry point the agent package declares (this
+    package does not depend on the agent); or ``None`` where there is none or it does not load: actor tasks then run
+    in this process, and the first call says so on stderr in one line (cached, so once per process)."""
+    found = entry_points(group=LOCAL_FLEET_ENTRY_POINT_GROUP)
+    if not found:
+        why = "needs flyte-actors-agent (pip install flyte-actors-agent)"
+    else:
+        try:
+            return next(iter(found)).load()
+        except ImportError as e:  # installed, but it does not load here (e.g. a flytekit older than the agent's 1.16)
             why = f"cannot load flyte-actors-agent ({e})"
-        print(f"flyte-actors: the local fleet {why}; running actor tasks in this process", file=sys.stderr)
-        return None
-    return local_agent
+    print(f"flyte-actors: the local fleet {why}; running actor tasks in this process", file=sys.stderr)
+    return None
 
 
 @contextlib.contextmanager
@@ -73,7 +78,7 @@ def replica_environment(ctx: FlyteContext, environment: "ActorEnvironment") -> I
         yield
         return
     saved = dict(os.environ)
-    os.environ.update(replica_variables(environment.spec(image="")))
+    os.environ.update(replica_variables(environment.replica_template(image="")))
     try:
         yield
     finally:
@@ -83,8 +88,6 @@ def replica_environment(ctx: FlyteContext, environment: "ActorEnvironment") -> I
 
 def run_on_fleet(task: Union["ActorTask", "ActorMapTask"], ctx: FlyteContext, inputs: LiteralMap) -> LiteralMap:
     """Run one actor task (or actor map) on the embedded local fleet and return its outputs."""
-    from flyteidl.core.execution_pb2 import TaskExecution
-
     local_agent = embedded_agent()
     if local_agent is None:
         raise RuntimeError(f"Actor task {task.name} cannot run on the local fleet: flyte-actors-agent does not load.")

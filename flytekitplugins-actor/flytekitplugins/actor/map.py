@@ -17,18 +17,16 @@ import functools
 import hashlib
 from typing import Any, Dict, List, Optional, Union
 
-from flytekit import FlyteContext
 from flytekit.configuration import SerializationSettings
 from flytekit.core import tracker
 from flytekit.core.interface import Interface, transform_types_to_list_of_type
 from flytekit.core.python_auto_container import PythonAutoContainerTask
-from flytekit.models.literals import LiteralMap
 
-from .spec import ACTOR_MAP_TASK_TYPE, ActorCustom, MapSpec
-from .task import ActorTask, actor_task_of
+from .contract import ACTOR_MAP_TASK_TYPE, ActorCustom, MapOptions
+from .task import ActorTask, RunsOnActors, actor_task_of
 
 
-class ActorMapTask(PythonAutoContainerTask):
+class ActorMapTask(RunsOnActors, PythonAutoContainerTask):
     """One node that runs an actor task once per element of its list inputs. Made by :func:`map`."""
 
     def __init__(
@@ -55,35 +53,30 @@ class ActorMapTask(PythonAutoContainerTask):
         if unknown:
             raise ValueError(f"map: {sorted(unknown)} bound by partial are not inputs of {actor_task.name}.")
         self._actor_task = actor_task
-        self._map_spec = MapSpec(
+        self._map_options = MapOptions(
             mapped_inputs=[k for k in actor_task.python_interface.inputs if k not in bound],
             bound_inputs=bound,
             concurrency=concurrency,
             min_success_ratio=1.0 if min_success_ratio is None else float(min_success_ratio),
         )
-        if not self._map_spec.mapped_inputs:
+        if not self._map_options.mapped_inputs:
             raise ValueError(f"map over {actor_task.name}: every input is bound by partial, so there is nothing to map.")
-        optional_outputs = self._map_spec.min_success_ratio < 1
+        optional_outputs = self._map_options.min_success_ratio < 1
         # What transform_interface_to_list_interface does, whose signature changed in flytekit 1.16.
         interface = Interface(
             inputs=transform_types_to_list_of_type(actor_task.python_interface.inputs, set(bound)),
             outputs=transform_types_to_list_of_type(actor_task.python_interface.outputs, set(), optional_outputs),
         )
         _, module, function, _ = tracker.extract_task_module(actor_task.task_function)
-        digest = hashlib.md5(repr(self._map_spec.to_custom()).encode()).hexdigest()[:10]
+        digest = hashlib.md5(repr(self._map_options.to_custom()).encode()).hexdigest()[:10]
         self._map_name = f"{module}.actor_map_{function}_{digest}"
-        env = actor_task.actor_environment
         super().__init__(
             name=self._map_name,
             task_config=None,
             task_type=ACTOR_MAP_TASK_TYPE,
             interface=interface,
-            container_image=env.container_image,
-            environment=dict(env.environment or {}),
-            requests=env.requests,
-            limits=env.limits,
-            secret_requests=list(env.secret_requests or []),
             metadata=actor_task.metadata,
+            **actor_task.actor_environment.task_arguments(),
         )
 
     @property
@@ -96,51 +89,47 @@ class ActorMapTask(PythonAutoContainerTask):
         return self._actor_task
 
     @property
-    def map_spec(self) -> MapSpec:
-        return self._map_spec
+    def actor_environment(self):
+        return self._actor_task.actor_environment
+
+    @property
+    def map_options(self) -> MapOptions:
+        return self._map_options
 
     def get_command(self, settings: SerializationSettings) -> List[str]:
         # Elements run the actor task itself, so the map carries the actor task's command.
         return self._actor_task.get_command(settings)
 
     def get_custom(self, settings: SerializationSettings) -> Dict[str, Any]:
-        return ActorCustom(environment=self._actor_task.environment_spec(settings), map=self._map_spec).to_custom()
+        return ActorCustom(environment=self._actor_task.serialized_environment(settings), map=self._map_options).to_custom()
 
     def __call__(self, *args, **kwargs):
         if self._partial is not None:
             kwargs = {**self._partial.keywords, **kwargs}
         return super().__call__(*args, **kwargs)
 
-    def dispatch_execute(self, ctx: FlyteContext, input_literal_map: LiteralMap) -> Any:
-        from . import local
-
-        if local.runs_on_local_fleet(ctx):
-            return local.run_on_fleet(self, ctx, input_literal_map)
-        with local.replica_environment(ctx, self._actor_task.actor_environment):
-            return super().dispatch_execute(ctx, input_literal_map)
-
     def execute(self, **kwargs) -> Any:
         """In-process run (local debugging): the elements one after another, honouring ``min_success_ratio``."""
-        lengths = {len(kwargs[k]) for k in self._map_spec.mapped_inputs}
+        lengths = {len(kwargs[k]) for k in self._map_options.mapped_inputs}
         if len(lengths) > 1:
             raise ValueError(f"map over {self._actor_task.name}: mapped inputs have different lengths {sorted(lengths)}.")
         size = lengths.pop()
         results: List[Any] = []
         failures = 0
         for i in range(size):
-            element = {k: kwargs[k][i] for k in self._map_spec.mapped_inputs}
-            element.update({k: kwargs[k] for k in self._map_spec.bound_inputs})
+            element = {k: kwargs[k][i] for k in self._map_options.mapped_inputs}
+            element.update({k: kwargs[k] for k in self._map_options.bound_inputs})
             try:
                 results.append(self._actor_task.execute(**element))
             except Exception:
-                if self._map_spec.min_success_ratio >= 1:
+                if self._map_options.min_success_ratio >= 1:
                     raise
                 failures += 1
                 results.append(None)
-        if size and (size - failures) / size < self._map_spec.min_success_ratio:
+        if size and (size - failures) / size < self._map_options.min_success_ratio:
             raise RuntimeError(
                 f"map over {self._actor_task.name}: {size - failures} of {size} elements succeeded, fewer than "
-                f"min_success_ratio={self._map_spec.min_success_ratio}."
+                f"min_success_ratio={self._map_options.min_success_ratio}."
             )
         outputs = list(self._actor_task.python_interface.outputs)
         if not outputs:

@@ -1,7 +1,7 @@
 """The actor task type: a Python function task that serializes with its environment, for the actor agent.
 
 It serializes to a ``container`` target (propeller renders container args for agents, not for pod targets), with
-the environment, its version and its pod template in ``custom`` (see :mod:`.spec`). Locally it runs on the
+the environment, its version and its pod template in ``custom`` (see :mod:`.contract`). Locally it runs on the
 embedded fleet, or in this process when ``FLYTE_ACTOR_LOCAL_MODE=inprocess`` (see :mod:`.local`). Inside a
 replica it is an ordinary Python function task.
 """
@@ -9,67 +9,62 @@ replica it is an ordinary Python function task.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 from flytekit import FlyteContext
 from flytekit.configuration import SerializationSettings
 from flytekit.core.array_node_map_task import ArrayNodeMapTask
 from flytekit.core.python_function_task import PythonFunctionTask
-from flytekit.extend import TaskPlugins
 from flytekit.models.literals import LiteralMap
 
-from .environment import ActorEnvironment, environment_version
-from .spec import ACTOR_TASK_TYPE, ActorCustom, EnvironmentSpec
+from . import local
+from .contract import ACTOR_TASK_TYPE, ActorCustom, SerializedEnvironment
+
+if TYPE_CHECKING:
+    from .environment import ActorEnvironment
 
 
-@dataclass
-class ActorConfig:
-    """``task_config`` of an actor task: the environment it runs on. Made by ``@ActorEnvironment.task``."""
+class RunsOnActors:
+    """What actor tasks and actor maps share: local runs go to the local fleet (or run in this process with the
+    environment's variables applied); on a replica they are ordinary flytekit tasks."""
 
-    environment: ActorEnvironment
-
-
-def environment_spec(environment: ActorEnvironment, image: str) -> EnvironmentSpec:
-    replica = environment.spec(image)
-    return EnvironmentSpec(
-        name=environment.name,
-        version=environment_version(replica),
-        replica_count=environment.replica_count,
-        ttl_seconds=environment.effective_ttl_seconds,
-        parallelism=environment.parallelism,
-        replica=replica,
-    )
-
-
-class ActorTask(PythonFunctionTask[ActorConfig]):
-    """A task that runs on the warm replicas of an :class:`ActorEnvironment`."""
-
-    def __init__(self, task_config: ActorConfig, task_function: Callable, **kwargs):
-        if not isinstance(task_config, ActorConfig):
-            raise TypeError(f"ActorTask needs an ActorConfig, got {task_config!r}; use @ActorEnvironment(...).task.")
-        super().__init__(task_config=task_config, task_function=task_function, task_type=ACTOR_TASK_TYPE, **kwargs)
-
-    @property
-    def actor_environment(self) -> ActorEnvironment:
-        return self.task_config.environment
-
-    def environment_spec(self, settings: SerializationSettings) -> EnvironmentSpec:
-        return environment_spec(self.actor_environment, self.get_image(settings))
-
-    def get_custom(self, settings: SerializationSettings) -> Dict[str, Any]:
-        return ActorCustom(environment=self.environment_spec(settings)).to_custom()
+    actor_environment: "ActorEnvironment"
 
     def dispatch_execute(self, ctx: FlyteContext, input_literal_map: LiteralMap) -> Any:
-        from . import local
-
         if local.runs_on_local_fleet(ctx):
             return local.run_on_fleet(self, ctx, input_literal_map)
         with local.replica_environment(ctx, self.actor_environment):
-            return super().dispatch_execute(ctx, input_literal_map)
+            return super().dispatch_execute(ctx, input_literal_map)  # type: ignore[misc]
 
 
-TaskPlugins.register_pythontask_plugin(ActorConfig, ActorTask)
+class ActorTask(RunsOnActors, PythonFunctionTask["ActorEnvironment"]):
+    """A task that runs on the warm replicas of an :class:`ActorEnvironment` (its ``task_config``).
+
+    Made by ``@actor.task`` or ``@flytekit.task(task_config=actor)``; either way the environment's image,
+    resources, variables, secrets, accelerator and interruptible flag are the task's, and setting them on the
+    task is refused."""
+
+    def __init__(self, task_config: "ActorEnvironment", task_function: Callable, **kwargs):
+        environment = task_config
+        environment.refuse_owned_task_arguments(kwargs, f"Actor task {task_function.__name__}")
+        metadata = kwargs.get("metadata")
+        if metadata is not None:
+            if metadata.interruptible is not None and metadata.interruptible != environment.interruptible:
+                environment.refuse_owned_task_arguments({"interruptible": metadata.interruptible},
+                                                        f"Actor task {task_function.__name__}")
+            metadata.interruptible = environment.interruptible
+        kwargs.update(environment.task_arguments())
+        super().__init__(task_config=environment, task_function=task_function, task_type=ACTOR_TASK_TYPE, **kwargs)
+
+    @property
+    def actor_environment(self) -> "ActorEnvironment":
+        return self.task_config
+
+    def serialized_environment(self, settings: SerializationSettings) -> SerializedEnvironment:
+        return self.actor_environment.serialized(self.get_image(settings))
+
+    def get_custom(self, settings: SerializationSettings) -> Dict[str, Any]:
+        return ActorCustom(environment=self.serialized_environment(settings)).to_custom()
 
 
 def actor_task_of(target: Any) -> Optional[ActorTask]:

@@ -98,10 +98,10 @@ class Assignment(_message.Message):
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
-    task: TaskSpec
-    def __init__(self, lease_id: _Optional[str] = ..., task: _Optional[_Union[TaskSpec, _Mapping]] = ...) -> None: ...
+    task: TaskRun
+    def __init__(self, lease_id: _Optional[str] = ..., task: _Optional[_Union[TaskRun, _Mapping]] = ...) -> None: ...
 
-class TaskSpec(_message.Message):
+class TaskRun(_message.Message):
     __slots__ = ("task_name", "resolver", "resolver_args", "inputs", "inputs_uri", "output_prefix", "raw_output_data_prefix", "checkpoint_path", "prev_checkpoint", "distribution", "dest_dir", "env", "timeout_seconds")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")

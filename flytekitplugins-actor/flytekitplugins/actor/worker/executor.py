@@ -6,7 +6,7 @@ and reads the result back from flytekit's engine directory to report it. Between
 puts the process back as it was. A task that kills the process (signal, ``os._exit``, out of memory) takes only
 the executor with it: the replica reports the task lost and starts a fresh executor.
 
-The replica sends ``(lease_id, TaskSpec bytes)`` over a pipe and gets ``(lease_id, result dict)`` back.
+The replica sends ``(lease_id, TaskRun bytes)`` over a pipe and gets ``(lease_id, result dict)`` back.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from flytekit.tools.module_loader import load_object_from_module
 
 # The fork server imports this module before forking executors, so the whole plugin is loaded (and counted as
 # state to keep, not task state to wipe) before any task runs: @actor_cache's store and the task type stay put.
-from .. import cache, environment, local, map, spec, task  # noqa: F401
+from .. import cache, contract, environment, local, map, task  # noqa: F401
 from ..protocol import lease_pb2
 from .sandbox import TaskSandbox
 
@@ -42,11 +42,11 @@ def serve(conn: Connection, scratch_root: str) -> None:
     sandbox = TaskSandbox(scratch_root)
     while True:
         try:
-            lease_id, spec_bytes = conn.recv()
+            lease_id, run_bytes = conn.recv()
         except (EOFError, OSError):
             return
-        spec = lease_pb2.TaskSpec.FromString(spec_bytes)
-        conn.send((lease_id, run_task(spec, sandbox, scratch_root)))
+        task_run = lease_pb2.TaskRun.FromString(run_bytes)
+        conn.send((lease_id, run_task(task_run, sandbox, scratch_root)))
 
 
 def _die_with_parent() -> None:
@@ -59,46 +59,46 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def run_task(spec: lease_pb2.TaskSpec, sandbox: TaskSandbox, scratch_root: str) -> Dict[str, Any]:
+def run_task(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, scratch_root: str) -> Dict[str, Any]:
     started = time.monotonic()
-    sandbox.enter(dict(spec.env))
+    sandbox.enter(dict(task_run.env))
     try:
-        result = _run(spec, sandbox.tmpdir, scratch_root)
+        result = _run(task_run, sandbox.tmpdir, scratch_root)
     except SystemExit as e:
-        result = _failure(f"Task {spec.task_name} called sys.exit({e.code!r}); return or raise instead.", False)
+        result = _failure(f"Task {task_run.task_name} called sys.exit({e.code!r}); return or raise instead.", False)
     except BaseException as e:  # noqa: BLE001 - anything flytekit did not catch is a system error of this replica
-        result = _failure(f"Task {spec.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
+        result = _failure(f"Task {task_run.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
     finally:
         sandbox.exit()
     result["run_seconds"] = time.monotonic() - started
     return result
 
 
-def _run(spec: lease_pb2.TaskSpec, tmpdir: str, scratch_root: str) -> Dict[str, Any]:
-    inputs_path = spec.inputs_uri
-    if spec.inputs or not spec.inputs_uri:  # inline (an empty map serializes to no bytes)
+def _run(task_run: lease_pb2.TaskRun, tmpdir: str, scratch_root: str) -> Dict[str, Any]:
+    inputs_path = task_run.inputs_uri
+    if task_run.inputs or not task_run.inputs_uri:  # inline (an empty map serializes to no bytes)
         inputs_path = os.path.join(tmpdir, "inputs.pb")
         with open(inputs_path, "wb") as f:
-            f.write(spec.inputs)
+            f.write(task_run.inputs)
     code_dir = None
-    if spec.distribution:
-        code_dir = ensure_bundle(spec.distribution, os.path.join(scratch_root, "bundles"))
+    if task_run.distribution:
+        code_dir = ensure_bundle(task_run.distribution, os.path.join(scratch_root, "bundles"))
         os.chdir(code_dir)
-    code_root = code_dir or spec.dest_dir or os.getcwd()
+    code_root = code_dir or task_run.dest_dir or os.getcwd()
     if code_root not in sys.path:
         sys.path.insert(0, code_root)
     with setup_execution(
-        raw_output_data_prefix=spec.raw_output_data_prefix or None,
-        output_metadata_prefix=spec.output_prefix,
-        checkpoint_path=spec.checkpoint_path or None,
-        prev_checkpoint=spec.prev_checkpoint or None,
-        dynamic_addl_distro=spec.distribution or None,
+        raw_output_data_prefix=task_run.raw_output_data_prefix or None,
+        output_metadata_prefix=task_run.output_prefix,
+        checkpoint_path=task_run.checkpoint_path or None,
+        prev_checkpoint=task_run.prev_checkpoint or None,
+        dynamic_addl_distro=task_run.distribution or None,
         dynamic_dest_dir=code_dir,
     ) as ctx:
-        resolver = load_object_from_module(spec.resolver)
-        args = list(spec.resolver_args)
-        _dispatch_execute(ctx, lambda: resolver.load_task(loader_args=args), inputs_path, spec.output_prefix)
-        return _result_from(ctx.execution_state.engine_dir, spec.task_name)
+        resolver = load_object_from_module(task_run.resolver)
+        args = list(task_run.resolver_args)
+        _dispatch_execute(ctx, lambda: resolver.load_task(loader_args=args), inputs_path, task_run.output_prefix)
+        return _result_from(ctx.execution_state.engine_dir, task_run.task_name)
 
 
 def _result_from(engine_dir: str, task_name: str) -> Dict[str, Any]:

@@ -31,18 +31,10 @@ from typing import Dict, List, Optional
 
 import grpc
 
-from ..protocol import lease_pb2, lease_pb2_grpc
+from ..protocol import GRPC_OPTIONS, PROTOCOL_VERSION, lease_pb2, lease_pb2_grpc
 
-PROTOCOL_VERSION = 1
 #: Exit code of a replica the agent refused (wrong token, unknown replica): restarting it cannot help.
 EXIT_REFUSED = 3
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-]
-
 log = logging.getLogger("flyte-actor-replica")
 
 

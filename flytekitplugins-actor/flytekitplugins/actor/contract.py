@@ -19,7 +19,7 @@ CUSTOM_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
-class EnvironmentSpec:
+class SerializedEnvironment:
     """The fleet an actor task runs on. ``version`` is a hash of ``replica``: tasks with equal versions share
     replicas; ``replica_count`` and ``ttl_seconds`` size the fleet and are not part of it."""
 
@@ -46,7 +46,7 @@ class EnvironmentSpec:
         }
 
     @classmethod
-    def from_custom(cls, data: Dict[str, Any]) -> "EnvironmentSpec":
+    def from_custom(cls, data: Dict[str, Any]) -> "SerializedEnvironment":
         return cls(
             name=str(data["name"]),
             version=str(data["version"]),
@@ -58,7 +58,7 @@ class EnvironmentSpec:
 
 
 @dataclass(frozen=True)
-class MapSpec:
+class MapOptions:
     """How the agent fans out an actor map. ``concurrency`` ``None`` means as many as the fleet can take."""
 
     mapped_inputs: List[str]
@@ -75,7 +75,7 @@ class MapSpec:
         }
 
     @classmethod
-    def from_custom(cls, data: Dict[str, Any]) -> "MapSpec":
+    def from_custom(cls, data: Dict[str, Any]) -> "MapOptions":
         concurrency = data.get("concurrency")
         return cls(
             mapped_inputs=[str(x) for x in data.get("mapped_inputs", [])],
@@ -87,8 +87,8 @@ class MapSpec:
 
 @dataclass(frozen=True)
 class ActorCustom:
-    environment: EnvironmentSpec
-    map: Optional[MapSpec] = None
+    environment: SerializedEnvironment
+    map: Optional[MapOptions] = None
 
     def to_custom(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"schema_version": CUSTOM_SCHEMA_VERSION, "environment": self.environment.to_custom()}
@@ -110,13 +110,13 @@ class ActorCustom:
                 f"{CUSTOM_SCHEMA_VERSION}); install the same flytekitplugins-actor version in the image and the agent."
             )
         return cls(
-            environment=EnvironmentSpec.from_custom(custom["environment"]),
-            map=MapSpec.from_custom(custom["map"]) if custom.get("map") is not None else None,
+            environment=SerializedEnvironment.from_custom(custom["environment"]),
+            map=MapOptions.from_custom(custom["map"]) if custom.get("map") is not None else None,
         )
 
 
 def replica_variables(replica: Dict[str, Any]) -> Dict[str, str]:
-    """The variables a replica of this spec (``EnvironmentSpec.replica``) runs with outside a cluster: the
+    """The variables a replica of this spec (``SerializedEnvironment.replica``) runs with outside a cluster: the
     environment's, then the pod template's primary container's (literal values only; ``valueFrom`` needs one)."""
     variables = dict(replica.get("environment") or {})
     template = replica.get("pod_template") or {}

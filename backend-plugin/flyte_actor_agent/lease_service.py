@@ -1,0 +1,157 @@
+"""The lease service: the gRPC end of the replica lease protocol (``lease.proto``), one stream per replica.
+
+It turns each replica's messages into calls on the reactor's public methods (``replica_connected``,
+``heartbeat``, ``report``, ``stream_lost``) and the reactor's deliveries (a lease, an ack, a cancel, a drain)
+into messages on that replica's stream. It runs on the reactor's loop and keeps no scheduling state of its own:
+only which stream belongs to which replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Dict, Optional
+
+import grpc
+
+from flytekitplugins.actor.protocol import GRPC_OPTIONS, PROTOCOL_VERSION, lease_pb2, lease_pb2_grpc
+
+from . import scheduler as core
+
+if TYPE_CHECKING:
+    from .reactor import Delivery, Reactor
+
+log = logging.getLogger("flyte-actor-agent")
+
+_OUTCOMES = {
+    lease_pb2.SUCCEEDED: core.Outcome.SUCCEEDED,
+    lease_pb2.FAILED: core.Outcome.FAILED,
+    lease_pb2.LOST: core.Outcome.LOST,
+    lease_pb2.CANCELLED: core.Outcome.CANCELLED,
+}
+
+
+class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
+    """Serves ``LeaseService.Connect`` on ``host:port`` (port 0: any free one); replicas are told to dial
+    ``advertise_address`` (default: the host and the port bound)."""
+
+    def __init__(self, reactor: "Reactor", host: str = "127.0.0.1", port: int = 0,
+                 advertise_address: Optional[str] = None):
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.advertise_address = advertise_address
+        self.address = ""
+        self._server: Optional[grpc.aio.Server] = None
+        self._streams: Dict[str, asyncio.Queue] = {}
+
+    async def start(self) -> None:
+        self._server = grpc.aio.server(options=GRPC_OPTIONS)
+        lease_pb2_grpc.add_LeaseServiceServicer_to_server(self, self._server)
+        port = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        if port == 0:
+            raise OSError(f"cannot listen for replicas on {self.host}:{self.port}")
+        await self._server.start()
+        self.address = self.advertise_address or f"{self.host}:{port}"
+        log.info("lease service listening on port %s; replicas dial %s", port, self.address)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=1)
+
+    # ------------------------------------------------------------------------------- from the reactor
+
+    def deliver(self, effect: "Delivery") -> None:
+        if isinstance(effect, core.Assign):
+            message = lease_pb2.AgentMessage()
+            message.assignment.lease_id = effect.lease_id
+            message.assignment.task.MergeFromString(effect.task.payload)  # the connector's TaskRun bytes
+        elif isinstance(effect, core.Ack):
+            message = lease_pb2.AgentMessage(ack=lease_pb2.Ack(lease_id=effect.lease_id))
+        elif isinstance(effect, core.CancelLease):
+            message = lease_pb2.AgentMessage(cancel=lease_pb2.Cancel(lease_id=effect.lease_id, reason=effect.reason))
+        else:
+            message = lease_pb2.AgentMessage(drain=lease_pb2.Drain(reason=effect.reason))
+        queue = self._streams.get(effect.replica_id)
+        if queue is not None:
+            queue.put_nowait(message)
+
+    def close(self, replica_id: str) -> None:
+        queue = self._streams.pop(replica_id, None)
+        if queue is not None:
+            queue.put_nowait(None)
+
+    # ------------------------------------------------------------------------------- from the replicas
+
+    async def Connect(self, request_iterator, context):
+        first = await context.read()
+        if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message on a lease stream must be Hello")
+        hello = first.hello
+        if hello.protocol_version != PROTOCOL_VERSION:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"lease protocol version {hello.protocol_version} is not supported (this agent speaks "
+                f"{PROTOCOL_VERSION}); use the same flytekitplugins-actor version in the image and the agent",
+            )
+        replica_id = hello.replica_id
+        running = list(hello.running_lease_ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        # Mapped before the reactor hears of the replica, so the leases it hands out at once reach this stream;
+        # no await until the old stream is restored (refused) or closed (accepted), so nothing else sees the swap.
+        old = self._streams.get(replica_id)
+        self._streams[replica_id] = queue
+        try:
+            abandoned = self.reactor.replica_connected(replica_id, hello.token, hello.environment_key, hello.capacity,
+                                                       running)
+        except core.ReplicaRefused as refused:
+            if old is not None:
+                self._streams[replica_id] = old
+            else:
+                del self._streams[replica_id]
+            log.warning("refused replica: %s", refused)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(refused))
+        if old is not None:
+            old.put_nowait(None)
+        welcome = lease_pb2.AgentMessage(welcome=lease_pb2.Welcome(
+            heartbeat_interval_seconds=self.reactor.heartbeat_interval, abandoned_lease_ids=abandoned))
+        await context.write(welcome)
+        log.info("replica %s connected (worker %s, capacity %d)", replica_id, hello.worker_version, hello.capacity)
+        reader = asyncio.ensure_future(self._read(context, replica_id))
+        getter = None
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    break
+                message = getter.result()
+                if message is None:
+                    break
+                await context.write(message)
+        finally:
+            reader.cancel()
+            if getter is not None:
+                getter.cancel()
+            if self._streams.get(replica_id) is queue:
+                # The stream ended while the replica was still ours: treat it as lost.
+                del self._streams[replica_id]
+                self.reactor.stream_lost(replica_id)
+
+    async def _read(self, context, replica_id: str) -> None:
+        while True:
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                return
+            kind = message.WhichOneof("body")
+            if kind == "heartbeat":
+                self.reactor.heartbeat(replica_id)
+            elif kind == "status":
+                status = message.status
+                outcome = _OUTCOMES.get(status.phase)
+                if outcome is None:
+                    log.warning("replica %s sent a status with no phase for lease %s", replica_id, status.lease_id)
+                    continue
+                self.reactor.report(replica_id, status.lease_id, outcome, outputs=status.outputs,
+                                    error=status.error or None, message=status.message, retryable=status.retryable,
+                                    run_seconds=status.run_seconds)
