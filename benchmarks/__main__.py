@@ -9,6 +9,7 @@ progress goes to stderr, the table to stdout. See docs/performance.md.
   4  cold start: submit to an empty fleet -> first lease
   5  @actor_cache: map of 200 elements with a 1 s model load, 4 replicas, with and without the cache
   6  agent memory with 10,000 and 100,000 queued tasks, and GetTask latency meanwhile
+  7  actor map of 100,000 tiny elements through the agent server: CreateTask latency, wall time, agent RSS
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ BENCHMARKS = {
     "4": ("cold_start", "cold start"),
     "5": ("actor_cache", "@actor_cache"),
     "6": ("memory", "agent memory with queued tasks"),
+    "7": ("large_map", "actor map of 100,000 elements through the agent server"),
 }
 
 

@@ -7,9 +7,12 @@ agent's memory. ``delete`` cancels. Phases map as follows:
 =====================================  ================================================================
 agent                                  Flyte
 =====================================  ================================================================
-queued, waiting for replicas           ``QUEUED`` (``WAITING_FOR_RESOURCES`` while no replica is ready)
-leased to a replica                    ``RUNNING``
-succeeded                              ``SUCCEEDED`` with the outputs
+queued, waiting for replicas           ``QUEUED`` (``WAITING_FOR_RESOURCES``, with the pods' reason, while no
+                                       replica is ready)
+leased to a replica                    ``RUNNING``, with log links to the replica's pod (an actor map: also
+                                       while its outputs are written)
+succeeded                              ``SUCCEEDED`` with the outputs inline when small; otherwise
+                                       without them, and propeller reads ``outputs.pb`` from the prefix
 user error                             ``FAILED`` (not retried)
 system error, timeout, replica lost    ``RETRYABLE_FAILED`` (retried within the task's retries)
 cancelled                              ``ABORTED``
@@ -19,12 +22,15 @@ cancelled                              ``ABORTED``
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
+import logging
+import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from flyteidl.core import literals_pb2
-from flytekit import FlyteContextManager
 from flytekit.extend.backend.base_connector import AsyncConnectorBase, Resource, ResourceMeta
 from flyteidl.core.execution_pb2 import TaskExecution
 from flytekit.models.literals import Literal, LiteralCollection, LiteralMap, Scalar, Void
@@ -33,7 +39,10 @@ from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 from flytekitplugins.actor.protocol import lease_pb2
 from flytekitplugins.actor.contract import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE, ActorCustom, TaskCommand
 
+from . import logs
+from . import outputs as blob
 from . import scheduler as core
+from .launchers.k8s_config import LogConfig
 from .placement import Placement, execution_id, fleet_config
 from .reactor import Reactor
 from .views import TaskView
@@ -46,6 +55,18 @@ _PHASES = {
     core.Phase.RETRYABLE_FAILED: TaskExecution.RETRYABLE_FAILED,
     core.Phase.ABORTED: TaskExecution.ABORTED,
 }
+log = logging.getLogger("flyte-actor-agent")
+#: Task inputs up to this size travel inline on the lease stream; larger ones go by URI (``inputs_uri``).
+INLINE_INPUT_BYTES = 4 * 1024 * 1024
+#: A literal given to every element of a map (a bound input), or one element's input, larger than this is
+#: offloaded to the blob store once (a flytekit offloaded literal, which flytekit loads in the replica).
+OFFLOAD_LITERAL_BYTES = 1024 * 1024
+#: How long GetTask waits for a finished map's outputs to be written before answering RUNNING (propeller's
+#: deadline for the call is 3s); the writing goes on and a later GetTask answers SUCCEEDED.
+ASSEMBLY_WAIT_SECONDS = 1.5
+#: CreateTask of a map's attempt N > 0 lists earlier attempts' prefixes for finished elements for at most this
+#: long (propeller's deadline for the call is 3 s); past it, the map runs every element.
+RECOVERY_SCAN_SECONDS = 1.5
 
 
 @dataclass
@@ -56,24 +77,38 @@ class ActorMetadata(ResourceMeta):
     key: str
     map_outputs: str = ""
     optional_outputs: bool = False
+    #: An actor map's output prefix: where its elements' outputs are and where its own outputs.pb goes.
+    output_prefix: str = ""
 
 
 class ActorConnector(AsyncConnectorBase):
     name = "Actor Connector"
 
-    def __init__(self, agent: Callable[[], Reactor], task_type_name: str = ACTOR_TASK_TYPE):
+    def __init__(self, agent: Callable[[], Reactor], task_type_name: str = ACTOR_TASK_TYPE,
+                 log_config: Optional[LogConfig] = None):
         super().__init__(task_type_name=task_type_name, metadata_type=ActorMetadata)
         self._agent = agent
+        self.log_config = log_config or LogConfig()
+        #: Per actor map: elements recovered from earlier attempts (index -> that attempt's prefix).
+        self._recovered: Dict[str, Dict[int, str]] = {}
+        #: Per finished actor map: when its outputs were first asked for, and their writing (which gives the
+        #: serialized outputs when small, else None). Forgotten with the map, or after core.RETAIN_SECONDS.
+        self._published: Dict[str, Tuple[float, concurrent.futures.Future]] = {}
+        self._writer = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="actor-map-outputs")
 
     async def create(
         self,
         task_template: TaskTemplate,
         output_prefix: str,
-        inputs: Optional[LiteralMap] = None,
+        inputs: Union[LiteralMap, literals_pb2.LiteralMap, None] = None,
         task_execution_metadata: Optional[TaskExecutionMetadata] = None,
         **kwargs,
     ) -> ActorMetadata:
+        """``inputs`` as flytekit's model or as the protobuf message (the agent's server passes the message: a
+        map's inputs can hold 100,000 literals, too many to convert within propeller's deadline)."""
         agent = self._agent()
+        if isinstance(inputs, LiteralMap):
+            inputs = inputs.to_flyte_idl()
         custom = ActorCustom.from_custom(task_template.custom)
         if task_template.container is None:
             raise ValueError(
@@ -81,6 +116,9 @@ class ActorConnector(AsyncConnectorBase):
                 "flytekitplugins-actor (which never emits a pod target)."
             )
         command = TaskCommand.from_args(list(task_template.container.args))
+        if agent.launcher is not None:
+            agent.launcher.check_bundle(command.distribution or "")
+            agent.launcher.check(custom.environment)  # a pod the cluster can never run fails here, with the setting
         key = _task_key(task_execution_metadata) or uuid.uuid4().hex
         fleet = fleet_config(custom.environment, Placement.of_execution(task_execution_metadata), agent.max_ttl_seconds)
         env = _task_environment(task_template, task_execution_metadata)
@@ -106,20 +144,44 @@ class ActorConnector(AsyncConnectorBase):
             ).SerializeToString()
 
         if custom.map is None:
+            task_inputs = b""
+            if inputs is not None and inputs.ByteSize() > INLINE_INPUT_BYTES:
+                # Never on the lease stream: the replica reads them from the blob store (propeller wrote them to
+                # the rendered --inputs path already; serializing 100 MB again would cost seconds).
+                if not command.inputs:
+                    command.inputs = f"{output_prefix.rstrip('/')}/actor-inputs.pb"
+                    await asyncio.to_thread(blob.write, command.inputs, inputs.SerializeToString())
+            elif inputs is not None:
+                task_inputs = inputs.SerializeToString()
             request = core.TaskRequest(
                 key=key,
                 fleet=fleet,
-                payload=task_run(inputs.to_flyte_idl().SerializeToString() if inputs else b"", output_prefix),
+                payload=task_run(task_inputs, output_prefix),
                 timeout_seconds=timeout,
                 name=name,
             )
             await asyncio.wrap_future(agent.call(agent.submit, request))
             return ActorMetadata(key=key)
 
-        if inputs is None:
-            inputs = await asyncio.to_thread(_read_inputs, command.inputs)
-        elements = MapElements(inputs.to_flyte_idl(), custom.map.mapped_inputs, custom.map.bound_inputs)
         prefix = output_prefix.rstrip("/")
+        interface_inputs = {k: v.type for k, v in (task_template.interface.inputs or {}).items()}
+        elements = await asyncio.to_thread(
+            MapElements.prepare, inputs, command.inputs, custom.map.mapped_inputs, custom.map.bound_inputs, prefix,
+            interface_inputs)
+        attempt = task_execution_metadata.task_execution_id.retry_attempt if _task_key(task_execution_metadata) else 0
+        recovered: Dict[int, str] = {}
+        if attempt:
+            try:
+                recovered = await asyncio.wait_for(
+                    asyncio.to_thread(blob.recover_elements, prefix, attempt, elements.size), RECOVERY_SCAN_SECONDS)
+            except asyncio.TimeoutError:
+                log.warning("actor map %s: listing earlier attempts took over %ss; every element runs again", key,
+                            RECOVERY_SCAN_SECONDS)
+        if recovered:
+            log.info("actor map %s: %d of %d elements recovered from earlier attempts", key, len(recovered),
+                     elements.size)
+            self._recovered[key] = recovered
+        retries = task_template.metadata.retries.retries if task_template.metadata.retries else 0
 
         def make_element(index: int) -> core.TaskRequest:
             return core.TaskRequest(
@@ -130,23 +192,77 @@ class ActorConnector(AsyncConnectorBase):
                 name=f"{name}[{index}]",
             )
 
-        await asyncio.wrap_future(agent.call(
+        await asyncio.wrap_future(agent.call(functools.partial(
             agent.submit_map, key, fleet, elements.size, make_element, custom.map.concurrency,
-            custom.map.min_success_ratio))
+            custom.map.min_success_ratio, retries=retries, min_successes=custom.map.min_successes,
+            recovered=set(recovered))))
         outputs = list((task_template.interface.outputs or {}).keys())
-        return ActorMetadata(key=key, map_outputs=",".join(outputs), optional_outputs=custom.map.min_success_ratio < 1)
+        return ActorMetadata(key=key, map_outputs=",".join(outputs), optional_outputs=custom.map.optional,
+                             output_prefix=prefix)
 
-    async def get(self, resource_meta: ActorMetadata, **kwargs) -> Resource:
+    async def get(self, resource_meta: ActorMetadata, wait: Optional[float] = ASSEMBLY_WAIT_SECONDS,
+                  **kwargs) -> Resource:
+        """The task's state; a map that succeeded is reported SUCCEEDED once its outputs.pb is written (within
+        ``wait`` seconds, else RUNNING until a later call; None: wait until it is)."""
         agent = self._agent()
         view: Optional[TaskView] = await asyncio.wrap_future(agent.call(agent.view, resource_meta.key))
-        return resource_of(view, resource_meta)
+        if view is None:
+            self._published.pop(resource_meta.key, None)
+            self._recovered.pop(resource_meta.key, None)
+        if view is None or not view.size or not view.phase.terminal or not resource_meta.output_prefix:
+            resource = resource_of(view, resource_meta)
+            if view is not None and view.phase is core.Phase.RUNNING:
+                # Propeller forwards only the first answer of a phase: the links must be on the first RUNNING one.
+                resource.log_links = logs.task_logs(self.log_config, view.placement, view.key, view.started_at,
+                                                    time.time())
+            return resource
+        if resource_meta.key not in self._published:
+            self._forget_published()
+            self._published[resource_meta.key] = (time.monotonic(), self._writer.submit(
+                self._publish, view, resource_meta, self._recovered.get(resource_meta.key, {})))
+        published = self._published[resource_meta.key][1]
+        try:
+            raw = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(published)), timeout=wait)
+        except asyncio.TimeoutError:
+            return Resource(phase=TaskExecution.RUNNING, message=(
+                f"all {view.size} elements finished; writing the map's outputs to {resource_meta.output_prefix}"))
+        except Exception as e:  # noqa: BLE001 - the blob store refused: propeller may retry the attempt
+            self._published.pop(resource_meta.key, None)
+            return Resource(phase=TaskExecution.RETRYABLE_FAILED, message=(
+                f"The actor map's elements finished, but writing its outputs to {resource_meta.output_prefix} "
+                f"failed: {e}"))
+        self._recovered.pop(resource_meta.key, None)  # outputs.pb holds what was needed of them
+        inline = None if raw is None else LiteralMap.from_flyte_idl(literals_pb2.LiteralMap.FromString(raw))
+        return resource_of(view, resource_meta, map_result=inline)
+
+    def _forget_published(self) -> None:
+        """Drop what is kept of maps finished long ago (propeller stops asking once it saw a terminal phase)."""
+        cutoff = time.monotonic() - core.RETAIN_SECONDS
+        for key in [k for k, (at, done) in self._published.items() if at < cutoff and done.done()]:
+            del self._published[key]
+
+    @staticmethod
+    def _publish(view: TaskView, meta: ActorMetadata, recovered: Dict[int, str]) -> Optional[bytes]:
+        """Runs in a thread: write the map's outputs.pb (if it succeeded) and its progress page."""
+        try:
+            blob.write(f"{meta.output_prefix}/progress.html", blob.progress_html(
+                meta.key, view.size, view.succeeded, view.failed, view.retried, len(recovered), view.errors,
+                view.message).encode())
+        except Exception as e:  # noqa: BLE001 - a page for people; never fail the map for it
+            log.warning("actor map %s: cannot write progress.html: %s", meta.key, e)
+        if view.phase is not core.Phase.SUCCEEDED:
+            return None
+        names = meta.map_outputs.split(",") if meta.map_outputs else []
+        return blob.publish_map_outputs(names, view.element_outputs, meta.output_prefix, recovered)
 
     async def delete(self, resource_meta: ActorMetadata, **kwargs) -> None:
         agent = self._agent()
         await asyncio.wrap_future(agent.call(agent.cancel, resource_meta.key, "aborted by Flyte (DeleteTask)"))
 
 
-def resource_of(view: Optional[TaskView], meta: ActorMetadata) -> Resource:
+def resource_of(view: Optional[TaskView], meta: ActorMetadata, map_result: Optional[LiteralMap] = None) -> Resource:
+    """The Resource for ``view``. Outputs go inline only when small; ``None`` outputs on SUCCEEDED tell propeller
+    to read outputs.pb from the output prefix (flyteplugins ``webapi/agent`` ``writeOutput``)."""
     if view is None:
         return Resource(
             phase=TaskExecution.RETRYABLE_FAILED,
@@ -157,24 +273,35 @@ def resource_of(view: Optional[TaskView], meta: ActorMetadata) -> Resource:
     message = view.message
     custom_info = None
     if view.size:
-        custom_info = {"elements": view.size, "succeeded": view.succeeded, "failed": view.failed}
+        # Propeller sends custom_info with the first event of a phase only (see docs/architecture.md): the
+        # element count and where the progress page will be are what stays true.
+        custom_info = {"elements": view.size, "succeeded": view.succeeded, "failed": view.failed,
+                       "retries": view.retried}
+        if meta.output_prefix:
+            custom_info["progress"] = f"{meta.output_prefix}/progress.html"
         if not view.phase.terminal:
-            message = f"{view.succeeded + view.failed} of {view.size} elements done ({view.failed} failed)"
+            message = (f"{view.succeeded + view.failed} of {view.size} elements done ({view.failed} failed, "
+                       f"{view.retried} retried)")
     if view.waiting_for_replicas:
         phase = TaskExecution.WAITING_FOR_RESOURCES
     outputs = None
     if view.phase is core.Phase.SUCCEEDED:
         if view.size or meta.map_outputs:
-            outputs = gather_map_outputs(meta.map_outputs.split(",") if meta.map_outputs else [], view.element_outputs)
-        elif view.outputs:
+            if map_result is not None:
+                outputs = map_result
+            elif not view.size:  # no elements: empty lists
+                outputs = gather_map_outputs(meta.map_outputs.split(",") if meta.map_outputs else [], [])
+        elif isinstance(view.outputs, bytes) and view.outputs:
             outputs = LiteralMap.from_flyte_idl(literals_pb2.LiteralMap.FromString(view.outputs))
-        else:
+        elif view.outputs != core.IN_PREFIX:
             outputs = LiteralMap(literals={})
     return Resource(phase=phase, message=message, outputs=outputs, custom_info=custom_info)
 
 
 class MapElements:
-    """Cuts an actor map's inputs into per-element input maps, lazily (a map can have many elements)."""
+    """Cuts an actor map's inputs into per-element input maps, lazily (a map can have many elements). Holds the
+    inputs as one protobuf message; large literals in it are offloaded to the blob store first (:meth:`prepare`),
+    so no element's inputs are large."""
 
     def __init__(self, inputs: literals_pb2.LiteralMap, mapped: List[str], bound: List[str]):
         missing = [n for n in mapped + bound if n not in inputs.literals]
@@ -188,6 +315,28 @@ class MapElements:
         self._mapped = mapped
         self._bound = bound
 
+    @classmethod
+    def prepare(cls, inputs: Optional[literals_pb2.LiteralMap], inputs_uri: Optional[str], mapped: List[str],
+                bound: List[str], prefix: str, types: Dict[str, object]) -> "MapElements":
+        """Runs in a thread (blob I/O): read the inputs if CreateTask did not carry them, load mapped lists that
+        were offloaded, and offload bound inputs and list elements over ``OFFLOAD_LITERAL_BYTES``."""
+        proto = inputs if inputs is not None else literals_pb2.LiteralMap.FromString(blob.read(_inputs_uri(inputs_uri)))
+        for name in mapped:
+            literal = proto.literals[name] if name in proto.literals else None
+            if literal is not None and literal.HasField("offloaded_metadata"):
+                proto.literals[name].CopyFrom(literals_pb2.Literal.FromString(blob.read(literal.offloaded_metadata.uri)))
+        for name in bound:
+            if name in proto.literals and proto.literals[name].ByteSize() > OFFLOAD_LITERAL_BYTES:
+                _offload(proto.literals[name], f"{prefix}/inputs/{name}.pb", types.get(name))
+        for name in mapped:
+            if name in proto.literals and proto.literals[name].ByteSize() > OFFLOAD_LITERAL_BYTES:
+                items = proto.literals[name].collection.literals
+                item_type = getattr(types.get(name), "collection_type", None)
+                for i, item in enumerate(items):
+                    if item.ByteSize() > OFFLOAD_LITERAL_BYTES:
+                        _offload(item, f"{prefix}/inputs/{name}/{i}.pb", item_type)
+        return cls(proto, mapped, bound)
+
     def inputs(self, index: int) -> bytes:
         element = literals_pb2.LiteralMap()
         for name in self._mapped:
@@ -195,6 +344,18 @@ class MapElements:
         for name in self._bound:
             element.literals[name].CopyFrom(self._inputs.literals[name])
         return element.SerializeToString()
+
+
+def _offload(literal: literals_pb2.Literal, uri: str, literal_type) -> None:
+    """Write ``literal`` to ``uri`` and turn it, in place, into a flytekit offloaded literal pointing there."""
+    data = literal.SerializeToString()
+    blob.write(uri, data)
+    offloaded = literals_pb2.Literal(offloaded_metadata=literals_pb2.LiteralOffloadedMetadata(
+        uri=uri, size_bytes=len(data)))
+    if literal_type is not None:
+        offloaded.offloaded_metadata.inferred_type.CopyFrom(literal_type.to_flyte_idl())
+    literal.Clear()
+    literal.CopyFrom(offloaded)
 
 
 def gather_map_outputs(names: List[str], element_outputs: List[Optional[bytes]]) -> LiteralMap:
@@ -240,21 +401,18 @@ def _task_environment(template: TaskTemplate, metadata: Optional[TaskExecutionMe
     return env
 
 
-def _read_inputs(uri: Optional[str]) -> LiteralMap:
+def _inputs_uri(uri: Optional[str]) -> str:
     if not uri:
         raise ValueError("actor map: CreateTask carried no inputs and the container args name no inputs file")
-    ctx = FlyteContextManager.current_context()
-    local = ctx.file_access.get_random_local_path()
-    ctx.file_access.get_data(uri, local)
-    with open(local, "rb") as f:
-        return LiteralMap.from_flyte_idl(literals_pb2.LiteralMap.FromString(f.read()))
+    return uri
 
 
-def register(agent: Callable[[], Reactor]) -> List[ActorConnector]:
+def register(agent: Callable[[], Reactor], log_config: Optional[LogConfig] = None) -> List[ActorConnector]:
     """Register connectors for both actor task types with flytekit's ConnectorRegistry."""
     from flytekit.extend.backend.base_connector import ConnectorRegistry
 
-    connectors = [ActorConnector(agent, ACTOR_TASK_TYPE), ActorConnector(agent, ACTOR_MAP_TASK_TYPE)]
+    connectors = [ActorConnector(agent, ACTOR_TASK_TYPE, log_config),
+                  ActorConnector(agent, ACTOR_MAP_TASK_TYPE, log_config)]
     for connector in connectors:
         ConnectorRegistry.register(connector, override=True)
     return connectors

@@ -6,16 +6,20 @@ same connector as a Flyte cluster would, then waits for the task to finish (no p
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import threading
 from typing import Optional
 
+from flyteidl.core import literals_pb2
+from flyteidl.core.execution_pb2 import TaskExecution
 from flytekit.extend.backend.base_connector import Resource
 from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskTemplate
 
 from .connector import ActorConnector
 from .launchers.local import LocalProcessLauncher
+from .outputs import OUTPUTS_FILE, read
 from .lease_service import LeaseService
 from .reactor import Reactor
 
@@ -42,7 +46,12 @@ class EmbeddedAgent:
         meta = await self.connector.create(template, output_prefix, inputs)
         try:
             await self.agent.wait(meta.key)
-            return await self.connector.get(meta)
+            resource = await self.connector.get(meta, wait=None)
+            if resource.phase == TaskExecution.SUCCEEDED and resource.outputs is None and template.interface.outputs:
+                # Too large to answer inline: read outputs.pb as propeller would.
+                raw = await asyncio.to_thread(read, f"{output_prefix.rstrip('/')}/{OUTPUTS_FILE}")
+                resource.outputs = LiteralMap.from_flyte_idl(literals_pb2.LiteralMap.FromString(raw))
+            return resource
         except BaseException:
             self.agent.cancel(meta.key, "the local run was interrupted")
             raise

@@ -72,7 +72,7 @@ class LocalFleet:
         return asyncio.run(self.connector.create(template, output_prefix, literals, metadata))
 
     def get(self, meta: ActorMetadata) -> Resource:
-        return asyncio.run(self.connector.get(meta))
+        return asyncio.run(self.connector.get(meta, wait=None))
 
     def wait(self, meta: ActorMetadata, timeout: float = 120) -> Resource:
         self.agent.call(self.agent.wait, meta.key).result(timeout=timeout)
@@ -114,7 +114,7 @@ class LocalFleet:
     async def run_template(self, template, inputs=None) -> Resource:
         meta = await self.create(template, inputs)
         await self.finished(meta.key)
-        return await self.connector.get(meta)
+        return await self.connector.get(meta, wait=None)
 
     # ---------------------------------------------------------------------------------------- the agent's state
 

@@ -1,12 +1,17 @@
-"""Prometheus metrics of one agent: task outcomes, dispatch latency, replica events, and (read at scrape time)
-queue depth per environment and replicas by state."""
+"""Prometheus metrics of one agent: task outcomes, dispatch latency, replica events (with their cause), and (read
+at scrape time) queue depth and replicas by state per fleet: an environment version in a namespace, so each
+fleet is one series (``environment``, ``version``, ``namespace``).
+
+The agent's own metrics live in a private registry (tests run several agents in one process); the metrics port
+serves it together with prometheus_client's default registry, where flytekit's connector service records its
+request counts and latencies (``flyte_connector_*``) and the process collector its CPU and memory."""
 
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Callable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 if TYPE_CHECKING:
@@ -37,10 +42,17 @@ class Metrics:
         )
         self.replica_events = Counter(
             "flyte_actor_replica_events",
-            "Replica launches, connections and stops (with their cause)",
-            ["environment", "event"],
+            "Replica launches, connections, stop requests and exits; `cause` is why a replica is gone",
+            ["environment", "event", "cause"],
             registry=self.registry,
         )
+
+    def exported(self) -> CollectorRegistry:
+        """What the metrics port serves: this agent's metrics and the default registry (flytekit's connector
+        metrics, process and Python collectors)."""
+        served = CollectorRegistry(auto_describe=False)
+        served.register(_Both(self.registry, REGISTRY))
+        return served
 
     def watch(self, scheduler: "Scheduler", call: Callable) -> None:
         """Report gauges read from the scheduler; ``call`` runs a function on the agent loop and returns a future."""
@@ -60,11 +72,22 @@ class Metrics:
         self.task_outcomes.labels(view.phase.value).inc()
 
     def replica_gone(self, environment: str, reason: "ExitReason") -> None:
-        self.replica_events.labels(environment, "gone: " + reason.value).inc()
+        self.replica_events.labels(environment, "gone", reason.value).inc()
 
     def replica_event(self, environment: str, event: str) -> None:
         """``event`` must come from a small fixed set (it is a label value)."""
-        self.replica_events.labels(environment, event).inc()
+        self.replica_events.labels(environment, event, "").inc()
+
+
+class _Both:
+    """A collector that yields the metrics of two registries (they share no metric names)."""
+
+    def __init__(self, *registries: CollectorRegistry):
+        self.registries = registries
+
+    def collect(self):
+        for registry in self.registries:
+            yield from registry.collect()
 
 
 class _SchedulerCollector:
@@ -73,24 +96,46 @@ class _SchedulerCollector:
         self.call = call
 
     def collect(self):
-        queued = GaugeMetricFamily("flyte_actor_queue_depth", "Tasks waiting for a replica", labels=["environment"])
-        replicas = GaugeMetricFamily("flyte_actor_replicas", "Replicas by state", labels=["environment", "state"])
+        labels = ["environment", "version", "namespace"]
+        queued = GaugeMetricFamily("flyte_actor_queue_depth", "Tasks waiting for a replica, per fleet", labels=labels)
+        replicas = GaugeMetricFamily("flyte_actor_replicas", "Replicas by state, per fleet", labels=labels + ["state"])
+        elements = GaugeMetricFamily(
+            "flyte_actor_map_elements", "Elements of running actor maps, by state (progress the console cannot show)",
+            labels=["environment", "state"])
         try:
-            snapshot = self.call(self._snapshot).result(timeout=5)
+            snapshot, maps = self.call(self._snapshot).result(timeout=5)
         except Exception:  # noqa: BLE001 - a stopped agent has no gauges
-            snapshot = []
-        for name, depth, states in snapshot:
-            queued.add_metric([name], depth)
+            snapshot, maps = [], {}
+        for fleet, depth, states in snapshot:
+            queued.add_metric(list(fleet), depth)
             for state, count in states.items():
-                replicas.add_metric([name, state], count)
+                replicas.add_metric(list(fleet) + [state], count)
+        for (name, state), count in sorted(maps.items()):
+            elements.add_metric([name, state], count)
         yield queued
         yield replicas
+        yield elements
 
     def _snapshot(self):
         out = []
         for fleet in self.scheduler.fleets.values():
+            if fleet.superseded and not fleet.replicas and not fleet.queue:
+                continue  # an old version with nothing left: its series end
             states = {}
             for replica in fleet.replicas.values():
                 states[replica.state.value] = states.get(replica.state.value, 0) + 1
-            out.append((fleet.config.name, len(fleet.queue), states))
-        return out
+            config = fleet.config
+            labels = (
+                config.name,
+                config.environment.version if config.environment is not None else "",
+                config.placement.namespace if config.placement is not None else "",
+            )
+            out.append((labels, len(fleet.queue), states))
+        maps: dict = {}
+        for job in self.scheduler.maps.values():
+            if job.phase.terminal:
+                continue
+            for state, count in (("total", job.size), ("succeeded", job.succeeded), ("failed", job.failed),
+                                 ("in_flight", len(job.in_flight)), ("retried", job.retried)):
+                maps[(job.fleet.name, state)] = maps.get((job.fleet.name, state), 0) + count
+        return out, maps

@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Protocol, Union
 
 from . import scheduler as core
-from .launchers import Launcher, OnExit, ReplicaLaunch
+from .launchers import LaunchRefused, Launcher, OnExit, ReplicaLaunch
 from .metrics import Metrics
 from .placement import fleet_config
 from .views import TaskView, task_view
@@ -43,6 +43,8 @@ class ReplicaChannel(Protocol):
 
     #: host:port replicas dial.
     address: str
+    #: PEM of the CA replicas verify the channel's TLS certificate with ("": plain gRPC).
+    ca_certificate: str
 
     async def start(self) -> None: ...
 
@@ -137,11 +139,12 @@ class Reactor:
         self.metrics.submitted(request.fleet.name)
         self._apply(self.scheduler.submit(request))
 
-    def submit_map(self, key: str, fleet: core.FleetConfig, size: int, make_element, concurrency, ratio) -> None:
+    def submit_map(self, key: str, fleet: core.FleetConfig, size: int, make_element, concurrency, ratio,
+                   **options: Any) -> None:
         if self._known(key):
             return
         self.metrics.submitted(fleet.name)
-        self._apply(self.scheduler.submit_map(key, fleet, size, make_element, concurrency, ratio))
+        self._apply(self.scheduler.submit_map(key, fleet, size, make_element, concurrency, ratio, **options))
 
     def _known(self, key: str) -> bool:
         return key in self.scheduler.tasks or key in self.scheduler.maps
@@ -153,7 +156,14 @@ class Reactor:
         self.scheduler.forget(key)
 
     def view(self, key: str) -> Optional[TaskView]:
-        return task_view(self.scheduler, key, recovering=time.monotonic() < self._recovering_until)
+        view = task_view(self.scheduler, key, recovering=time.monotonic() < self._recovering_until)
+        task = self.scheduler.tasks.get(key)
+        if view is not None and task is not None and view.phase is core.Phase.RUNNING and task.replica_id:
+            # Where the task runs, for its log links: the launcher knows the replica's pod.
+            view.placement = self.launcher.placement(task.replica_id) if self.launcher else None
+            if task.started_at is not None:
+                view.started_at = time.time() - (time.monotonic() - task.started_at)
+        return view
 
     async def wait(self, key: str) -> Optional[TaskView]:
         """Wait until ``key`` reaches a terminal phase, without polling."""
@@ -177,14 +187,20 @@ class Reactor:
         self._apply(effects)
         return abandoned
 
+    def authenticate(self, replica_id: str, token: str, fleet_key: str) -> None:
+        """Raises :class:`.scheduler.ReplicaRefused` unless ``token`` is the token of this replica of ours."""
+        self.scheduler.authenticate(replica_id, token, fleet_key)
+
     def heartbeat(self, replica_id: str) -> None:
         self.scheduler.heartbeat(replica_id)
 
     def report(self, replica_id: str, lease_id: str, outcome: core.Outcome, outputs: Optional[bytes],
-               error: Optional[bytes], message: str, retryable: bool, run_seconds: float) -> None:
+               error: Optional[bytes], message: str, retryable: bool, run_seconds: float,
+               **details: Any) -> None:
         self.metrics.ran(run_seconds)
         self._apply(self.scheduler.report(
-            replica_id, lease_id, outcome, outputs=outputs, error=error, message=message, retryable=retryable))
+            replica_id, lease_id, outcome, outputs=outputs, error=error, message=message, retryable=retryable,
+            **details))
 
     def stream_lost(self, replica_id: str) -> None:
         """The stream of a replica that was still ours ended: it is lost."""
@@ -200,6 +216,7 @@ class Reactor:
         self.channel = channel_factory(self)
         await self.channel.start()
         self.launcher = self._launcher_factory(self._on_replica_exit)
+        self.launcher.on_waiting = self._on_replica_waiting
         if self.launcher.replicas_outlive_agent:
             adopted = await self.launcher.adopt()
             for replica in adopted:
@@ -265,7 +282,11 @@ class Reactor:
                 environment=fleet.environment,
                 agent_address=self.lease_address,
                 placement=fleet.placement,
+                agent_ca=self.channel.ca_certificate,
             ))
+        except LaunchRefused as e:
+            log.warning("replica %s refused: %s", launch.replica_id, e)
+            self._on_replica_exit(launch.replica_id, core.ReplicaExit(core.ExitReason.REFUSED, str(e)))
         except Exception as e:  # noqa: BLE001 - any launch failure is a start failure of this replica
             log.exception("launching replica %s failed", launch.replica_id)
             self._on_replica_exit(launch.replica_id, core.ReplicaExit(
@@ -276,6 +297,11 @@ class Reactor:
         if self.channel is not None:
             self.channel.close(replica_id)
         self._replica_gone(replica_id, exit)
+
+    def _on_replica_waiting(self, replica_id: str, reason: Optional[str]) -> None:
+        if reason:
+            log.info("replica %s waits for resources: %s", replica_id, reason)
+        self._apply(self.scheduler.replica_waiting(replica_id, reason))
 
     def _replica_gone(self, replica_id: str, exit: core.ReplicaExit) -> None:
         if replica_id in self.scheduler.replicas:

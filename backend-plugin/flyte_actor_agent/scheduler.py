@@ -9,8 +9,8 @@ whoever waits on a task). The agent's reactor is the only caller in production; 
     >>> [type(e).__name__ for e in s.submit(TaskRequest(key="t1", fleet=env, payload="task"))]
     ['Launch']
     >>> (assign,) = s.replica_connected("r1", "t", "hello-abc", capacity=1)
-    >>> type(assign).__name__, assign.lease_id
-    ('Assign', 'l1|t1')
+    >>> type(assign).__name__, assign.lease_id.split("|")[1]
+    ('Assign', 't1')
     >>> [type(e).__name__ for e in s.report("r1", assign.lease_id, Outcome.SUCCEEDED, outputs=b"")]
     ['Ack', 'Finished']
 """
@@ -25,6 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Set, Union
 
+from .lease_ids import LeaseIds
+
 if TYPE_CHECKING:
     from flytekitplugins.actor.contract import SerializedEnvironment
 
@@ -34,14 +36,23 @@ if TYPE_CHECKING:
 HEARTBEAT_TIMEOUT_SECONDS = 30.0
 #: After replicas of a fleet failed to start, tasks for it fail at once for this long, then a launch is retried.
 START_RETRY_AFTER_SECONDS = 60.0
-#: Lease ids are "<random id>|<task key>", so an agent that restarted learns from a replica which task it runs.
-LEASE_KEY_SEPARATOR = "|"
 #: How long a finished task's result is kept for GetTask (propeller stops asking once it saw a terminal phase).
 RETAIN_SECONDS = 3600.0
 #: A replica that has not connected this long after its launch is stopped and counts as a failed start.
 START_TIMEOUT_SECONDS = 600.0
 #: Extra time the agent gives a replica past a task's own timeout before taking the lease back.
 LEASE_GRACE_SECONDS = 30.0
+#: An actor map keeps at most this many bytes of element outputs in memory; the rest are read back from the
+#: elements' output prefixes when the map's outputs are assembled.
+MAP_INLINE_BUDGET_BYTES = 32 * 1024 * 1024
+#: An actor map has at most this many elements queued or running per replica slot of its fleet (whatever its
+#: ``concurrency``), so a map of 100,000 elements holds a window of them in memory, not all.
+MAP_WINDOW_PER_SLOT = 4
+#: An actor map keeps the messages of its first this many failed elements (for its message and progress page).
+MAP_ERRORS_KEPT = 100
+#: How an element's outputs are held when they are not in memory: in ``<map output prefix>/<index>/outputs.pb``
+#: (or an earlier attempt's, for elements recovered from it).
+IN_PREFIX = "in-prefix"
 
 
 class Outcome(enum.Enum):
@@ -129,6 +140,7 @@ class ExitReason(enum.Enum):
     STREAM_CLOSED = "stream_closed"
     START_TIMEOUT = "start_timeout"
     LAUNCH_FAILED = "launch_failed"
+    REFUSED = "refused"  # the agent's own policy forbids the replica: another try cannot help
     STOPPED = "stopped"
     KILLED = "killed"
     EXITED = "exited"
@@ -165,9 +177,13 @@ class TaskState:
     submitted_at: float
     phase: Phase = Phase.QUEUED
     message: str = ""
-    outputs: Optional[bytes] = None
+    outputs: Union[bytes, str, None] = None  # IN_PREFIX: only in the output prefix
     error: Optional[bytes] = None
     leases: int = 0  # how many times it was leased
+    system_failures: int = 0  # leases lost or failed by the system (replica lost, RECOVERABLE system error)
+    user_failures: int = 0  # retryable user failures (RECOVERABLE user error, timeout) of a map element
+    #: The replica of the last failed try of a map element, avoided for the next when another one is free.
+    avoid_replica: Optional[str] = None
     lease_id: Optional[str] = None
     replica_id: Optional[str] = None
     started_at: Optional[float] = None
@@ -198,6 +214,11 @@ class Replica:
     adopted: bool = False
     #: When it first connected (None while starting).
     connected_at: Optional[float] = None
+    #: Why a starting replica waits for resources (its pod has no node yet, its namespace is over quota); while
+    #: it waits, the start timeout does not run: waiting is not failing.
+    waiting: str = ""
+    #: The last task that failed or was lost on it, for the status page.
+    last_failure: str = ""
 
 
 @dataclass(frozen=True)
@@ -227,6 +248,9 @@ class Fleet:
     start_failures: int = 0
     last_start_error: str = ""
     failed_at: float = float("-inf")
+    #: The last replica that went away without being asked to, and when (for the status page).
+    last_replica_failure: Optional[ReplicaExit] = None
+    last_replica_failure_at: float = 0.0
 
 
 @dataclass(eq=False)
@@ -235,22 +259,45 @@ class MapJob:
     fleet: FleetConfig
     size: int
     make_element: Callable[[int], TaskRequest]
-    concurrency: int
+    concurrency: int  # 0: no limit but the fleet's (MAP_WINDOW_PER_SLOT)
     min_success_ratio: float
     submitted_at: float
+    #: Retries of each element after a retryable user failure (the task's ``retries``); system failures have
+    #: their own budget (``max_leases``), as in Flyte.
+    retries: int = 0
+    min_successes: Optional[int] = None
+    #: Elements whose outputs an earlier attempt of the map already wrote; they are not run again.
+    recovered: Set[int] = field(default_factory=set)
     phase: Phase = Phase.RUNNING
     message: str = ""
     next_index: int = 0
     in_flight: Dict[int, TaskState] = field(default_factory=dict)
-    outputs: List[Optional[bytes]] = field(default_factory=list)
+    #: Per element: its outputs (bytes), IN_PREFIX, or None (failed, or not finished yet).
+    outputs: List[Union[bytes, str, None]] = field(default_factory=list)
+    inline_bytes: int = 0
     errors: Dict[int, str] = field(default_factory=dict)
     succeeded: int = 0
     failed: int = 0
+    retried: int = 0
     finished_at: Optional[float] = None
 
     @property
+    def required(self) -> int:
+        """Elements that must succeed: ``min_successes`` if set, else ``min_success_ratio`` of them (as Flyte's
+        ArrayNode)."""
+        if self.min_successes is not None:
+            return self.min_successes
+        return math.ceil(self.min_success_ratio * self.size - 1e-9)
+
+    @property
     def allowed_failures(self) -> int:
-        return self.size - math.ceil(self.min_success_ratio * self.size - 1e-9)
+        return self.size - self.required
+
+    @property
+    def tolerance(self) -> str:
+        if self.min_successes is not None:
+            return f"min_successes={self.min_successes}"
+        return f"min_success_ratio={self.min_success_ratio:g}"
 
 
 # --------------------------------------------------------------------------------------------------- scheduler
@@ -269,8 +316,13 @@ class Scheduler:
         start_retry_after: float = START_RETRY_AFTER_SECONDS,
         retain: float = RETAIN_SECONDS,
         start_timeout: float = START_TIMEOUT_SECONDS,
+        lease_key: Optional[bytes] = None,
+        max_output_bytes: int = 0,
+        map_inline_budget: int = MAP_INLINE_BUDGET_BYTES,
     ):
+        """``lease_key`` signs lease ids (see :mod:`.lease_ids`); without one, a random key of this scheduler."""
         self.clock = clock
+        self.lease_ids = LeaseIds(lease_key or secrets.token_bytes(32))
         self.new_id = new_id
         self.new_token = new_token
         self.max_leases = max_leases
@@ -280,6 +332,9 @@ class Scheduler:
         self.start_retry_after = start_retry_after
         self.retain = retain
         self.start_timeout = start_timeout
+        #: Outputs larger than this fail their task (0: no cap); the server's --max-output-bytes.
+        self.max_output_bytes = max_output_bytes
+        self.map_inline_budget = map_inline_budget
         self._finished: Deque[tuple] = deque()  # (finished_at, key), oldest first, to forget results in O(1)
         self.fleets: Dict[str, Fleet] = {}
         self.tasks: Dict[str, TaskState] = {}
@@ -309,8 +364,13 @@ class Scheduler:
         make_element: Callable[[int], TaskRequest],
         concurrency: Optional[int] = None,
         min_success_ratio: float = 1.0,
+        retries: int = 0,
+        min_successes: Optional[int] = None,
+        recovered: Set[int] = frozenset(),
     ) -> List[Effect]:
-        """Start an actor map of ``size`` elements; at most ``concurrency`` are queued or running at once."""
+        """Start an actor map of ``size`` elements; at most ``concurrency`` are queued or running at once (0 or
+        None: as many as the fleet runs). Elements in ``recovered`` finished in an earlier attempt: their outputs
+        are in that attempt's prefix and they are not run again."""
         if key in self.maps or key in self.tasks:
             return []
         job = MapJob(
@@ -318,16 +378,25 @@ class Scheduler:
             fleet=fleet,
             size=size,
             make_element=make_element,
-            concurrency=concurrency or size or 1,
+            concurrency=concurrency or 0,
             min_success_ratio=min_success_ratio,
             submitted_at=self.clock(),
+            retries=retries,
+            min_successes=min_successes,
+            recovered=set(recovered),
             outputs=[None] * size,
         )
+        for index in job.recovered:
+            job.outputs[index] = IN_PREFIX
+        job.succeeded = len(job.recovered)
         self.maps[key] = job
         effects: List[Effect] = []
         self._use_fleet(fleet, effects)
-        if size == 0:
-            self._finish_map(job, Phase.SUCCEEDED, "no elements", effects)
+        if job.allowed_failures < 0:
+            self._finish_map(job, Phase.FAILED, f"min_successes={min_successes} is more than the map's {size} "
+                             "elements: lower min_successes or map over more elements", effects)
+        elif job.succeeded == size:
+            self._finish_map(job, Phase.SUCCEEDED, f"{size} of {size} elements succeeded", effects)
         else:
             self._feed_map(job, effects)
         return effects
@@ -360,11 +429,7 @@ class Scheduler:
         self, replica_id: str, token: str, fleet_key: str, capacity: int, running: List[str] = ()
     ) -> List[Effect]:
         """A replica opened its lease stream; raises :class:`ReplicaRefused` if it is not one of ours."""
-        replica = self.replicas.get(replica_id)
-        if replica is None or not secrets.compare_digest(replica.token, token) or replica.fleet_key != fleet_key:
-            raise ReplicaRefused(f"replica {replica_id!r} of {fleet_key!r} is unknown or its token is wrong")
-        if replica.state is ReplicaState.STOPPING:
-            raise ReplicaRefused(f"replica {replica_id!r} is being stopped")
+        replica = self.authenticate(replica_id, token, fleet_key)
         now = self.clock()
         if replica.connected_at is None:
             replica.connected_at = now
@@ -385,6 +450,15 @@ class Scheduler:
         self._dispatch(fleet, effects)
         return effects
 
+    def authenticate(self, replica_id: str, token: str, fleet_key: str) -> Replica:
+        """The replica if ``token`` is its token and it may connect; else raises :class:`ReplicaRefused`."""
+        replica = self.replicas.get(replica_id)
+        if replica is None or not secrets.compare_digest(replica.token, token) or replica.fleet_key != fleet_key:
+            raise ReplicaRefused(f"replica {replica_id[:64]!r} of {fleet_key[:200]!r} is unknown or its token is wrong")
+        if replica.state is ReplicaState.STOPPING:
+            raise ReplicaRefused(f"replica {replica_id!r} is being stopped")
+        return replica
+
     def adopt_replica(self, replica_id: str, token: str, fleet: FleetConfig) -> None:
         """Take back a replica a previous agent launched (after a restart); it counts as starting until it
         connects and reports what it runs."""
@@ -399,8 +473,9 @@ class Scheduler:
 
     def _recover_lease(self, replica: Replica, lease_id: str) -> None:
         """A reconnecting adopted replica runs ``lease_id``, which this agent never issued: rebuild its task
-        from the key in the lease id, so GetTask finds it and the replica's report completes it."""
-        key = lease_id.partition(LEASE_KEY_SEPARATOR)[2]
+        from the key in the lease id, so GetTask finds it and the replica's report completes it. Only a lease id
+        signed by the agent's key for this replica counts: a forged or borrowed claim is abandoned."""
+        key = self.lease_ids.verify(replica.id, lease_id)
         if not key or key in self.tasks or key in self.maps:
             return
         task = TaskState(
@@ -434,8 +509,12 @@ class Scheduler:
         cause = exit.detail
         fleet = self.fleets[replica.fleet_key]
         fleet.replicas.pop(replica_id, None)
+        if replica.state is not ReplicaState.STOPPING or exit.reason is ExitReason.NO_HEARTBEAT:
+            fleet.last_replica_failure, fleet.last_replica_failure_at = exit, self.clock()
         if replica.state is ReplicaState.STARTING and not replica.adopted:
             fleet.start_failures += 1
+            if exit.reason is ExitReason.REFUSED:
+                fleet.start_failures = max(fleet.start_failures, self.start_failure_limit)
             fleet.last_start_error = cause
             if self._cannot_start(fleet):
                 fleet.failed_at = self.clock()
@@ -446,6 +525,23 @@ class Scheduler:
                 self._lease_lost(task, f"replica {replica_id} was lost: {cause}", effects)
         if replica.state is not ReplicaState.STOPPING or fleet.queue:
             self._scale(fleet, effects)
+
+    def replica_waiting(self, replica_id: str, reason: Optional[str]) -> List[Effect]:
+        """A starting replica waits for resources (``reason``), or no longer does (``None``): its start timeout
+        then counts from now."""
+        replica = self.replicas.get(replica_id)
+        if replica is None or replica.state is not ReplicaState.STARTING:
+            return []
+        if not reason and replica.waiting:
+            replica.launched_at = self.clock()
+        replica.waiting = reason or ""
+        return []
+
+    def waiting_reason(self, fleet_key: str) -> str:
+        """Why a fleet with no ready replica waits, as its starting replicas report it ('' if they do not)."""
+        fleet = self.fleets.get(fleet_key)
+        reasons = [r.waiting for r in fleet.replicas.values() if r.waiting] if fleet else []
+        return reasons[0] if reasons else ""
 
     def stop_replica(self, replica_id: str, reason: str) -> List[Effect]:
         effects: List[Effect] = []
@@ -469,8 +565,12 @@ class Scheduler:
         error: Optional[bytes] = None,
         message: str = "",
         retryable: bool = False,
+        outputs_size: int = 0,
+        system_error: bool = False,
     ) -> List[Effect]:
-        """A replica reports how a lease ended. Always acked; ignored unless the lease is still current."""
+        """A replica reports how a lease ended. Always acked; ignored unless the lease is still current and held
+        by ``replica_id`` (no replica reports for another). ``outputs`` None on success: they are only in the
+        task's output prefix (too large to send)."""
         effects: List[Effect] = [Ack(replica_id, lease_id)]
         replica = self.replicas.get(replica_id)
         now = self.clock()
@@ -481,14 +581,29 @@ class Scheduler:
                 replica.tasks_run += 1
                 if not replica.leases:
                     replica.idle_since = now
-        task = self.leases.pop(lease_id, None)
+        task = self.leases.get(lease_id)
+        if task is not None and task.replica_id != replica_id:
+            task = None
+        elif task is not None:
+            del self.leases[lease_id]
         if task is not None and task.lease_id == lease_id and not task.phase.terminal:
-            if outcome is Outcome.SUCCEEDED:
-                self._finish_task(task, Phase.SUCCEEDED, message, effects, outputs=outputs)
+            if outcome is Outcome.SUCCEEDED and self.max_output_bytes and outputs_size > self.max_output_bytes:
+                self._finish_task(task, Phase.FAILED, (
+                    f"Task {task.name or task.key} returned {outputs_size} bytes of outputs, more than the actor "
+                    f"agent's cap of {self.max_output_bytes} bytes (flyte-actor-agent --max-output-bytes, "
+                    "FLYTE_ACTOR_MAX_OUTPUT_BYTES): return less, or raise the cap"), effects)
+            elif outcome is Outcome.SUCCEEDED:
+                self._finish_task(task, Phase.SUCCEEDED, message, effects, outputs=IN_PREFIX if outputs is None else outputs)
+            elif outcome is Outcome.FAILED and retryable and self._retry_element(task, message, replica_id, system_error, effects):
+                pass
             elif outcome is Outcome.FAILED:
+                if replica is not None:
+                    replica.last_failure = f"{task.name or task.key}: {message}"
                 phase = Phase.RETRYABLE_FAILED if retryable else Phase.FAILED
                 self._finish_task(task, phase, message, effects, error=error)
             elif outcome is Outcome.LOST:
+                if replica is not None:
+                    replica.last_failure = f"{task.name or task.key}: {message or 'its executor died'}"
                 self._lease_lost(task, message or f"the executor on replica {replica_id} died", effects)
             else:  # cancelled by the replica on its own: only at shutdown, so lease it again
                 self._lease_lost(task, message or f"replica {replica_id} gave the task back", effects)
@@ -512,14 +627,13 @@ class Scheduler:
                 continue  # already ended by an earlier one in this loop (its actor map ended)
             effects.append(CancelLease(task.replica_id, task.lease_id, "timed out"))
             self.leases.pop(task.lease_id, None)
-            self._finish_task(
-                task,
-                Phase.RETRYABLE_FAILED,
-                f"Task {task.name or task.key} did not finish within its timeout of {task.timeout_seconds:g}s "
-                f"(replica {task.replica_id} did not report it in time).",
-                effects,
-            )
+            message = (f"Task {task.name or task.key} did not finish within its timeout of {task.timeout_seconds:g}s "
+                       f"(replica {task.replica_id} did not report it in time).")
+            if not self._retry_element(task, message, task.replica_id, False, effects):
+                self._finish_task(task, Phase.RETRYABLE_FAILED, message, effects)
         for replica in list(self.replicas.values()):
+            if replica.state is ReplicaState.STARTING and replica.waiting:
+                continue
             if replica.state is ReplicaState.STARTING and now - replica.launched_at >= self.start_timeout:
                 effects.append(Stop(replica.id, "did not connect in time"))
                 self._replica_gone(replica.id, ReplicaExit(
@@ -542,7 +656,7 @@ class Scheduler:
         if self._finished:
             times.append(self._finished[0][0] + self.retain)
         for replica in self.replicas.values():
-            if replica.state is ReplicaState.STARTING:
+            if replica.state is ReplicaState.STARTING and not replica.waiting:
                 times.append(replica.launched_at + self.start_timeout)
             elif replica.state is ReplicaState.READY:
                 times.append(replica.last_seen + self.heartbeat_timeout)
@@ -623,20 +737,26 @@ class Scheduler:
         )
 
     def _dispatch(self, fleet: Fleet, effects: List[Effect]) -> None:
-        """Give queued tasks to the busiest ready replica with a free slot, so idle ones can expire."""
+        """Give queued tasks to the busiest ready replica with a free slot, so idle ones can expire; a map
+        element that failed goes to another replica than last time when one has a free slot."""
         while fleet.queue:
             best: Optional[Replica] = None
+            other: Optional[Replica] = None
+            avoid = fleet.queue[0].avoid_replica
             for replica in fleet.replicas.values():
                 if replica.state is ReplicaState.READY and len(replica.leases) < replica.capacity:
                     if best is None or len(replica.leases) > len(best.leases):
                         best = replica
+                    if replica.id != avoid and (other is None or len(replica.leases) > len(other.leases)):
+                        other = replica
             if best is None:
                 return
+            best = other or best
             task = fleet.queue.popleft()
             if task.phase is not Phase.QUEUED:
                 continue
             now = self.clock()
-            lease_id = f"{self.new_id()}{LEASE_KEY_SEPARATOR}{task.key}"
+            lease_id = self.lease_ids.issue(self.new_id(), best.id, task.key)
             task.phase = Phase.RUNNING
             task.lease_id = lease_id
             task.replica_id = best.id
@@ -662,20 +782,50 @@ class Scheduler:
             effects.append(Launch(replica.id, replica.token, fleet.config))
 
     def _lease_lost(self, task: TaskState, cause: str, effects: List[Effect]) -> None:
+        """A system failure (replica or executor lost): lease again, up to ``max_leases`` system failures."""
+        task.avoid_replica = task.replica_id
         task.lease_id = None
         task.replica_id = None
         task.deadline = None
+        task.system_failures += 1
         if task.payload is None:
             self._finish_task(task, Phase.RETRYABLE_FAILED, f"Task {task.key} was lost after an agent restart: {cause}", effects)
-        elif task.leases >= self.max_leases:
+        elif task.system_failures >= self.max_leases:
             self._finish_task(
                 task,
                 Phase.RETRYABLE_FAILED,
-                f"Task {task.name or task.key} was lost {task.leases} times; last: {cause}",
+                f"Task {task.name or task.key} was lost {task.system_failures} times; last: {cause}",
                 effects,
             )
         else:
+            if task.parent is not None:
+                task.parent.retried += 1
             self._enqueue(task, effects, front=True)
+
+    def _retry_element(self, task: TaskState, message: str, replica_id: Optional[str], system: bool,
+                       effects: List[Effect]) -> bool:
+        """A map element failed in a retryable way: run it again on its own, as Flyte's ArrayNode retries a
+        sub-node. System errors count against ``max_leases`` (Flyte: max-node-retries-system-failures), user
+        errors against the task's ``retries``. False when it is not an element or its budget is spent."""
+        job = task.parent
+        if job is None or job.phase.terminal or task.payload is None:
+            return False
+        if system:
+            if task.system_failures + 1 >= self.max_leases:
+                return False
+            task.system_failures += 1
+        else:
+            if task.user_failures >= job.retries:
+                return False
+            task.user_failures += 1
+        task.avoid_replica = replica_id
+        task.lease_id = None
+        task.replica_id = None
+        task.deadline = None
+        task.message = message
+        job.retried += 1
+        self._enqueue(task, effects, front=True)
+        return True
 
     def _fail_queue(self, fleet: Fleet, message: str, effects: List[Effect]) -> None:
         while fleet.queue:
@@ -727,9 +877,14 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------- actor maps
 
     def _feed_map(self, job: MapJob, effects: List[Effect]) -> None:
-        while job.phase is Phase.RUNNING and job.next_index < job.size and len(job.in_flight) < job.concurrency:
+        config = self.fleets[job.fleet.key].config
+        window = max(1, config.replica_count * config.parallelism * MAP_WINDOW_PER_SLOT)
+        limit = min(job.concurrency, window) if job.concurrency else window
+        while job.phase is Phase.RUNNING and job.next_index < job.size and len(job.in_flight) < limit:
             index = job.next_index
             job.next_index += 1
+            if index in job.recovered:
+                continue
             task = self._new_task(job.make_element(index), parent=job, index=index)
             job.in_flight[index] = task
             self._enqueue(task, effects)
@@ -740,17 +895,24 @@ class Scheduler:
             return
         if task.phase is Phase.SUCCEEDED:
             job.succeeded += 1
-            job.outputs[task.index] = task.outputs
+            outputs = task.outputs
+            if isinstance(outputs, bytes):
+                if job.inline_bytes + len(outputs) > self.map_inline_budget:
+                    outputs = IN_PREFIX  # flytekit wrote it to the element's prefix too
+                else:
+                    job.inline_bytes += len(outputs)
+            job.outputs[task.index] = outputs
         else:
             job.failed += 1
-            job.errors[task.index] = task.message
+            if len(job.errors) < MAP_ERRORS_KEPT:
+                job.errors[task.index] = task.message
             if job.failed > job.allowed_failures:
                 phase = Phase.RETRYABLE_FAILED if task.phase is Phase.RETRYABLE_FAILED else Phase.FAILED
                 self._finish_map(
                     job,
                     phase,
-                    f"{job.failed} of {job.size} elements failed, more than min_success_ratio="
-                    f"{job.min_success_ratio:g} allows; element {task.index}: {task.message}",
+                    f"{job.failed} of {job.size} elements failed, more than {job.tolerance} allows; element "
+                    f"{task.index}: {task.message}",
                     effects,
                 )
                 return

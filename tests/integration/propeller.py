@@ -87,6 +87,8 @@ class Running:
     category: agent_pb2.TaskCategory
     resource_meta: bytes
     phase: int = TaskExecution.UNDEFINED
+    #: The first answer of each phase: the only one propeller turns into a task event (log links included).
+    events: Dict[int, agent_pb2.Resource] = field(default_factory=dict)
 
 
 @dataclass
@@ -238,6 +240,7 @@ class Propeller:
                         raise
                     continue
                 running.phase = resource.phase
+                running.events.setdefault(resource.phase, resource)
                 if resource.phase == TaskExecution.UNDEFINED:  # propeller falls back to the deprecated state
                     raise TaskFailed(node_id, TaskExecution.RETRYABLE_FAILED, "phase unset: " + resource.message)
                 if resource.phase in TERMINAL:

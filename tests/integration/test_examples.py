@@ -26,6 +26,7 @@ EXPECTED = {
     "model_cache.py": "13",
     "custom_hashable.py": "1000",
     "map_model.py": str([3 * x for x in range(20)]),
+    "gpu_model.py": "36 on cpu",
 }
 
 
@@ -51,7 +52,7 @@ def test_pyflyte_run(example, mode, tmp_path):
     load_log = str(tmp_path / "loads")
     assert pyflyte_run(example, mode, load_log) == EXPECTED[example]
     recorded = loads(load_log)
-    if example in ("model_cache.py", "custom_hashable.py"):
+    if example in ("model_cache.py", "custom_hashable.py", "gpu_model.py"):
         assert len(recorded) == 1, f"the cached model was loaded {len(recorded)} times over the chained calls"
     if example == "map_model.py":
         processes = {pid for _, pid in recorded}
@@ -115,7 +116,21 @@ def test_pod_template_travels_in_custom_not_as_a_pod_target(packaged):
     pod = custom_of(template).environment.replica["pod_template"]
     assert pod["primary_container_name"] == "primary"
     assert pod["labels"] == {"team": "ml"}
-    assert pod["pod_spec"]["containers"][0]["env"] == [{"name": "GREETING", "value": "hello from the pod template"}]
+    primary, sidecar = pod["pod_spec"]["containers"]
+    assert primary["env"] == [{"name": "GREETING", "value": "hello from the pod template"}]
+    assert primary["image"] == "ghcr.io/example/actors:1"
+    # flytekit's pod template serializer names the ImageSpec (the kubernetes client's could not serialize it).
+    from examples.pod_template import model_server
+
+    assert sidecar["image"] == model_server.image_name() and sidecar["image"].startswith("ghcr.io/example/model-server:")
+
+
+def test_gpu_environment_serializes_its_gpu_accelerator_and_interruptible(packaged):
+    from flyteidl.core import tasks_pb2
+
+    replica = custom_of(packaged["examples.gpu_model.predict"]).environment.replica
+    assert replica["requests"] == {"cpu": "2", "mem": "8Gi", "gpu": "1"} and replica["interruptible"] is True
+    assert tasks_pb2.GPUAccelerator.FromString(bytes.fromhex(replica["accelerator"])).device == "nvidia-tesla-t4"
 
 
 def test_actor_map_is_one_task_not_an_array_node(packaged):
@@ -136,4 +151,4 @@ def test_register_dry_run_accepts_the_examples():
         cwd=ROOT, capture_output=True, text=True, timeout=240,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Successfully registered 28 entities" in result.stdout
+    assert "Successfully registered 31 entities" in result.stdout

@@ -10,6 +10,7 @@ only when helm cannot be obtained.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -44,17 +45,31 @@ EXPECTED_RULES = {
     "pods/log": {"get"},
     "secrets": {"create", "get", "list", "delete", "patch"},
     "events": {"get", "list", "watch"},
+    "podtemplates": {"get"},
 }
 
+#: What the chart needs with the kubernetes launcher: the namespaces replicas may run in (or rbac.clusterWide).
+BASE = {"namespaces": ["flytesnacks-development"]}
+
 VALUE_SETS: dict[str, dict] = {
-    "default": {},
+    "default": BASE,
     "namespaces": {"namespaces": ["team-a", "team-b"]},
     "network-policy": {"namespaces": ["team-a", "team-b"], "networkPolicy": {"enabled": True}},
-    "network-policy-any-namespace": {"networkPolicy": {"enabled": True}},
-    "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}}},
+    "no-network-policy": {**BASE, "networkPolicy": {"enabled": False}},
+    "cluster-wide": {"rbac": {"clusterWide": True}},
+    "service-monitor": {**BASE, "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}}},
     "custom-image": {
+        **BASE,
         "image": {"repository": "registry.example.com/ml/flyte-actor-agent", "tag": "1.2.3", "pullPolicy": "Always"},
         "imagePullSecrets": [{"name": "regcred"}],
+    },
+    "tls": {
+        **BASE,
+        "tls": {"secretName": "agent-tls", "requireClientCertificates": True},
+        "leaseTls": {"secretName": "lease-tls"},
+        "leaseSigningKey": {"existingSecret": "my-lease-key"},
+        "podPolicy": {"serviceAccounts": ["default", "ml-*"], "allowPrivileged": True, "allowHostNamespaces": True,
+                      "allowHostPath": True, "allowedCapabilities": ["SYS_PTRACE", "NET_ADMIN"]},
     },
     "local-launcher": {"launcher": "local", "metrics": {"enabled": False}},
     "everything": {
@@ -83,6 +98,24 @@ VALUE_SETS: dict[str, dict] = {
         },
         "metrics": {"serviceMonitor": {"enabled": True, "interval": "15s"}},
         "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
+        "flyteConfig": {
+            "plugins": {
+                "k8s": {
+                    "default-env-vars": {"FLYTE_AWS_ENDPOINT": "http://minio.flyte:9000"},
+                    "default-tolerations": [{"key": "dedicated", "operator": "Equal", "value": "flyte",
+                                             "effect": "NoSchedule"}],
+                    "interruptible-node-selector-requirement": {"key": "spot", "operator": "In", "values": ["true"]},
+                    "gpu-device-node-label": "cloud.google.com/gke-accelerator",
+                    "default-pod-template-name": "flyte-template",
+                    "pod-pending-timeout": "30m",
+                    "co-pilot": {"image": "cr.flyte.org/flyteorg/flytecopilot:v1"},
+                },
+                "logs": {"kubernetes-enabled": True,
+                         "kubernetes-template-uri": "https://k8s.example.com/#/log/{{ .namespace }}/{{ .podName }}",
+                         "templates": [{"displayName": "Grafana", "templateUris": ["https://g/{{ .podName }}"]}]},
+            },
+            "task_resources": {"defaults": {"cpu": "500m", "memory": "1Gi"}, "limits": {"gpu": 4}},
+        },
     },
 }
 
@@ -213,13 +246,14 @@ def test_one_agent_pod_configured_through_env(helm, name):
     assert "flyte-actors.io/replica" not in spec["template"]["metadata"]["labels"]  # the launcher's replica label
     assert pod["enableServiceLinks"] is False
 
-    ports = {"grpc": 8000, "lease": 8001, "metrics": 9090, **values.get("ports", {})}
+    ports = {"grpc": 8000, "lease": 8001, "metrics": 9090, "status": 9091, **values.get("ports", {})}
     metrics_on = values.get("metrics", {}).get("enabled", True)
     env = container_env(deployment)
     plain = {k: e.get("value") for k, e in env.items() if "value" in e}
     assert plain["FLYTE_ACTOR_AGENT_PORT"] == str(ports["grpc"])
     assert plain["FLYTE_ACTOR_LEASE_PORT"] == str(ports["lease"])
     assert plain["FLYTE_ACTOR_METRICS_PORT"] == (str(ports["metrics"]) if metrics_on else "0")
+    assert plain["FLYTE_ACTOR_STATUS_PORT"] == str(ports["status"])
     launcher = values.get("launcher", "kubernetes")
     assert plain["FLYTE_ACTOR_LAUNCHER"] == launcher
     assert plain["FLYTE_ACTOR_NAMESPACES"] == ",".join(values.get("namespaces", []))
@@ -241,7 +275,10 @@ def test_one_agent_pod_configured_through_env(helm, name):
     expected_ports = {k: v for k, v in ports.items() if k != "metrics" or metrics_on}
     assert container_ports == expected_ports
     for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": ports["grpc"]}  # helm template assumes Kubernetes 1.32
+        if values.get("tls", {}).get("secretName"):  # the kubelet's gRPC probe cannot speak TLS
+            assert container[probe]["tcpSocket"] == {"port": "grpc"}
+        else:
+            assert container[probe]["grpc"] == {"port": ports["grpc"]}  # helm template assumes Kubernetes 1.32
 
     image = values.get("image", {})
     assert container["image"] == f"{image.get('repository', 'ghcr.io/flyte-actors/flyte-actor-agent')}:{image.get('tag', '0.1.0')}"
@@ -249,7 +286,9 @@ def test_one_agent_pod_configured_through_env(helm, name):
     assert pod.get("imagePullSecrets", []) == values.get("imagePullSecrets", [])
     for key in ("nodeSelector", "tolerations", "affinity"):
         assert pod.get(key) == values.get(key), key
-    assert spec["template"]["metadata"].get("annotations") == values.get("podAnnotations")
+    annotations = dict(spec["template"]["metadata"]["annotations"])
+    assert annotations.pop("flyte-actors.io/plugins-config")  # rolls the pod when flyteConfig changes
+    assert annotations == values.get("podAnnotations", {})
     sa = values.get("serviceAccount", {}).get("name") or fullname(values)
     assert pod["serviceAccountName"] == sa
     assert one(docs, "ServiceAccount")["metadata"]["name"] == sa
@@ -269,13 +308,13 @@ def test_service_exposes_connector_lease_and_metrics_ports(helm):
 
 
 def test_probes_fall_back_to_tcp_before_kubernetes_1_24(helm):
-    docs, _ = template(helm, {}, "--kube-version", "1.20.0")
+    docs, _ = template(helm, BASE, "--kube-version", "1.20.0")
     (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["readinessProbe"]["tcpSocket"] == {"port": "grpc"} and "grpc" not in container["readinessProbe"]
-    docs, _ = template(helm, {}, "--kube-version", "1.24.0")
+    docs, _ = template(helm, BASE, "--kube-version", "1.24.0")
     (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["livenessProbe"]["grpc"] == {"port": 8000}
-    docs, _ = template(helm, {"probes": {"type": "tcp"}})
+    docs, _ = template(helm, {**BASE, "probes": {"type": "tcp"}})
     (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert "tcpSocket" in container["livenessProbe"]
 
@@ -288,8 +327,16 @@ def test_listed_namespaces_get_a_minimal_role_each_bound_to_the_service_account(
     values = VALUE_SETS[name]
     docs, _ = template(helm, values)
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
-    roles = {r["metadata"]["namespace"]: r for r in by_kind(docs, "Role")}
-    bindings = {b["metadata"]["namespace"]: b for b in by_kind(docs, "RoleBinding")}
+    # The default pod template's Role (only podtemplates get, in the agent's namespace) is checked apart.
+    template_role = f"{fullname(values)}-pod-templates"
+    extra = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == template_role]
+    assert bool(extra) == bool(values.get("flyteConfig", {}).get("plugins", {}).get("k8s", {})
+                               .get("default-pod-template-name"))
+    for role in extra:
+        assert role["metadata"]["namespace"] == NAMESPACE and rules_by_resource(role) == {"podtemplates": {"get"}}
+    roles = {r["metadata"]["namespace"]: r for r in by_kind(docs, "Role") if r["metadata"]["name"] != template_role}
+    bindings = {b["metadata"]["namespace"]: b for b in by_kind(docs, "RoleBinding")
+                if b["metadata"]["name"] != template_role}
     assert set(roles) == set(bindings) == set(values["namespaces"])
     sa = one(docs, "ServiceAccount")["metadata"]
     for namespace, role in roles.items():
@@ -301,8 +348,27 @@ def test_listed_namespaces_get_a_minimal_role_each_bound_to_the_service_account(
     assert sa["namespace"] == NAMESPACE
 
 
+def test_no_namespaces_and_no_cluster_wide_opt_in_is_refused(helm):
+    _, result = template(helm, {}, check=False)
+    assert result.returncode != 0
+    assert "namespaces is empty" in result.stderr and "rbac.clusterWide=true" in result.stderr
+    _, result = template(helm, {**BASE, "rbac": {"clusterWide": True}}, check=False)
+    assert result.returncode != 0 and "choose one" in result.stderr
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_secrets_are_never_granted_cluster_wide_without_the_opt_in(helm, name):
+    values = VALUE_SETS[name]
+    docs, _ = template(helm, values)
+    cluster_roles = by_kind(docs, "ClusterRole")
+    if not values.get("rbac", {}).get("clusterWide"):
+        assert not cluster_roles and not by_kind(docs, "ClusterRoleBinding")
+    else:
+        assert "WARNING: rbac.clusterWide" in render_notes(helm, values)
+
+
 def test_no_namespaces_means_a_cluster_role_with_the_same_minimal_rules(helm):
-    docs, _ = template(helm, {})
+    docs, _ = template(helm, {"rbac": {"clusterWide": True}})
     assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
     role, binding = one(docs, "ClusterRole"), one(docs, "ClusterRoleBinding")
     assert rules_by_resource(role) == EXPECTED_RULES
@@ -316,7 +382,7 @@ def test_no_rbac_for_the_local_launcher_or_when_disabled(helm):
     for values in (VALUE_SETS["local-launcher"], {"rbac": {"create": False}, "namespaces": ["team-a"]}):
         docs, _ = template(helm, values)
         assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")]
-    docs, _ = template(helm, {"serviceAccount": {"create": False, "name": "existing"}})
+    docs, _ = template(helm, {"serviceAccount": {"create": False, "name": "existing"}, "rbac": {"clusterWide": True}})
     assert not by_kind(docs, "ServiceAccount")
     assert one(docs, "ClusterRoleBinding")["subjects"][0]["name"] == "existing"
 
@@ -325,7 +391,7 @@ _VERBS = {"create": "create", "read": "get", "list": "list", "patch": "patch", "
           "replace": "update", "watch": "watch"}
 _RESOURCES = {"namespaced_pod": "pods", "pod_for_all_namespaces": "pods", "namespaced_pod_log": "pods/log",
               "namespaced_secret": "secrets", "secret_for_all_namespaces": "secrets", "namespaced_event": "events",
-              "event_for_all_namespaces": "events"}
+              "event_for_all_namespaces": "events", "namespaced_pod_template": "podtemplates"}
 
 
 def launcher_api_calls() -> set[tuple[str, str]]:
@@ -355,18 +421,21 @@ def test_the_role_grants_every_call_the_kubernetes_launcher_makes(helm):
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
-def test_network_policy_only_when_enabled_and_lease_port_only_from_replicas(helm, name):
+def test_network_policy_on_by_default_and_lease_port_only_from_replicas(helm, name):
     values = VALUE_SETS[name]
     docs, _ = template(helm, values)
     policies = by_kind(docs, "NetworkPolicy")
-    if not values.get("networkPolicy", {}).get("enabled"):
+    if not values.get("networkPolicy", {}).get("enabled", True):
         assert not policies
+        assert "WARNING: networkPolicy.enabled is false" in render_notes(helm, values)
         return
     (policy,) = policies
     spec = policy["spec"]
     assert spec["policyTypes"] == ["Ingress"]
     assert spec["podSelector"]["matchLabels"] == one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
     ports = {"grpc": 8000, "lease": 8001, "metrics": 9090, **values.get("ports", {})}
+    if not values.get("metrics", {}).get("enabled", True):
+        del ports["metrics"]
     rules = {rule["ports"][0]["port"]: rule for rule in spec["ingress"]}
     assert all(len(rule["ports"]) == 1 for rule in spec["ingress"])
     assert set(rules) == set(ports.values())
@@ -380,11 +449,13 @@ def test_network_policy_only_when_enabled_and_lease_port_only_from_replicas(helm
         assert replicas["namespaceSelector"] == {}  # replica pods in any namespace
 
     # A selector that is set replaces the default whole (flyte-binary's label must not be ANDed with flyte-core's).
+    network_policy = values.get("networkPolicy", {})
     propeller = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "flytepropeller"}},
                  "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "flyte"}},
-                 **values["networkPolicy"].get("propeller", {})}
+                 **network_policy.get("propeller", {})}
     assert rules[ports["grpc"]]["from"] == [propeller]
-    assert rules[ports["metrics"]].get("from") == (values["networkPolicy"].get("metrics", {}).get("from") or None)
+    if "metrics" in ports:
+        assert rules[ports["metrics"]].get("from") == (network_policy.get("metrics", {}).get("from") or None)
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -407,6 +478,52 @@ def test_service_monitor_only_when_enabled(helm, name):
         assert monitor["metadata"]["labels"][key] == value
 
 
+# ------------------------------------------------------------------------------------- security settings
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_pod_policy_tls_and_lease_key_reach_the_agent(helm, name):
+    values = VALUE_SETS[name]
+    docs, _ = template(helm, values)
+    deployment = one(docs, "Deployment")
+    plain = {k: e.get("value") for k, e in container_env(deployment).items()}
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+    assert plain["FLYTE_ACTOR_PLUGINS_CONFIG"].startswith(mounts["plugins-config"] + "/")
+    assert plain["FLYTE_ACTOR_AGENT_HOST"] == "0.0.0.0"  # the agent's own default is loopback
+    policy = values.get("podPolicy", {})
+    assert plain["FLYTE_ACTOR_SERVICE_ACCOUNTS"] == ",".join(policy.get("serviceAccounts", ["default"]))
+    for key, variable in (("allowPrivileged", "FLYTE_ACTOR_ALLOW_PRIVILEGED"),
+                          ("allowHostNamespaces", "FLYTE_ACTOR_ALLOW_HOST_NAMESPACES"),
+                          ("allowHostPath", "FLYTE_ACTOR_ALLOW_HOST_PATH")):
+        assert plain[variable] == str(policy.get(key, False)).lower()
+    assert plain["FLYTE_ACTOR_ALLOWED_CAPABILITIES"] == ",".join(policy.get("allowedCapabilities", []))
+    tls = values.get("tls", {})
+    if tls.get("secretName"):
+        assert volumes["tls"] == tls["secretName"] and plain["FLYTE_ACTOR_TLS_CERT"].startswith(mounts["tls"])
+        assert plain["FLYTE_ACTOR_TLS_KEY"].startswith(mounts["tls"])
+        assert ("FLYTE_ACTOR_TLS_CLIENT_CA" in plain) == bool(tls.get("requireClientCertificates"))
+        assert "insecure: false" in render_notes(helm, values)
+    else:
+        assert "tls" not in volumes and "FLYTE_ACTOR_TLS_CERT" not in plain
+    lease_tls = values.get("leaseTls", {})
+    assert ("FLYTE_ACTOR_LEASE_TLS_CERT" in plain) == bool(lease_tls.get("secretName"))
+    if values.get("launcher", "kubernetes") == "kubernetes":
+        key_secret = values.get("leaseSigningKey", {}).get("existingSecret")
+        assert plain["FLYTE_ACTOR_LEASE_KEY_FILE"].startswith(mounts["lease-key"])
+        secrets = {d["metadata"]["name"]: d for d in by_kind(docs, "Secret")}
+        if key_secret:
+            assert volumes["lease-key"] == key_secret and not secrets
+        else:
+            created = secrets[volumes["lease-key"]]
+            assert created["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+            assert len(base64.b64decode(created["data"]["key"])) >= 32
+    else:
+        assert "FLYTE_ACTOR_LEASE_KEY_FILE" not in plain and not by_kind(docs, "Secret")
+
+
 # ---------------------------------------------------------------------------------------------------- schema
 
 
@@ -424,9 +541,16 @@ def test_service_monitor_only_when_enabled(helm, name):
     (["--set", "leaseAddress=no-port-here"], "leaseAddress"),
     (["--set", "ports.lease=8000"], "must differ"),
     (["--set", "metrics.enabled=false,metrics.serviceMonitor.enabled=true"], "needs metrics.enabled"),
+    (["--set", "rbac.clusterWide=maybe"], "rbac.clusterWide"),
+    (["--set", "podPolicy.allowPrivileged=yes"], "podPolicy.allowPrivileged"),
+    (["--set", "podPolicy.allowedCapabilities[0]=SYS ADMIN"], "podPolicy.allowedCapabilities"),
+    (["--set", "tls.secret=agent-tls"], "tls"),
+    (["--set", "flyteConfig.plugins.k8s.default-toleration=x"], "default-toleration"),
+    (["--set", "flyteConfig.plugins.k8s.pod-pending-timeout=soon"], "pod-pending-timeout"),
+    (["--set", "flyteConfig.plugins.logs.kubernetes-enabled=maybe"], "kubernetes-enabled"),
 ])
 def test_bad_values_make_helm_template_fail(helm, args, complaint):
-    _, result = template(helm, {}, *args, check=False)
+    _, result = template(helm, BASE, *args, check=False)
     assert result.returncode != 0, f"helm template accepted {args}"
     assert complaint in result.stderr, result.stderr
 
@@ -495,6 +619,46 @@ def test_every_manifest_validates_against_kubernetes_schemas(helm, name, kube_ve
     assert {"Deployment", "Service", "ServiceAccount"} <= set(validated)
 
 
+# ----------------------------------------------------------------------------------------- flyteConfig
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_flyte_config_reaches_the_agent_as_its_plugins_config(helm, name):
+    """flyteConfig is rendered into a ConfigMap mounted where FLYTE_ACTOR_PLUGINS_CONFIG points, and the agent's
+    own loader reads it back to the same settings; a change of it rolls the pod."""
+    from flyte_actor_agent.launchers.k8s_config import AgentPodConfig
+
+    values = VALUE_SETS[name]
+    docs, _ = template(helm, values)
+    deployment = one(docs, "Deployment")
+    env = container_env(deployment)
+    path = env["FLYTE_ACTOR_PLUGINS_CONFIG"]["value"]
+    assert env["FLYTE_ACTOR_AGENT_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    pod = deployment["spec"]["template"]["spec"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "plugins-config"]
+    (volume,) = [v for v in pod["volumes"] if "configMap" in v]
+    assert path == f"{mount['mountPath']}/plugins.yaml" and volume["name"] == mount["name"]
+    config_map = one(docs, "ConfigMap")
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    data = yaml.safe_load(config_map["data"]["plugins.yaml"])
+    flyte_config = values.get("flyteConfig", {})
+    assert data["plugins"]["k8s"] == flyte_config.get("plugins", {}).get("k8s", {})
+    loaded = AgentPodConfig.from_dict(data)
+    if name == "everything":
+        assert loaded.k8s.default_env_vars == {"FLYTE_AWS_ENDPOINT": "http://minio.flyte:9000"}
+        assert loaded.k8s.pod_pending_timeout == 1800.0 and loaded.k8s.default_pod_template_name == "flyte-template"
+        assert loaded.logs.templates[0].display_name == "Grafana" and loaded.platform.limits == {"nvidia.com/gpu": "4"}
+        # The default pod template may be in the agent's namespace: a Role there to read it.
+        roles = {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in by_kind(docs, "Role")}
+        assert (NAMESPACE, f"{fullname(values)}-pod-templates") in roles
+    else:
+        assert loaded.k8s.pod_pending_timeout == 0.0 and loaded.logs.kubernetes_enabled
+    others, _ = template(helm, {**values, "flyteConfig": {"plugins": {"k8s": {"default-cpus": "2"}}}})
+    annotation = "flyte-actors.io/plugins-config"
+    assert (one(others, "Deployment")["spec"]["template"]["metadata"]["annotations"][annotation]
+            != deployment["spec"]["template"]["metadata"]["annotations"][annotation])
+
+
 # --------------------------------------------------------------------------------- the contract with the server
 
 
@@ -523,10 +687,13 @@ def test_the_agent_serves_with_the_environment_the_chart_renders(helm, tmp_path)
     from flyteidl.service.agent_pb2_grpc import AgentMetadataServiceStub
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    ports = {"grpc": _free_port(), "lease": _free_port(), "metrics": _free_port()}
+    ports = {"grpc": _free_port(), "lease": _free_port(), "metrics": _free_port(), "status": _free_port()}
     docs, _ = template(helm, {"launcher": "local", "ports": ports, "shutdownGraceSeconds": 1})
     env = dict(os.environ)
     env.update({n: e["value"] for n, e in container_env(one(docs, "Deployment")).items() if "value" in e})
+    # The ConfigMap the chart mounts, written where the variable points here.
+    (tmp_path / "plugins.yaml").write_text(one(docs, "ConfigMap")["data"]["plugins.yaml"])
+    env["FLYTE_ACTOR_PLUGINS_CONFIG"] = str(tmp_path / "plugins.yaml")
     (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["command"][0] == "flyte-actor-agent"
     log = open(tmp_path / "agent.log", "wb")

@@ -187,7 +187,10 @@ def test_actor_map_honours_min_success_ratio_on_the_fleet(fleet):
     values = [None if lit.scalar.none_type is not None else lit.scalar.primitive.value
               for lit in tolerant.outputs.literals["o0"].collection.literals]
     assert values == [0, None, 2, None, 4, None, 6, None]
-    assert tolerant.custom_info == {"elements": 8, "succeeded": 4, "failed": 4}
+    info = tolerant.custom_info
+    assert (info["elements"], info["succeeded"], info["failed"], info["retries"]) == (8, 4, 4, 0)
+    with open(info["progress"]) as page:  # written to the map's output prefix when it ended
+        assert "<td>8</td><td>4</td><td>4</td>" in page.read()
     strict = fleet.wait(fleet.submit(actor_map(rt.odd_fails), i=[0, 1, 2]))
     assert strict.phase == TaskExecution.FAILED
     assert "ValueError: odd 1" in strict.message

@@ -1,5 +1,11 @@
 """How the Kubernetes launcher builds replica pods and reads their failures (no API server needed)."""
 
+import json
+
+import pytest
+from flytekit.extras.accelerators import A100, T4
+from kubernetes.client.rest import ApiException
+
 from kubernetes.client import (
     V1ContainerState,
     V1ContainerStateTerminated,
@@ -11,9 +17,17 @@ from kubernetes.client import (
     V1PodStatus,
 )
 
-from flyte_actor_agent.launchers import ExitReason, ReplicaExit, ReplicaLaunch
+from flyte_actor_agent.launchers import ExitReason, ReplicaLaunch
 from flyte_actor_agent.placement import Placement
-from flyte_actor_agent.launchers.kubernetes import build_replica, flyte_secret_annotations, pod_failure
+from flyte_actor_agent.launchers.k8s_config import AgentPodConfig
+from flyte_actor_agent.launchers.kubernetes import (
+    build_replica,
+    flyte_secret_annotations,
+    pod_failure,
+    pod_waiting,
+    quota_rejection,
+)
+from flyte_actor_agent.launchers.pods import PodSpecError
 from flytekitplugins.actor.contract import SerializedEnvironment
 
 
@@ -34,21 +48,32 @@ def test_start_failures_are_named_by_their_kubernetes_reason():
     for reason, kind in (("ErrImagePull", ExitReason.IMAGE_PULL), ("ImagePullBackOff", ExitReason.IMAGE_PULL),
                          ("CrashLoopBackOff", ExitReason.CRASH_LOOP),
                          ("CreateContainerConfigError", ExitReason.CONFIG_ERROR)):
-        failure = pod_failure(pod(waiting=reason), {}, 0.0, 0.0)
+        failure = pod_failure(pod(waiting=reason))
         assert failure.reason is kind and reason in failure.detail
-    failure = pod_failure(pod("Failed", terminated="OOMKilled"), {}, 0.0, 0.0)
+    failure = pod_failure(pod("Failed", terminated="OOMKilled"))
     assert failure.reason is ExitReason.OOM_KILLED and "OOMKilled" in failure.detail
-    assert pod_failure(pod(waiting="ContainerCreating"), {}, 0.0, 0.0) is None
-    assert pod_failure(pod("Running"), {}, 0.0, 0.0) is None
+    assert pod_failure(pod(waiting="ContainerCreating")) is None
+    assert pod_failure(pod("Running")) is None
 
 
-def test_unschedulable_fails_only_after_its_grace():
+def test_an_unschedulable_pod_is_waiting_not_failing():
     unschedulable = V1PodCondition(type="PodScheduled", status="False", reason="Unschedulable", message="0/3 nodes")
-    since = {}
-    assert pod_failure(pod(conditions=[unschedulable]), since, 100.0, 60.0) is None
-    assert pod_failure(pod(conditions=[unschedulable]), since, 159.0, 60.0) is None
-    assert pod_failure(pod(conditions=[unschedulable]), since, 160.0, 60.0) == ReplicaExit(
-        ExitReason.UNSCHEDULABLE, "Unschedulable: 0/3 nodes")
+    assert pod_failure(pod(conditions=[unschedulable])) is None
+    assert pod_waiting(pod(conditions=[unschedulable])) == "Unschedulable: 0/3 nodes"
+    scheduled = V1PodCondition(type="PodScheduled", status="True")
+    assert pod_waiting(pod(conditions=[scheduled])) is None
+    assert pod_waiting(pod("Running")) is None
+
+
+def test_a_quota_rejection_is_waiting_other_rejections_are_not():
+    over = ApiException(status=403, reason="Forbidden")
+    over.body = json.dumps({"message": 'pods "p" is forbidden: exceeded quota: gpus, requested: nvidia.com/gpu=1'})
+    assert quota_rejection(over).startswith("ResourceQuota: pods \"p\" is forbidden: exceeded quota")
+    denied = ApiException(status=403, reason="Forbidden")
+    denied.body = json.dumps({"message": "pods is forbidden: User cannot create resource"})
+    assert quota_rejection(denied) is None
+    invalid = ApiException(status=422, reason="Invalid")
+    assert quota_rejection(invalid) is None
 
 
 def test_secret_annotations_are_encoded_as_flytes_webhook_reads_them():
@@ -69,7 +94,9 @@ def test_replica_pod_without_pod_template_carries_image_resources_secrets_and_no
     secret, replica = build_replica(launch, "ns")
     (container,) = replica["spec"]["containers"]
     assert container["image"] == "ghcr.io/x/y:1" and container["command"] == ["flyte-actor-replica"]
-    assert container["resources"] == {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"nvidia.com/gpu": "1"}}
+    # Propeller's rules: limits from requests, the GPU request from its limit.
+    assert container["resources"] == {"requests": {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": "1"},
+                                      "limits": {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": "1"}}
     env = {e["name"]: e for e in container["env"]}
     assert env["A"]["value"] == "1" and env["FLYTE_ACTOR_PARALLELISM"]["value"] == "2"
     assert env["FLYTE_ACTOR_ENVIRONMENT_KEY"]["value"] == "env-abc.ns"
@@ -83,3 +110,65 @@ def test_replica_pod_without_pod_template_carries_image_resources_secrets_and_no
     # What a restarted agent reads back to adopt the replica into the same fleet.
     assert Placement.from_json(replica["metadata"]["annotations"]["flyte-actors.io/placement"]) == launch.placement
     assert replica["spec"]["restartPolicy"] == "Never" and "ownerReferences" not in replica["metadata"]
+
+
+def gpu_environment(**replica):
+    from flytekitplugins.actor import ActorEnvironment
+
+    actor = ActorEnvironment(name="gpu", **replica)
+    spec = actor.replica_template("ghcr.io/x/gpu:1")
+    return SerializedEnvironment(name="gpu", version="v1", replica_count=1, ttl_seconds=60, parallelism=1, replica=spec)
+
+
+def launch_of(environment):
+    return ReplicaLaunch(replica_id="r1", token="t", fleet_key="gpu-v1.ns", environment=environment,
+                         agent_address="agent:8001", placement=Placement(namespace="ns", service_account="sa"))
+
+
+def test_a_gpu_accelerator_interruptible_environment_gets_propellers_scheduling():
+    from flytekit import Resources
+
+    config = AgentPodConfig.from_dict({"plugins": {"k8s": {
+        "interruptible-tolerations": [{"key": "spot", "value": "true", "operator": "Equal", "effect": "NoSchedule"}],
+        "interruptible-node-selector-requirement": {"key": "spot", "operator": "In", "values": ["true"]},
+        "non-interruptible-node-selector-requirement": {"key": "spot", "operator": "DoesNotExist"},
+        "gpu-device-node-label": "cloud.google.com/gke-accelerator",
+        "gpu-partition-size-node-label": "cloud.google.com/gke-gpu-partition-size",
+        "default-env-vars": {"FLYTE_AWS_ENDPOINT": "http://minio:9000"},
+        "default-labels": {"team": "ml"},
+    }}})
+    environment = gpu_environment(requests=Resources(gpu="1", mem="4Gi"), accelerator=A100.partition_1g_5gb,
+                                  interruptible=True)
+    _, replica = build_replica(launch_of(environment), "ns", config)
+    spec = replica["spec"]
+    (container,) = spec["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"name": "FLYTE_AWS_ENDPOINT", "value": "http://minio:9000"} in container["env"]
+    required = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert required["nodeSelectorTerms"] == [{"matchExpressions": [
+        {"key": "spot", "operator": "In", "values": ["true"]},
+        {"key": "cloud.google.com/gke-accelerator", "operator": "In", "values": ["nvidia-tesla-a100"]},
+        {"key": "cloud.google.com/gke-gpu-partition-size", "operator": "In", "values": ["1g.5gb"]},
+    ]}]
+    assert [t["key"] for t in spec["tolerations"]] == [
+        "spot", "cloud.google.com/gke-accelerator", "cloud.google.com/gke-gpu-partition-size"]
+    assert replica["metadata"]["labels"]["team"] == "ml"
+    assert replica["metadata"]["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+    assert spec["serviceAccountName"] == "sa"
+
+
+def test_an_accelerator_the_cluster_cannot_honour_is_refused_before_any_pod():
+    from flytekit import Resources
+    from flytekitplugins.actor import ActorEnvironment
+
+    with pytest.raises(ValueError, match="no GPU is requested"):
+        ActorEnvironment(name="x", accelerator=T4)
+    with pytest.raises(ValueError, match="not a whole number of GPUs"):
+        ActorEnvironment(name="x", requests=Resources(gpu="0.5"))
+    with pytest.raises(ValueError, match="differ"):
+        ActorEnvironment(name="x", requests=Resources(gpu="1"), limits=Resources(gpu="2"))
+    # An agent-side check too (a spec written by hand, or a pod template whose GPU is in another container).
+    environment = gpu_environment(requests=Resources(gpu="1"), accelerator=T4)
+    environment.replica["requests"] = {}
+    with pytest.raises(PodSpecError, match="names accelerator 'nvidia-tesla-t4' but asks for no GPU"):
+        build_replica(launch_of(environment), "ns")

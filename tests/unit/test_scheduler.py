@@ -657,3 +657,176 @@ def test_a_new_environment_version_stops_the_old_versions_replicas_once_idle():
     effects = s.report(launch_a.replica_id, assign_a.lease_id, Outcome.SUCCEEDED, outputs=b"")
     assert [e.replica_id for e in effects if isinstance(e, Stop)] == [launch_a.replica_id]
     assert s.tasks["a"].phase is Phase.SUCCEEDED
+
+
+# ------------------------------------------------------------------------- actor maps: per-element semantics
+
+
+def start_elements(sched: Scheduler, size: int, replicas: int = 1, parallelism: int = 1, **options):
+    """A map on a fleet of ``replicas`` connected replicas: (fleet, running Assigns by element index)."""
+    fleet = fleet_spec(replica_count=replicas, parallelism=parallelism)
+    running: Dict[int, Assign] = {}
+    for launch in only(sched.submit_map("m", fleet, size, elements(fleet), **options), Launch):
+        running.update({a.task.payload: a for a in only(connect(sched, launch), Assign)})
+    return fleet, running
+
+
+def test_a_failed_element_is_retried_alone_up_to_retries_on_another_replica(sched):
+    _, running = start_elements(sched, 3, replicas=2, parallelism=2, retries=2)
+    first = running[0]
+    # Both replicas have a free slot after the failure: the retry goes to the other one.
+    (again,) = only(report(sched, first, Outcome.FAILED, retryable=True, message="flaky 1"), Assign)
+    assert again.task.payload == 0 and again.replica_id != first.replica_id
+    (third,) = only(report(sched, again, Outcome.FAILED, retryable=True, message="flaky 2"), Assign)
+    assert third.task.payload == 0 and third.replica_id == first.replica_id
+    report(sched, running[1], outputs=b"1")
+    report(sched, running[2], outputs=b"2")
+    effects = report(sched, third, outputs=b"0")
+    job = sched.maps["m"]
+    assert effects[-1] == Finished("m") and job.phase is Phase.SUCCEEDED
+    assert job.outputs == [b"0", b"1", b"2"] and job.retried == 2 and job.failed == 0
+    # Only the failed element ran again.
+    assert (third.task.user_failures, third.task.leases) == (2, 3)
+    assert running[1].task.leases == running[2].task.leases == 1
+
+
+def test_a_retried_element_runs_where_it_failed_when_no_other_replica_is_free(sched):
+    _, running = start_elements(sched, 1, retries=1)
+    (again,) = only(report(sched, running[0], Outcome.FAILED, retryable=True, message="flaky"), Assign)
+    assert again.replica_id == running[0].replica_id
+
+
+def test_an_element_that_keeps_failing_fails_after_retries_and_the_map_with_it(sched):
+    _, running = start_elements(sched, 1, retries=1)
+    (again,) = only(report(sched, running[0], Outcome.FAILED, retryable=True, message="flaky"), Assign)
+    effects = report(sched, again, Outcome.FAILED, retryable=True, message="still flaky")
+    job = sched.maps["m"]
+    assert effects[-1] == Finished("m")
+    assert job.phase is Phase.RETRYABLE_FAILED and "still flaky" in job.message and job.retried == 1
+
+
+def test_a_non_recoverable_user_error_is_not_retried_as_in_flyte(sched):
+    _, running = start_elements(sched, 1, retries=3)
+    effects = report(sched, running[0], Outcome.FAILED, retryable=False, message="ValueError: bad input")
+    assert only(effects, Assign) == [] and effects[-1] == Finished("m")
+    assert sched.maps["m"].phase is Phase.FAILED and sched.maps["m"].retried == 0
+
+
+def test_system_failures_use_their_own_budget_not_the_tasks_retries(clock):
+    sched = make_scheduler(clock, max_leases=3)
+    _, running = start_elements(sched, 1, retries=0)
+    assign = running[0]
+    # retries=0, yet a lost executor and a system error are retried (max_leases system failures in all).
+    (assign,) = only(report(sched, assign, Outcome.LOST, message="executor killed"), Assign)
+    (assign,) = only(report(sched, assign, Outcome.FAILED, retryable=True, system_error=True, message="sys"), Assign)
+    effects = report(sched, assign, Outcome.LOST, message="executor killed again")
+    job = sched.maps["m"]
+    assert effects[-1] == Finished("m") and job.phase is Phase.RETRYABLE_FAILED
+    assert "lost 3 times" in job.message and assign.task.user_failures == 0
+
+
+def test_a_user_retry_does_not_spend_the_system_budget(clock):
+    sched = make_scheduler(clock, max_leases=2)
+    _, running = start_elements(sched, 1, retries=2)
+    (assign,) = only(report(sched, running[0], Outcome.FAILED, retryable=True, message="user"), Assign)
+    (assign,) = only(report(sched, assign, Outcome.LOST, message="lost once"), Assign)
+    (assign,) = only(report(sched, assign, Outcome.FAILED, retryable=True, message="user again"), Assign)
+    report(sched, assign, outputs=b"ok")
+    assert sched.maps["m"].phase is Phase.SUCCEEDED
+    assert (assign.task.user_failures, assign.task.system_failures) == (2, 1)
+
+
+def test_a_timed_out_element_is_retried_within_retries(clock):
+    sched = make_scheduler(clock, lease_grace=0)
+    fleet = fleet_spec()
+    (launch,) = only(sched.submit_map("m", fleet, 1, elements(fleet, timeout=10), retries=1), Launch)
+    (assign,) = only(connect(sched, launch), Assign)
+    clock.now = 10
+    effects = sched.tick()
+    assert only(effects, CancelLease) and sched.maps["m"].phase is Phase.RUNNING
+    assert sched.maps["m"].retried == 1
+
+
+def test_min_successes_wins_over_the_ratio_and_failed_elements_are_none(sched):
+    _, running = start_elements(sched, 4, parallelism=4, min_successes=2)
+    report(sched, running[0], Outcome.FAILED, message="bad 0")
+    report(sched, running[1], outputs=b"1")
+    report(sched, running[2], Outcome.FAILED, message="bad 2")
+    effects = report(sched, running[3], outputs=b"3")
+    job = sched.maps["m"]
+    assert effects[-1] == Finished("m") and job.phase is Phase.SUCCEEDED
+    assert job.outputs == [None, b"1", None, b"3"]
+
+
+def test_a_map_fails_once_min_successes_cannot_be_reached(sched):
+    _, running = start_elements(sched, 3, parallelism=3, min_successes=2)
+    report(sched, running[0], Outcome.FAILED, message="bad 0")
+    effects = report(sched, running[1], Outcome.FAILED, message="bad 1")
+    job = sched.maps["m"]
+    assert effects[-1] == Finished("m") and job.phase is Phase.FAILED
+    assert "min_successes=2" in job.message and only(effects, CancelLease)
+
+
+def test_min_successes_above_the_size_fails_the_map_at_once_naming_both(sched):
+    fleet = fleet_spec()
+    effects = sched.submit_map("m", fleet, 2, elements(fleet), min_successes=3)
+    assert effects[-1] == Finished("m")
+    assert sched.maps["m"].phase is Phase.FAILED and "min_successes=3" in sched.maps["m"].message
+
+
+def test_concurrency_zero_means_as_many_as_the_fleet_runs_with_a_bounded_window(sched):
+    fleet = fleet_spec(replica_count=2, parallelism=3)
+    launches = only(sched.submit_map("m", fleet, 100_000, elements(fleet), concurrency=0), Launch)
+    assert len(launches) == 2  # the fleet scales to its full size
+    job = sched.maps["m"]
+    window = 2 * 3 * scheduler_module.MAP_WINDOW_PER_SLOT
+    assert len(job.in_flight) == window  # not 100,000 task states
+    running = []
+    for launch in launches:
+        running += only(connect(sched, launch), Assign)
+    assert len(running) == 6
+    done = 0
+    while running:
+        assign = running.pop()
+        running += only(report(sched, assign, outputs=b""), Assign)
+        assert len(job.in_flight) <= window
+        done += 1
+        if done == 500:
+            break
+    assert job.succeeded == 500 and job.next_index == 500 + window
+
+
+def test_recovered_elements_are_not_run_again(sched):
+    fleet = fleet_spec(parallelism=4)
+    (launch,) = only(sched.submit_map("m", fleet, 4, elements(fleet), recovered={0, 2}), Launch)
+    running = {a.task.payload: a for a in only(connect(sched, launch), Assign)}
+    assert sorted(running) == [1, 3]
+    report(sched, running[1], outputs=b"1")
+    effects = report(sched, running[3], outputs=b"3")
+    job = sched.maps["m"]
+    assert effects[-1] == Finished("m") and job.phase is Phase.SUCCEEDED
+    assert job.outputs == [scheduler_module.IN_PREFIX, b"1", scheduler_module.IN_PREFIX, b"3"]
+
+
+def test_a_map_all_of_whose_elements_were_recovered_succeeds_at_once(sched):
+    fleet = fleet_spec()
+    assert sched.submit_map("m", fleet, 2, elements(fleet), recovered={0, 1})[-1] == Finished("m")
+    assert sched.maps["m"].phase is Phase.SUCCEEDED
+
+
+def test_element_outputs_past_the_memory_budget_are_left_in_the_prefix(clock):
+    sched = make_scheduler(clock, map_inline_budget=5)
+    _, running = start_elements(sched, 3, parallelism=3)
+    report(sched, running[0], outputs=b"abc")
+    report(sched, running[1], outputs=b"defg")  # 3 + 4 > 5
+    report(sched, running[2], outputs=None, outputs_size=10)  # sent by size only
+    assert sched.maps["m"].outputs == [b"abc", scheduler_module.IN_PREFIX, scheduler_module.IN_PREFIX]
+
+
+def test_outputs_over_the_cap_fail_the_task_naming_the_cap_and_the_setting(clock):
+    sched = make_scheduler(clock, max_output_bytes=100)
+    assign = start_one(sched, fleet_spec())
+    report(sched, assign, outputs=None, outputs_size=101)
+    task = sched.tasks["t1"]
+    assert task.phase is Phase.FAILED
+    assert "101 bytes" in task.message and "100 bytes" in task.message and "--max-output-bytes" in task.message

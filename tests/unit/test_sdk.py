@@ -271,6 +271,17 @@ def test_a_map_with_min_success_ratio_below_one_has_optional_elements():
     assert mapped.python_interface.outputs == {"o0": typing.List[typing.Optional[int]]}
 
 
+def test_concurrency_zero_means_no_limit_as_in_union():
+    assert map(negate, concurrency=0).map_options.concurrency is None
+
+
+def test_min_successes_makes_elements_optional_and_round_trips_through_custom():
+    mapped = map(functools.partial(add, y=1), min_successes=2)
+    assert mapped.python_interface.outputs == {"o0": typing.List[typing.Optional[int]]}
+    custom = ActorCustom.from_custom(struct_round_trip(serialize(mapped).custom))
+    assert custom.map.min_successes == 2 and type(custom.map.min_successes) is int
+
+
 def test_a_map_serializes_as_one_actor_map_task_running_the_element_command():
     mapped = map(functools.partial(add, y=1), concurrency=3, min_success_ratio=0.75)
     template = serialize(mapped)
@@ -286,15 +297,16 @@ def test_a_map_serializes_as_one_actor_map_task_running_the_element_command():
 @pytest.mark.parametrize(
     "target, kwargs, error, fragment",
     [
-        (negate, {"concurrency": 0}, ValueError, "concurrency=0"),
+        (negate, {"concurrency": -1}, ValueError, "concurrency=-1"),
         (negate, {"concurrency": True}, ValueError, "concurrency=True"),
+        (negate, {"min_successes": -2}, ValueError, "min_successes=-2"),
         (negate, {"min_success_ratio": 1.5}, ValueError, "min_success_ratio=1.5"),
         (plain, {}, TypeError, "needs an actor task"),
         (functools.partial(add, 1), {}, ValueError, "keyword arguments only"),
         (functools.partial(add, z=1), {}, ValueError, "['z']"),
         (functools.partial(add, x=1, y=2), {}, ValueError, "nothing to map"),
     ],
-    ids=["concurrency-0", "concurrency-bool", "ratio-1.5", "not-an-actor", "positional", "unknown", "all-bound"],
+    ids=["concurrency-negative", "concurrency-bool", "min-successes-negative", "ratio-1.5", "not-an-actor", "positional", "unknown", "all-bound"],
 )
 def test_map_arguments_are_validated(target, kwargs, error, fragment):
     with pytest.raises(error) as raised:

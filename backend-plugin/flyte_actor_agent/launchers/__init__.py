@@ -3,14 +3,16 @@
 A launcher is the only code that touches processes or pods. It is handed a callback, ``on_exit(replica_id,
 exit)``, which it must call exactly once for every replica it launched, when that replica is gone for whatever
 reason (exited, killed, pod failed or deleted, could not be created), with a :class:`ReplicaExit`: a bounded
-reason and a detail a person can act on.
+reason and a detail a person can act on. A launcher whose replicas can wait for resources (a pod no node can
+take yet, a namespace over quota) calls ``on_waiting(replica_id, reason)`` while they wait and
+``on_waiting(replica_id, None)`` when they stop waiting: waiting is not a failed start.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from flytekitplugins.actor.contract import SerializedEnvironment
 
@@ -18,8 +20,14 @@ from ..placement import Placement
 from ..scheduler import ExitReason, ReplicaExit
 
 OnExit = Callable[[str, ReplicaExit], None]
+OnWaiting = Callable[[str, Optional[str]], None]
 
-__all__ = ["AdoptedReplica", "ExitReason", "Launcher", "OnExit", "ReplicaExit", "ReplicaLaunch"]
+__all__ = ["AdoptedReplica", "ExitReason", "LaunchRefused", "Launcher", "OnExit", "ReplicaExit", "ReplicaLaunch"]
+
+
+class LaunchRefused(Exception):
+    """The agent's policy forbids this replica as its environment asks for it (see :mod:`.pod_policy`): trying
+    again cannot help, so its tasks fail at once with this one-line message."""
 
 
 @dataclass(frozen=True)
@@ -33,15 +41,20 @@ class ReplicaLaunch:
     agent_address: str
     #: Where the replica runs and on whose behalf (namespace, service account, project, domain).
     placement: Placement
+    #: PEM of the CA that signed the lease service's TLS certificate ("" when the lease port is plain).
+    agent_ca: str = ""
 
     def worker_env(self) -> Dict[str, str]:
         """Variables the replica worker reads (see flytekitplugins.actor.worker.replica), token excluded."""
-        return {
+        env = {
             "FLYTE_ACTOR_AGENT_ADDRESS": self.agent_address,
             "FLYTE_ACTOR_ENVIRONMENT_KEY": self.fleet_key,
             "FLYTE_ACTOR_REPLICA_ID": self.replica_id,
             "FLYTE_ACTOR_PARALLELISM": str(self.environment.parallelism),
         }
+        if self.agent_ca:
+            env["FLYTE_ACTOR_AGENT_CA"] = self.agent_ca
+        return env
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,7 @@ class Launcher(abc.ABC):
 
     def __init__(self, on_exit: OnExit):
         self.on_exit = on_exit
+        self.on_waiting: Optional[OnWaiting] = None
 
     @abc.abstractmethod
     async def launch(self, replica: ReplicaLaunch) -> None:
@@ -75,6 +89,21 @@ class Launcher(abc.ABC):
     async def close(self) -> None:
         """Release the launcher: stop the replicas it started, unless they outlive the agent."""
 
+    def check_bundle(self, distribution: str) -> None:
+        """Raise :class:`ValueError` if replicas must not fetch this code bundle. Default: any, as a Flyte task
+        pod would (the local launcher, whose replicas run on the agent's host, trusts only configured places)."""
+
+    def where(self, replica_id: str) -> str:
+        """Where the replica runs, for people (the status page): its pod or process; empty if unknown."""
+        return ""
+
     async def adopt(self) -> List[AdoptedReplica]:
         """Replicas a previous agent left running (only where they outlive the agent)."""
         return []
+
+    def check(self, environment: SerializedEnvironment) -> None:
+        """Raise ``ValueError`` naming the setting if replicas of ``environment`` can never start here."""
+
+    def placement(self, replica_id: str) -> Optional[Dict[str, Any]]:
+        """Where a replica runs, for log links (pod name, namespace, ...), or ``None`` where there is no pod."""
+        return None

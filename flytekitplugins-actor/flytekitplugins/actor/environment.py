@@ -14,28 +14,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
 
 from flytekit import ImageSpec, PodTemplate, Resources, Secret
 from flytekit import task as flytekit_task
 from flytekit.extend import TaskPlugins
 from flytekit.extras.accelerators import BaseAccelerator
 
-from .contract import SerializedEnvironment
+from .contract import (
+    ENVIRONMENT_NAME_RE,
+    MAX_PARALLELISM,
+    MAX_REPLICA_COUNT,
+    MAX_TTL_SECONDS,
+    MIN_TTL_SECONDS,
+    SerializedEnvironment,
+)
 from .task import ActorTask
 
-#: Bounds for ``ttl_seconds``: at least 10 s so a replica survives the gap between two tasks of one workflow
-#: (propeller polls agents every few seconds), at most 7 days so a forgotten fleet does not run for ever.
-MIN_TTL_SECONDS = 10
-MAX_TTL_SECONDS = 7 * 24 * 3600
+if TYPE_CHECKING:
+    from flytekit.configuration import SerializationSettings
+
 #: Idle time after which replicas are stopped when ``ttl_seconds`` is not given (as in Union's actors).
 DEFAULT_TTL_SECONDS = 900
-MAX_REPLICA_COUNT = 1000
-MAX_PARALLELISM = 256
-
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 # Settings that describe a replica, so they come from the environment and may not be set per task.
 _ENVIRONMENT_OWNED_TASK_ARGS = (
@@ -58,8 +59,8 @@ _ENVIRONMENT_OWNED_TASK_ARGS = (
 class ActorEnvironment:
     """A named fleet of warm replicas that run the environment's tasks one after another, in one process.
 
-    :param name: DNS-1123 label (lower-case letters, digits and ``-``, at most 63 characters); names the fleet and
-        its replica pods.
+    :param name: 1 to 63 lower-case letters, digits, ``-``, ``.`` or ``_``, starting and ending with a letter or
+        digit; names the fleet and its replica pods (in pod names ``.`` and ``_`` become ``-``).
     :param container_image: Image of the replicas; ``None`` uses the default image given at serialization time.
     :param replica_count: Most replicas the fleet scales up to (1 to 1000). Replicas start on demand.
     :param ttl_seconds: Idle seconds after which a replica is stopped (10 s to 7 days; default 900 s).
@@ -88,10 +89,10 @@ class ActorEnvironment:
     _tasks: List[Any] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not ENVIRONMENT_NAME_RE.match(self.name):
             raise ValueError(
-                f"ActorEnvironment name {self.name!r} is not a DNS-1123 label: use 1 to 63 lower-case letters, "
-                "digits or '-', starting and ending with a letter or digit (for example 'my-actor')."
+                f"ActorEnvironment name {self.name!r} is invalid: use 1 to 63 lower-case letters, digits, '-', '.' "
+                "or '_', starting and ending with a letter or digit (for example 'my-actor' or 'team.my-actor')."
             )
         _check_int("replica_count", self.replica_count, 1, MAX_REPLICA_COUNT)
         _check_int("parallelism", self.parallelism, 1, MAX_PARALLELISM)
@@ -114,6 +115,34 @@ class ActorEnvironment:
             raise TypeError(
                 f"ActorEnvironment {self.name!r}: pod_template must be flytekit.PodTemplate, got "
                 f"{type(self.pod_template).__name__}."
+            )
+        self._check_gpus()
+
+    def _check_gpus(self) -> None:
+        """GPU settings Kubernetes would refuse for ever fail here, at declaration (so at ``pyflyte register``)."""
+        gpus = {arg: getattr(getattr(self, arg), "gpu", None) for arg in ("requests", "limits")}
+        for arg, value in gpus.items():
+            if value is not None and not str(value).strip().isdigit():
+                raise ValueError(
+                    f"ActorEnvironment {self.name!r}: {arg}=Resources(gpu={value!r}) is not a whole number of GPUs; "
+                    "Kubernetes cannot split a GPU: use gpu=\"1\" (a fraction needs an accelerator partition, "
+                    "for example accelerator=A100.partition_1g_5gb)."
+                )
+        if gpus["requests"] is not None and gpus["limits"] is not None and int(gpus["requests"]) != int(gpus["limits"]):
+            raise ValueError(
+                f"ActorEnvironment {self.name!r}: requests gpu={gpus['requests']!r} and limits gpu={gpus['limits']!r} "
+                "differ; Kubernetes needs GPU requests equal to limits: set one of them, or both to the same number."
+            )
+        template_gpus = any(
+            "gpu" in name
+            for container in (getattr(self.pod_template, "pod_spec", None) and self.pod_template.pod_spec.containers or [])
+            if container.resources is not None
+            for name in list((container.resources.requests or {})) + list((container.resources.limits or {}))
+        )
+        if self.accelerator is not None and not any(v is not None for v in gpus.values()) and not template_gpus:
+            raise ValueError(
+                f"ActorEnvironment {self.name!r}: accelerator={self.accelerator!r} but no GPU is requested, so no "
+                "node with that accelerator would be asked for; add requests=Resources(gpu=\"1\")."
             )
 
     @property
@@ -158,9 +187,9 @@ class ActorEnvironment:
             "secret_requests": list(self.secret_requests or []),
         }
 
-    def serialized(self, image: str) -> SerializedEnvironment:
+    def serialized(self, image: str, settings: Optional["SerializationSettings"] = None) -> SerializedEnvironment:
         """The environment as its tasks carry it to the agent, given the image resolved at serialization."""
-        replica = self.replica_template(image)
+        replica = self.replica_template(image, settings)
         return SerializedEnvironment(
             name=self.name,
             version=environment_version(replica),
@@ -170,16 +199,14 @@ class ActorEnvironment:
             replica=replica,
         )
 
-    def replica_template(self, image: str) -> Dict[str, Any]:
+    def replica_template(self, image: str, settings: Optional["SerializationSettings"] = None) -> Dict[str, Any]:
         """What a replica of this environment is, as plain JSON, given the image resolved at serialization."""
         pod_template = None
         if self.pod_template is not None:
-            from kubernetes.client import ApiClient
-
             pod_template = {
                 "primary_container_name": self.pod_template.primary_container_name,
                 # Kubernetes' own JSON form (camelCase, no nulls), as a PodTemplateSpec's spec.
-                "pod_spec": ApiClient().sanitize_for_serialization(self.pod_template.pod_spec),
+                "pod_spec": _pod_spec(self.pod_template, image, settings),
                 "labels": dict(self.pod_template.labels or {}),
                 "annotations": dict(self.pod_template.annotations or {}),
             }
@@ -195,6 +222,27 @@ class ActorEnvironment:
             "interruptible": self.interruptible,
             "parallelism": self.parallelism,
         }
+
+
+def _pod_spec(pod_template: PodTemplate, image: str, settings: Optional["SerializationSettings"]) -> Dict[str, Any]:
+    """The pod template's spec as flytekit serializes a task's (``_serialize_pod_spec``): images given as an
+    ``ImageSpec`` or ``{{.image.name}}`` become names, the primary container without an image gets the
+    environment's. Command, args and resources of the primary container are the agent's to set."""
+    from flytekit.configuration import ImageConfig, SerializationSettings
+    from flytekit.core.utils import _serialize_pod_spec
+    from flytekit.models import task as task_models
+
+    if settings is None:
+        settings = SerializationSettings(image_config=ImageConfig.auto_default_image())
+    primary = task_models.Container(image=image or None, command=[], args=[],
+                                    resources=task_models.Resources(requests=[], limits=[]), env=None, config={})
+    spec = _serialize_pod_spec(pod_template, primary, settings)
+    for container in spec.get("containers") or []:
+        if container.get("name") == pod_template.primary_container_name:
+            for key in ("command", "args"):
+                if not container.get(key):
+                    container.pop(key, None)
+    return spec
 
 
 def environment_version(replica_template: Dict[str, Any]) -> str:

@@ -7,14 +7,19 @@
 OSS propeller cannot run agent-backed sub-tasks inside an ArrayNode (it loses their state), so this is not a
 ``flytekit.map_task``: it serializes as a single task of type ``actor-map`` that carries the element task's
 command, and the agent runs one lease per element and gathers the outputs in order. Inputs bound with
-``functools.partial`` are passed whole to every element. With ``min_success_ratio`` below 1 the outputs are
-lists of ``Optional`` values, ``None`` where an element failed.
+``functools.partial`` are passed whole to every element. With ``min_success_ratio`` below 1 (or ``min_successes``
+set) the outputs are lists of ``Optional`` values, ``None`` where an element failed.
+
+As in Flyte's ArrayNode, an element that fails in a retryable way runs again on its own, up to the task's
+``retries`` (user errors: raise ``FlyteRecoverableException``) or the agent's system-failure budget (a replica
+lost), without re-running the others; ``concurrency=0`` or ``None`` means no limit but the fleet's size.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from typing import Any, Dict, List, Optional, Union
 
 from flytekit.configuration import SerializationSettings
@@ -34,6 +39,7 @@ class ActorMapTask(RunsOnActors, PythonAutoContainerTask):
         target: Union[ActorTask, functools.partial],
         concurrency: Optional[int] = None,
         min_success_ratio: Optional[float] = None,
+        min_successes: Optional[int] = None,
     ):
         actor_task = actor_task_of(target)
         if actor_task is None:
@@ -41,8 +47,12 @@ class ActorMapTask(RunsOnActors, PythonAutoContainerTask):
                 f"flytekitplugins.actor.map needs an actor task (or a functools.partial of one), got {target!r}. "
                 "Declare the task with @ActorEnvironment(...).task, or use flytekit.map_task for regular tasks."
             )
-        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1):
-            raise ValueError(f"map concurrency={concurrency!r} is invalid: use a positive integer, or None for no limit.")
+        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 0):
+            raise ValueError(f"map concurrency={concurrency!r} is invalid: use a positive integer, or 0 (or None) for "
+                             "no limit.")
+        if min_successes is not None and (isinstance(min_successes, bool) or not isinstance(min_successes, int)
+                                          or min_successes < 0):
+            raise ValueError(f"map min_successes={min_successes!r} is invalid: use a whole number of elements >= 0.")
         if min_success_ratio is not None and not 0 <= min_success_ratio <= 1:
             raise ValueError(f"map min_success_ratio={min_success_ratio!r} is invalid: it must be between 0 and 1.")
         self._partial = target if isinstance(target, functools.partial) else None
@@ -56,12 +66,13 @@ class ActorMapTask(RunsOnActors, PythonAutoContainerTask):
         self._map_options = MapOptions(
             mapped_inputs=[k for k in actor_task.python_interface.inputs if k not in bound],
             bound_inputs=bound,
-            concurrency=concurrency,
+            concurrency=concurrency or None,
             min_success_ratio=1.0 if min_success_ratio is None else float(min_success_ratio),
+            min_successes=min_successes,
         )
         if not self._map_options.mapped_inputs:
             raise ValueError(f"map over {actor_task.name}: every input is bound by partial, so there is nothing to map.")
-        optional_outputs = self._map_options.min_success_ratio < 1
+        optional_outputs = self._map_options.optional
         # What transform_interface_to_list_interface does, whose signature changed in flytekit 1.16.
         interface = Interface(
             inputs=transform_types_to_list_of_type(actor_task.python_interface.inputs, set(bound)),
@@ -122,14 +133,19 @@ class ActorMapTask(RunsOnActors, PythonAutoContainerTask):
             try:
                 results.append(self._actor_task.execute(**element))
             except Exception:
-                if self._map_options.min_success_ratio >= 1:
+                if not self._map_options.optional:
                     raise
                 failures += 1
                 results.append(None)
-        if size and (size - failures) / size < self._map_options.min_success_ratio:
+        options = self._map_options
+        required = options.min_successes if options.min_successes is not None else math.ceil(
+            options.min_success_ratio * size - 1e-9)
+        if size - failures < required:
+            limit = (f"min_successes={options.min_successes}" if options.min_successes is not None
+                     else f"min_success_ratio={options.min_success_ratio}")
             raise RuntimeError(
                 f"map over {self._actor_task.name}: {size - failures} of {size} elements succeeded, fewer than "
-                f"min_success_ratio={self._map_options.min_success_ratio}."
+                f"{limit}."
             )
         outputs = list(self._actor_task.python_interface.outputs)
         if not outputs:
@@ -143,6 +159,9 @@ def map(
     target: Union[ActorTask, functools.partial],
     concurrency: Optional[int] = None,
     min_success_ratio: Optional[float] = None,
+    min_successes: Optional[int] = None,
 ) -> ActorMapTask:
-    """Map an actor task over list inputs: ``map(t, concurrency=4)(x=[1, 2, 3])`` returns a list."""
-    return ActorMapTask(target, concurrency=concurrency, min_success_ratio=min_success_ratio)
+    """Map an actor task over list inputs: ``map(t, concurrency=4)(x=[1, 2, 3])`` returns a list.
+    ``concurrency`` 0 or None: no limit but the fleet's. ``min_successes`` wins over ``min_success_ratio``."""
+    return ActorMapTask(target, concurrency=concurrency, min_success_ratio=min_success_ratio,
+                        min_successes=min_successes)

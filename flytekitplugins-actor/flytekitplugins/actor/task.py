@@ -46,6 +46,13 @@ class ActorTask(RunsOnActors, PythonFunctionTask["ActorEnvironment"]):
 
     def __init__(self, task_config: "ActorEnvironment", task_function: Callable, **kwargs):
         environment = task_config
+        if kwargs.get("execution_mode") is PythonFunctionTask.ExecutionBehavior.DYNAMIC:
+            raise TypeError(
+                f"Actor task {task_function.__name__} cannot be @dynamic: a dynamic task hands a sub-workflow back "
+                "to propeller instead of outputs, and actor replicas return outputs only. Declare it as a plain "
+                "@dynamic (without task_config) and call actor tasks from it: they still run on the actor's "
+                f"replicas of ActorEnvironment {environment.name!r}."
+            )
         environment.refuse_owned_task_arguments(kwargs, f"Actor task {task_function.__name__}")
         metadata = kwargs.get("metadata")
         if metadata is not None:
@@ -61,7 +68,7 @@ class ActorTask(RunsOnActors, PythonFunctionTask["ActorEnvironment"]):
         return self.task_config
 
     def serialized_environment(self, settings: SerializationSettings) -> SerializedEnvironment:
-        return self.actor_environment.serialized(self.get_image(settings))
+        return self.actor_environment.serialized(self.get_image(settings), settings)
 
     def get_custom(self, settings: SerializationSettings) -> Dict[str, Any]:
         return ActorCustom(environment=self.serialized_environment(settings)).to_custom()

@@ -3,6 +3,11 @@
 import os
 import time
 
+from flytekit import PodTemplate
+from kubernetes.client import V1Container, V1PodSpec, V1SecurityContext
+from flytekit import Resources
+from flytekit.extras.accelerators import A100
+
 from flytekitplugins.actor import ActorEnvironment
 
 actor = ActorEnvironment(name="kube-actor", container_image="ghcr.io/example/actors:1", replica_count=1)
@@ -18,3 +23,33 @@ def slow(seconds: float) -> str:
 @unpullable.task
 def never() -> int:
     return 0
+
+
+privileged = ActorEnvironment(
+    name="kube-privileged",
+    container_image="ghcr.io/example/actors:1",
+    pod_template=PodTemplate(primary_container_name="actor", pod_spec=V1PodSpec(containers=[
+        V1Container(name="actor", security_context=V1SecurityContext(privileged=True))])),
+)
+
+
+@privileged.task
+def as_root_of_the_node() -> int:
+    return 0
+
+
+gpu = ActorEnvironment(
+    name="kube-gpu",
+    container_image="ghcr.io/example/actors:1",
+    replica_count=1,
+    requests=Resources(cpu="1", mem="2Gi", gpu="1"),
+    accelerator=A100.partition_1g_5gb,
+    interruptible=True,
+)
+
+
+@gpu.task
+def on_gpu(seconds: float) -> str:
+    """The cluster default variable the replica got, after ``seconds`` (so a test sees it RUNNING)."""
+    time.sleep(seconds)
+    return os.environ.get("FLYTE_AWS_ENDPOINT", "")

@@ -5,7 +5,9 @@ pods, runs each pod's primary container command as a local process with the pod'
 and ``secretKeyRef``s read from the API server), and reports the pod's status back as a kubelet would: Running
 while the process lives, Failed with the container's exit code (``OOMKilled`` for SIGKILL) when it ends. A pod
 being deleted has its process killed and is removed (grace 0). Images named ``*invalid*`` fail to pull
-(``ErrImagePull``), so tests can see how the agent handles a replica that cannot start.
+(``ErrImagePull``), so tests can see how the agent handles a replica that cannot start. While ``unschedulable``
+(a function of the pod) gives a reason, a pod is left Pending with ``PodScheduled`` false, as the scheduler
+leaves a pod no node fits; :meth:`release` then schedules the held pods, as a new node would.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
@@ -33,6 +35,8 @@ class FakeKubelet:
         self.processes: Dict[str, subprocess.Popen] = {}
         self.started: Dict[str, dict] = {}
         self.logs = tempfile.mkdtemp(prefix="kubelet-")
+        self.unschedulable: Optional[Callable[[client.V1Pod], Optional[str]]] = None
+        self.held: Dict[str, client.V1Pod] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -56,6 +60,27 @@ class FakeKubelet:
         if proc is not None:
             _kill(proc)
 
+    def release(self) -> None:
+        """A node that fits came: schedule every held pod."""
+        self.unschedulable = None
+        with self._lock:
+            held, self.held = list(self.held.values()), {}
+        for pod in held:
+            self._on_event("MODIFIED", pod)
+
+    def _hold(self, pod: client.V1Pod, reason: str) -> None:
+        with self._lock:
+            if pod.metadata.name in self.held:
+                return
+            self.held[pod.metadata.name] = pod
+        status = {"phase": "Pending", "conditions": [{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": reason,
+            "lastTransitionTime": datetime.datetime.now(datetime.timezone.utc).isoformat()}]}
+        try:
+            self.api.patch_namespaced_pod_status(pod.metadata.name, self.namespace, {"status": status})
+        except ApiException:
+            pass
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -73,6 +98,7 @@ class FakeKubelet:
         if kind == "DELETED" or pod.metadata.deletion_timestamp is not None:
             with self._lock:
                 proc = self.processes.pop(name, None)
+                self.held.pop(name, None)
             if proc is not None:
                 _kill(proc)
             if kind != "DELETED":
@@ -80,6 +106,13 @@ class FakeKubelet:
                     self.api.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0)
                 except ApiException:
                     pass
+            return
+        with self._lock:
+            if name in self.started or name in self.held:
+                return
+        reason = self.unschedulable(pod) if self.unschedulable is not None else None
+        if reason:
+            self._hold(pod, reason)
             return
         with self._lock:
             if name in self.started:

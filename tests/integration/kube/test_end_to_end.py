@@ -34,12 +34,22 @@ NAMESPACE = "actors"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 BIN = os.path.dirname(sys.executable)
 IMAGE = "ghcr.io/example/actors:1"
+#: The agent's --plugins-config, as an admin copies it from propeller's configuration.
+PLUGINS_CONFIG = """
+plugins:
+  k8s:
+    default-env-vars: {FLYTE_ACTORS_E2E: "yes"}
+    interruptible-tolerations: [{key: spot, operator: Equal, value: "true", effect: NoSchedule}]
+  logs:
+    kubernetes-enabled: true
+    kubernetes-template-uri: "https://k8s.example.com/#/log/{{ .namespace }}/{{ .podName }}/pod"
+"""
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
 
 class AgentServer:
-    def __init__(self, kubeconfig: str, log_path: str):
+    def __init__(self, kubeconfig: str, log_path: str, plugins_config: str):
         self.port, self.lease_port, self.metrics_port = free_port(), free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -49,9 +59,9 @@ class AgentServer:
             self.process = subprocess.Popen(
                 [os.path.join(BIN, "flyte-actor-agent"), "serve", "--host", "127.0.0.1", "--port", str(self.port),
                  "--lease-port", str(self.lease_port), "--metrics-port", str(self.metrics_port),
-                 "--launcher", "kubernetes", "--namespaces", NAMESPACE,
+                 "--status-port", str(free_port()), "--launcher", "kubernetes", "--namespaces", NAMESPACE,
                  "--lease-address", f"127.0.0.1:{self.lease_port}", "--recovery-grace-seconds", "5",
-                 "--unschedulable-grace-seconds", "0", "--shutdown-grace-seconds", "5"],
+                 "--plugins-config", plugins_config, "--shutdown-grace-seconds", "5"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
 
@@ -99,7 +109,9 @@ class AgentServer:
 
 @pytest.fixture(scope="module")
 def agent(cluster, kubelet, tmp_path_factory):
-    server = AgentServer(str(cluster.kubeconfig_path), str(tmp_path_factory.mktemp("agent") / "agent.log"))
+    workdir = tmp_path_factory.mktemp("agent")
+    (workdir / "plugins.yaml").write_text(PLUGINS_CONFIG)
+    server = AgentServer(str(cluster.kubeconfig_path), str(workdir / "agent.log"), str(workdir / "plugins.yaml"))
     try:
         server.wait_serving()
         yield server
@@ -166,6 +178,7 @@ def py(literal: literals_pb2.Literal):
     ("examples.pod_template.wf", {}, "hello from the pod template"),
     ("examples.model_cache.wf", {}, 13),  # inputs from the launch plan's defaults: init_value=1, state=3
     ("examples.map_model.wf", {"xs": range(20), "weight": 3}, [3 * x for x in range(20)]),
+    ("examples.gpu_model.wf", {}, "36 on cpu"),  # a GPU + accelerator + interruptible pod, accepted as valid
 ], ids=lambda v: v.split(".")[1] if isinstance(v, str) and v.startswith("examples.") else None)
 def test_documented_examples_run_end_to_end(driver, workflow, inputs, expected):
     outputs = driver.run(workflow, {k: lit(v) for k, v in inputs.items()})
@@ -208,7 +221,7 @@ def test_a_repeated_create_task_runs_the_task_once(driver, examples, agent):
     assert agent.sample("flyte_actor_task_outcomes_total", phase="succeeded") == succeeded + 1
 
 
-def test_delete_task_aborts_a_running_actor_task(agent, kube_tasks, tmp_path):
+def test_delete_task_aborts_a_running_actor_task(agent, kube_tasks, tmp_path, cluster):
     driver = propeller.Propeller(kube_tasks, agent.address, str(tmp_path), namespace=NAMESPACE,
                                  resync_interval=0.5, source_root=ROOT)
     try:
@@ -219,6 +232,15 @@ def test_delete_task_aborts_a_running_actor_task(agent, kube_tasks, tmp_path):
                 assert not run.done(), run.exception()
                 assert time.monotonic() < deadline, "the slow task did not start running"
                 time.sleep(0.1)
+            # The first RUNNING answer (the only one propeller forwards) links to the replica's pod.
+            (link,) = running.events[TaskExecution.RUNNING].log_links
+            pod_name = link.uri.rsplit("/", 2)[-2]
+            assert link.name == "Kubernetes Logs"
+            assert link.uri == f"https://k8s.example.com/#/log/{NAMESPACE}/{pod_name}/pod"
+            pod = client.CoreV1Api(cluster.api_client()).read_namespaced_pod(pod_name, NAMESPACE)
+            assert pod.metadata.labels["flyte-actors.io/environment"] == "kube-actor"
+            assert {"name": "FLYTE_ACTORS_E2E", "value": "yes"} in [
+                {"name": e.name, "value": e.value} for e in pod.spec.containers[0].env]
             driver.abort("n0")
             with pytest.raises(propeller.TaskFailed) as raised:
                 run.result(timeout=30)

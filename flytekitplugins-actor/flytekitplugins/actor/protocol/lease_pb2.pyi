@@ -54,7 +54,7 @@ class Heartbeat(_message.Message):
     def __init__(self, running_lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("lease_id", "phase", "outputs", "error", "message", "retryable", "run_seconds")
+    __slots__ = ("lease_id", "phase", "outputs", "error", "message", "retryable", "run_seconds", "outputs_in_prefix", "outputs_size", "system_error")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,9 @@ class TaskStatus(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RETRYABLE_FIELD_NUMBER: _ClassVar[int]
     RUN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_IN_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_ERROR_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     phase: TaskPhase
     outputs: bytes
@@ -69,7 +72,10 @@ class TaskStatus(_message.Message):
     message: str
     retryable: bool
     run_seconds: float
-    def __init__(self, lease_id: _Optional[str] = ..., phase: _Optional[_Union[TaskPhase, str]] = ..., outputs: _Optional[bytes] = ..., error: _Optional[bytes] = ..., message: _Optional[str] = ..., retryable: bool = ..., run_seconds: _Optional[float] = ...) -> None: ...
+    outputs_in_prefix: bool
+    outputs_size: int
+    system_error: bool
+    def __init__(self, lease_id: _Optional[str] = ..., phase: _Optional[_Union[TaskPhase, str]] = ..., outputs: _Optional[bytes] = ..., error: _Optional[bytes] = ..., message: _Optional[str] = ..., retryable: bool = ..., run_seconds: _Optional[float] = ..., outputs_in_prefix: bool = ..., outputs_size: _Optional[int] = ..., system_error: bool = ...) -> None: ...
 
 class AgentMessage(_message.Message):
     __slots__ = ("welcome", "assignment", "ack", "cancel", "drain")

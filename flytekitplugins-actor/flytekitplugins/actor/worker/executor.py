@@ -20,7 +20,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any, Dict
 
-from flyteidl.core import errors_pb2
+from flyteidl.core import errors_pb2, execution_pb2
 from flytekit.bin.entrypoint import _dispatch_execute, setup_execution
 from flytekit.core.context_manager import FlyteContextManager
 from flytekit.tools.fast_registration import download_distribution
@@ -29,7 +29,7 @@ from flytekit.tools.module_loader import load_object_from_module
 # The fork server imports this module before forking executors, so the whole plugin is loaded (and counted as
 # state to keep, not task state to wipe) before any task runs: @actor_cache's store and the task type stay put.
 from .. import cache, contract, environment, local, map, task  # noqa: F401
-from ..protocol import lease_pb2
+from ..protocol import INLINE_OUTPUT_BYTES, lease_pb2
 from .sandbox import TaskSandbox
 
 SUCCEEDED, FAILED = "succeeded", "failed"
@@ -66,6 +66,9 @@ def run_task(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, scratch_root: st
         result = _run(task_run, sandbox.tmpdir, scratch_root)
     except SystemExit as e:
         result = _failure(f"Task {task_run.task_name} called sys.exit({e.code!r}); return or raise instead.", False)
+    except ImportError as e:  # the resolver (or a storage plugin) is not in the image: no replica of it can run this
+        result = _failure(f"Task {task_run.task_name} cannot run on this environment's image: {e!r}; install the "
+                          "missing package into the image, or fix the task's resolver", False)
     except BaseException as e:  # noqa: BLE001 - anything flytekit did not catch is a system error of this replica
         result = _failure(f"Task {task_run.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
     finally:
@@ -110,16 +113,26 @@ def _result_from(engine_dir: str, task_name: str) -> Dict[str, Any]:
             raw = f.read()
         error = errors_pb2.ErrorDocument.FromString(raw).error
         retryable = error.kind == errors_pb2.ContainerError.RECOVERABLE
-        return {"phase": FAILED, "error": raw, "message": error.message, "retryable": retryable}
-    outputs = b""
+        system = error.origin == execution_pb2.ExecutionError.SYSTEM
+        return {"phase": FAILED, "error": raw, "message": error.message, "retryable": retryable, "system_error": system}
+    result = {"phase": SUCCEEDED, "outputs": b"", "message": f"{task_name} succeeded"}
     if "outputs.pb" in names:
-        with open(os.path.join(engine_dir, "outputs.pb"), "rb") as f:
-            outputs = f.read()
-    return {"phase": SUCCEEDED, "outputs": outputs, "message": f"{task_name} succeeded"}
+        result.update(_outputs(os.path.join(engine_dir, "outputs.pb")))
+    return result
+
+
+def _outputs(path: str) -> Dict[str, Any]:
+    """Small outputs are sent inline; large ones only by size (``_dispatch_execute`` uploaded outputs.pb to the
+    output prefix already), so a big result never rides the lease stream."""
+    size = os.path.getsize(path)
+    if size > INLINE_OUTPUT_BYTES:
+        return {"outputs_in_prefix": True, "outputs_size": size}
+    with open(path, "rb") as f:
+        return {"outputs": f.read(), "outputs_size": size}
 
 
 def _failure(message: str, retryable: bool) -> Dict[str, Any]:
-    return {"phase": FAILED, "message": message, "retryable": retryable}
+    return {"phase": FAILED, "message": message, "retryable": retryable, "system_error": retryable}
 
 
 def ensure_bundle(distribution: str, root: str) -> str:

@@ -10,11 +10,17 @@ Configured by environment variables (set by the agent's launcher):
 ``FLYTE_ACTOR_AGENT_ADDRESS``       ``host:port`` of the agent's lease service
 ``FLYTE_ACTOR_ENVIRONMENT_KEY``     fleet this replica belongs to (``<name>-<version>``)
 ``FLYTE_ACTOR_REPLICA_ID``          id the agent gave this replica
-``FLYTE_ACTOR_REPLICA_TOKEN``       secret the agent gave this replica (or ``..._TOKEN_FILE``: a file holding it)
+``FLYTE_ACTOR_REPLICA_TOKEN``       secret the agent gave this replica; or ``..._TOKEN_FD``: a pipe to read it from
+                                    (the local launcher's way); or ``..._TOKEN_FILE``: a file, deleted once read
+``FLYTE_ACTOR_AGENT_CA``            PEM of the CA of the lease service's TLS certificate (unset: plain gRPC)
 ``FLYTE_ACTOR_PARALLELISM``         tasks run at once (default 1)
 ``FLYTE_ACTOR_SCRATCH_DIR``         where task temp dirs and code bundles go (default: a temp dir)
 ``FLYTE_ACTOR_RECONNECT_SECONDS``   how long to keep trying to reach a lost agent before exiting (default 60)
 ==================================  =====================================================================
+
+The token never reaches task code: it is read once and removed from this process's environment before any
+executor starts (executors inherit the environment), and the process makes itself non-dumpable, so processes of
+the same user (task code in executors, other replicas) cannot read it from ``/proc/<pid>/environ`` or memory.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class Config:
     parallelism: int = 1
     scratch_dir: str = ""
     reconnect_seconds: float = 60.0
+    agent_ca: str = ""
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Config":
@@ -55,10 +62,7 @@ class Config:
             for k in ("FLYTE_ACTOR_AGENT_ADDRESS", "FLYTE_ACTOR_ENVIRONMENT_KEY", "FLYTE_ACTOR_REPLICA_ID")
             if not env.get(k)
         ]
-        token = env.get("FLYTE_ACTOR_REPLICA_TOKEN", "")
-        if not token and env.get("FLYTE_ACTOR_REPLICA_TOKEN_FILE"):
-            with open(env["FLYTE_ACTOR_REPLICA_TOKEN_FILE"]) as f:
-                token = f.read().strip()
+        token = _take_token(env)
         if not token:
             missing.append("FLYTE_ACTOR_REPLICA_TOKEN")
         if missing:
@@ -74,7 +78,35 @@ class Config:
             parallelism=int(env.get("FLYTE_ACTOR_PARALLELISM", "1")),
             scratch_dir=env.get("FLYTE_ACTOR_SCRATCH_DIR") or tempfile.mkdtemp(prefix="flyte-actor-"),
             reconnect_seconds=float(env.get("FLYTE_ACTOR_RECONNECT_SECONDS", "60")),
+            agent_ca=env.get("FLYTE_ACTOR_AGENT_CA", ""),
         )
+
+
+def _take_token(env) -> str:
+    """Read the replica token and remove every trace of it from ``env`` (``os.environ``: also the C environment
+    that executors inherit); a token file is deleted once read."""
+    token = env.pop("FLYTE_ACTOR_REPLICA_TOKEN", "")
+    fd = env.pop("FLYTE_ACTOR_REPLICA_TOKEN_FD", "")
+    path = env.pop("FLYTE_ACTOR_REPLICA_TOKEN_FILE", "")
+    if not token and fd:
+        with os.fdopen(int(fd), "r") as pipe:
+            token = pipe.read().strip()
+    elif not token and path:
+        with open(path) as f:
+            token = f.read().strip()
+        os.unlink(path)
+    return token
+
+
+def _not_dumpable() -> None:
+    """Close /proc/<pid>/environ (which keeps the variables this process started with, token included) and
+    /proc/<pid>/mem to other processes of the same user. Reset by exec, so the fork server and executors, which
+    hold no token, stay debuggable."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_DUMPABLE = 4
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0)
 
 
 class Refused(Exception):
@@ -167,8 +199,14 @@ class ReplicaWorker:
 
     # ---------------------------------------------------------------------------------------------- session
 
+    def _channel(self) -> grpc.aio.Channel:
+        if self.config.agent_ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=self.config.agent_ca.encode())
+            return grpc.aio.secure_channel(self.config.agent_address, credentials, options=GRPC_OPTIONS)
+        return grpc.aio.insecure_channel(self.config.agent_address, options=GRPC_OPTIONS)
+
     async def _session(self) -> None:
-        async with grpc.aio.insecure_channel(self.config.agent_address, options=GRPC_OPTIONS) as channel:
+        async with self._channel() as channel:
             call = lease_pb2_grpc.LeaseServiceStub(channel).Connect()
             running = [s.lease_id for s in self.slots if s.lease_id]
             await call.write(
@@ -249,6 +287,9 @@ class ReplicaWorker:
             self.outbox.put_nowait(msg)
 
     def _report(self, status: lease_pb2.TaskStatus) -> None:
+        # With the start line in _assign, these bound each task's slice of the replica's log (its log links).
+        log.info("task end: %s %s (lease %s)", _task_key(status.lease_id),
+                 lease_pb2.TaskPhase.Name(status.phase), status.lease_id)
         self.unacked[status.lease_id] = status
         self._send(lease_pb2.ReplicaMessage(status=status))
 
@@ -265,6 +306,8 @@ class ReplicaWorker:
             self._report(lease_pb2.TaskStatus(
                 lease_id=assignment.lease_id, phase=lease_pb2.CANCELLED, message="replica has no free slot"))
             return
+        log.info("task start: %s %s (lease %s)", _task_key(assignment.lease_id), assignment.task.task_name,
+                 assignment.lease_id)
         slot.lease_id = assignment.lease_id
         slot.kill_reason = None
         slot.conn.send((assignment.lease_id, assignment.task.SerializeToString()))
@@ -302,15 +345,7 @@ class ReplicaWorker:
         self._finish_slot(slot)
         if lease_id != expected:
             return  # abandoned while it ran
-        self._report(lease_pb2.TaskStatus(
-            lease_id=lease_id,
-            phase=lease_pb2.SUCCEEDED if result["phase"] == "succeeded" else lease_pb2.FAILED,
-            outputs=result.get("outputs", b""),
-            error=result.get("error", b""),
-            message=result.get("message", ""),
-            retryable=result.get("retryable", False),
-            run_seconds=result.get("run_seconds", 0.0),
-        ))
+        self._report(_status_of(lease_id, result))
         self._after_slot_freed()
 
     def _on_executor_died(self, slot: Slot) -> None:
@@ -341,6 +376,36 @@ class ReplicaWorker:
             self._drain("drain requested")
 
 
+def _task_key(lease_id: str) -> str:
+    """The task execution a lease runs (project/domain/execution/node/attempt): lease ids end with it."""
+    return lease_id.partition("|")[2] or lease_id
+
+
+#: A status's message and error document are cut to these sizes, so that no report is a large stream message
+#: (the full error.pb is in the task's output prefix).
+MAX_STATUS_MESSAGE_CHARS = 64 * 1024
+MAX_STATUS_ERROR_BYTES = 1024 * 1024
+
+
+def _status_of(lease_id: str, result: dict) -> lease_pb2.TaskStatus:
+    """The report of an executor's result; large outputs come by size only (they are in the output prefix)."""
+    message, error = result.get("message", ""), result.get("error", b"")
+    if len(message) > MAX_STATUS_MESSAGE_CHARS:
+        message = message[:MAX_STATUS_MESSAGE_CHARS] + f"... ({len(message)} characters; cut)"
+    return lease_pb2.TaskStatus(
+        lease_id=lease_id,
+        phase=lease_pb2.SUCCEEDED if result["phase"] == "succeeded" else lease_pb2.FAILED,
+        outputs=result.get("outputs", b""),
+        error=error if len(error) <= MAX_STATUS_ERROR_BYTES else b"",
+        message=message,
+        retryable=result.get("retryable", False),
+        run_seconds=result.get("run_seconds", 0.0),
+        outputs_in_prefix=result.get("outputs_in_prefix", False),
+        outputs_size=result.get("outputs_size", 0),
+        system_error=result.get("system_error", False),
+    )
+
+
 def _worker_version() -> str:
     from importlib import metadata
 
@@ -362,6 +427,7 @@ def _death_message(code: Optional[int], replica_id: str) -> str:
 
 def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=os.environ.get("FLYTE_ACTOR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    _not_dumpable()
     config = Config.from_env()
 
     async def _main() -> int:
