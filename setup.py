@@ -12,24 +12,30 @@ setup(
     version="0.1.0",
     description="Actors for Flyte: development install of flytekitplugins-actor and the actor agent",
     license="Apache-2.0",
+    license_files=["LICENSE"],
     packages=plugin_packages + agent_packages,
     package_dir={
         **{p: "flytekitplugins-actor/" + p.replace(".", "/") for p in plugin_packages},
         **{p: "backend-plugin/" + p.replace(".", "/") for p in agent_packages},
     },
-    package_data={"flytekitplugins.actor.protocol": ["*.proto"]},
-    python_requires=">=3.11,<3.13",
+    package_data={
+        "flytekitplugins.actor": ["py.typed"],
+        "flytekitplugins.actor.protocol": ["*.proto"],
+        "flyte_actor_agent": ["py.typed"],
+    },
+    # The union of the two packages' requirements (see their setup.py for why each range is what it is).
+    python_requires=">=3.10,<3.13",
     install_requires=[
         "flytekit>=1.16.0,<1.17",
-        "grpcio>=1.85,<2",
-        "protobuf>=7.35,<8",
+        "grpcio>=1.62.0,<2",
+        "protobuf>=4.25.1,<8",
         "kubernetes>=29,<37",
         "prometheus-client>=0.20,<1",
-        "grpcio-health-checking>=1.85,<2",
+        "grpcio-health-checking>=1.62.0,<2",
     ],
     extras_require={
+        # grpcio-tools is not here: `make proto` installs the pinned one into its own .venv-proto.
         "dev": [
-            "grpcio-tools>=1.85,<2",
             "pytest>=8,<10",
             "pytest-timeout>=2.3,<3",
             "kubernetes-validate>=1.28,<2",

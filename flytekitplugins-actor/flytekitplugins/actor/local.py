@@ -3,17 +3,19 @@
 By default each actor task goes to the embedded agent, which starts a fleet of local replica processes per
 environment on first use and stops them when this process exits, and waits for the result directly (no polling).
 ``FLYTE_ACTOR_LOCAL_MODE=inprocess`` runs tasks in this process instead, for debugging with breakpoints; the
-environment's variables are applied around each task in both modes.
+environment's variables are applied around each task in both modes. Where the agent is not installed (only the
+SDK, as in a notebook) or does not load, tasks run in this process too, after a one-line hint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections import OrderedDict
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 from flyteidl.core.execution_pb2 import TaskExecution
 from flytekit import FlyteContext
@@ -48,7 +50,24 @@ def runs_on_local_fleet(ctx: FlyteContext) -> bool:
     state = ctx.execution_state
     if state is None or not state.is_local_execution():
         return False
-    return local_mode() == FLEET
+    return local_mode() == FLEET and embedded_agent() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def embedded_agent() -> Optional[Callable[[], Any]]:
+    """The embedded agent (a function returning it), found through the entry point the agent package declares (this
+    package does not depend on the agent); or ``None`` where there is none or it does not load: actor tasks then run
+    in this process, and the first call says so on stderr in one line (cached, so once per process)."""
+    found = entry_points(group=LOCAL_FLEET_ENTRY_POINT_GROUP)
+    if not found:
+        why = "needs flyte-actors-agent (pip install flyte-actors-agent)"
+    else:
+        try:
+            return next(iter(found)).load()
+        except ImportError as e:  # installed, but it does not load here (e.g. a flytekit older than the agent's 1.16)
+            why = f"cannot load flyte-actors-agent ({e})"
+    print(f"flyte-actors: the local fleet {why}; running actor tasks in this process", file=sys.stderr)
+    return None
 
 
 @contextlib.contextmanager
@@ -69,26 +88,14 @@ def replica_environment(ctx: FlyteContext, environment: "ActorEnvironment") -> I
 
 def run_on_fleet(task: Union["ActorTask", "ActorMapTask"], ctx: FlyteContext, inputs: LiteralMap) -> LiteralMap:
     """Run one actor task (or actor map) on the embedded local fleet and return its outputs."""
-    local_agent = _local_fleet_entry_point(task.name)
-
+    local_agent = embedded_agent()
+    if local_agent is None:
+        raise RuntimeError(f"Actor task {task.name} cannot run on the local fleet: flyte-actors-agent does not load.")
     template, output_prefix = local_template(task, ctx)
     resource = local_agent().run(template, inputs=inputs, output_prefix=output_prefix)
     if resource.phase != TaskExecution.SUCCEEDED:
         raise ActorTaskFailed(f"Actor task {task.name} failed: {resource.message}")
     return resource.outputs if resource.outputs is not None else LiteralMap(literals={})
-
-
-def _local_fleet_entry_point(task_name: str):
-    """The embedded agent, found through the entry point the agent package declares (this package does not
-    depend on the agent)."""
-    found = entry_points(group=LOCAL_FLEET_ENTRY_POINT_GROUP)
-    if not found:
-        raise ImportError(
-            f"Running actor task {task_name} locally needs the actor agent package (no {LOCAL_FLEET_ENTRY_POINT_GROUP!r} "
-            f"entry point is installed). Install 'flyte-actors-agent', or set {LOCAL_MODE_ENV}={INPROCESS} to run "
-            "actor tasks in this process."
-        )
-    return next(iter(found)).load()
 
 
 def local_template(task: Union["ActorTask", "ActorMapTask"], ctx: FlyteContext):

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from flytekit.configuration import SerializationSettings
 from flytekit.core import tracker
-from flytekit.core.interface import transform_interface_to_list_interface
+from flytekit.core.interface import Interface, transform_types_to_list_of_type
 from flytekit.core.python_auto_container import PythonAutoContainerTask
 
 from .contract import ACTOR_MAP_TASK_TYPE, ActorCustom, MapOptions
@@ -73,8 +73,10 @@ class ActorMapTask(RunsOnActors, PythonAutoContainerTask):
         if not self._map_options.mapped_inputs:
             raise ValueError(f"map over {actor_task.name}: every input is bound by partial, so there is nothing to map.")
         optional_outputs = self._map_options.optional
-        interface = transform_interface_to_list_interface(
-            actor_task.python_interface, set(bound), set(), optional_outputs
+        # What transform_interface_to_list_interface does, whose signature changed in flytekit 1.16.
+        interface = Interface(
+            inputs=transform_types_to_list_of_type(actor_task.python_interface.inputs, set(bound)),
+            outputs=transform_types_to_list_of_type(actor_task.python_interface.outputs, set(), optional_outputs),
         )
         _, module, function, _ = tracker.extract_task_module(actor_task.task_function)
         digest = hashlib.md5(repr(self._map_options.to_custom()).encode()).hexdigest()[:10]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Ensure a kube-apiserver binary (built from Debian bookworm's `kubernetes` 1.20.2 source package) and Debian's
 # etcd are present, then print the binary's path. Idempotent; needs root and network access to the Debian mirror.
-# A build takes 7-9 minutes on 2 cores; its log goes to $CACHE/build-apiserver.log.
+# A build takes 7-9 minutes on 2 cores; its log goes to $CACHE/build-apiserver.log. Binaries already in place (a
+# kube-apiserver at $CACHE/bin/kube-apiserver, etcd on PATH) need neither; without them and without root and
+# apt-get it fails at once, with one line saying so.
 set -euo pipefail
 
 CACHE="${FLYTE_ACTORS_CACHE:-$HOME/.cache/flyte-actors}"
@@ -9,6 +11,15 @@ BIN="$CACHE/bin/kube-apiserver"
 LOG="$CACHE/build-apiserver.log"
 export DEBIAN_FRONTEND=noninteractive
 mkdir -p "$CACHE/bin"
+
+if [[ -x "$BIN" ]] && command -v etcd >/dev/null; then
+    echo "$BIN"
+    exit 0
+fi
+if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
+    echo "build-apiserver: no kube-apiserver at $BIN (or no etcd on PATH), and building one needs root and apt-get" >&2
+    exit 1
+fi
 
 fail() {
     echo "build-apiserver: $1 (log: $LOG)" >&2

@@ -2,8 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -76,7 +75,7 @@ class TaskStatus(_message.Message):
     outputs_in_prefix: bool
     outputs_size: int
     system_error: bool
-    def __init__(self, lease_id: _Optional[str] = ..., phase: _Optional[_Union[TaskPhase, str]] = ..., outputs: _Optional[bytes] = ..., error: _Optional[bytes] = ..., message: _Optional[str] = ..., retryable: _Optional[bool] = ..., run_seconds: _Optional[float] = ..., outputs_in_prefix: _Optional[bool] = ..., outputs_size: _Optional[int] = ..., system_error: _Optional[bool] = ...) -> None: ...
+    def __init__(self, lease_id: _Optional[str] = ..., phase: _Optional[_Union[TaskPhase, str]] = ..., outputs: _Optional[bytes] = ..., error: _Optional[bytes] = ..., message: _Optional[str] = ..., retryable: bool = ..., run_seconds: _Optional[float] = ..., outputs_in_prefix: bool = ..., outputs_size: _Optional[int] = ..., system_error: bool = ...) -> None: ...
 
 class AgentMessage(_message.Message):
     __slots__ = ("welcome", "assignment", "ack", "cancel", "drain")

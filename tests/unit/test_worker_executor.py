@@ -1,0 +1,89 @@
+"""The replica's executor against the installed flytekit: it runs tasks through flytekit's entrypoint internals
+(``setup_execution``, ``_dispatch_execute``, the engine directory's outputs.pb / error.pb), which are not public
+API, so this runs in both CI legs (the oldest and the newest flytekit supported).
+
+The executor runs in a fresh interpreter, as on a replica (its sandbox resets process state between tasks).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+TASKS = textwrap.dedent(
+    """
+    from flytekitplugins.actor import ActorEnvironment
+
+    actor = ActorEnvironment(name="executor-test")
+
+
+    @actor.task
+    def plus_one(x: int) -> int:
+        return x + 1
+
+
+    @actor.task
+    def boom(x: int) -> int:
+        raise ValueError(f"boom {x}")
+    """
+)
+
+RUN = textwrap.dedent(
+    """
+    import json
+    import os
+    import sys
+
+    from flytekit import FlyteContextManager
+    from flytekit.core.type_engine import TypeEngine
+    from flytekit.models.literals import LiteralMap
+    from flyteidl.core import literals_pb2
+
+    from flytekitplugins.actor.protocol import lease_pb2
+    from flytekitplugins.actor.worker.executor import run_task
+    from flytekitplugins.actor.worker.sandbox import TaskSandbox
+
+    code_dir, scratch = sys.argv[1:]
+    ctx = FlyteContextManager.current_context()
+    x = TypeEngine.to_literal(ctx, 3, int, TypeEngine.to_literal_type(int))
+    inputs = LiteralMap(literals={"x": x}).to_flyte_idl().SerializeToString()
+    sandbox = TaskSandbox(scratch)
+    results = {}
+    for name in ("plus_one", "boom"):
+        out = os.path.join(scratch, "out-" + name)
+        os.makedirs(out)
+        task_run = lease_pb2.TaskRun(
+            task_name=name,
+            resolver="flytekit.core.python_auto_container.default_task_resolver",
+            resolver_args=["task-module", "executor_tasks", "task-name", name],
+            inputs=inputs,
+            output_prefix=out,
+            raw_output_data_prefix=os.path.join(scratch, "raw"),
+            dest_dir=code_dir,
+        )
+        result = run_task(task_run, sandbox, scratch)
+        if result.get("outputs"):
+            outputs = literals_pb2.LiteralMap.FromString(result["outputs"])
+            result["o0"] = outputs.literals["o0"].scalar.primitive.integer
+        results[name] = {k: result.get(k) for k in ("phase", "message", "retryable", "o0")}
+    print(json.dumps(results))
+    """
+)
+
+
+def test_executor_runs_a_task_and_reports_a_user_error_with_the_installed_flytekit(tmp_path):
+    code_dir, scratch = tmp_path / "code", tmp_path / "scratch"
+    code_dir.mkdir()
+    (code_dir / "executor_tasks.py").write_text(TASKS)
+    script = tmp_path / "run_executor.py"
+    script.write_text(RUN)
+    run = subprocess.run(
+        [sys.executable, str(script), str(code_dir), str(scratch)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    results = json.loads(run.stdout.splitlines()[-1])
+    assert results["plus_one"]["phase"] == "succeeded" and results["plus_one"]["o0"] == 4
+    boom = results["boom"]
+    assert boom["phase"] == "failed" and "boom 3" in boom["message"] and boom["retryable"] is False, boom
