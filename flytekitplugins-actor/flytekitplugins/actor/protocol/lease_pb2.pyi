@@ -144,7 +144,7 @@ class TaskRun(_message.Message):
     env: _containers.ScalarMap[str, str]
     timeout_seconds: float
     outputs_to_prefix: bool
-    def __init__(self, task_name: _Optional[str] = ..., resolver: _Optional[str] = ..., resolver_args: _Optional[_Iterable[str]] = ..., inputs: _Optional[bytes] = ..., inputs_uri: _Optional[str] = ..., output_prefix: _Optional[str] = ..., raw_output_data_prefix: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., prev_checkpoint: _Optional[str] = ..., distribution: _Optional[str] = ..., dest_dir: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., outputs_to_prefix: _Optional[bool] = ...) -> None: ...
+    def __init__(self, task_name: _Optional[str] = ..., resolver: _Optional[str] = ..., resolver_args: _Optional[_Iterable[str]] = ..., inputs: _Optional[bytes] = ..., inputs_uri: _Optional[str] = ..., output_prefix: _Optional[str] = ..., raw_output_data_prefix: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., prev_checkpoint: _Optional[str] = ..., distribution: _Optional[str] = ..., dest_dir: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., outputs_to_prefix: bool = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("lease_id",)
