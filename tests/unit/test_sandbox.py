@@ -100,10 +100,10 @@ def test_a_kept_module_is_put_back_as_freshly_imported(workspace):
 def test_a_module_holding_what_cannot_be_reset_is_reimported(workspace):
     code, sandbox = workspace
     (code / "sandboxmod.py").write_text("import threading\nLOCK = threading.Lock()\n")
-    first = run_task(sandbox, code, lambda m: id(m))
+    first = run_task(sandbox, code, lambda m: m)  # held, so that a new module cannot reuse its address
     assert sandbox.last_modules == "dropped"
     assert "threading.lock" in sandbox.not_kept.lower() or "lock" in sandbox.not_kept
-    assert run_task(sandbox, code, lambda m: id(m)) != first
+    assert run_task(sandbox, code, lambda m: m) is not first
 
 
 def test_a_changed_source_file_is_reimported(workspace):
@@ -142,13 +142,13 @@ def test_another_code_root_reimports(workspace, tmp_path):
 def test_the_full_path_drops_kept_modules(workspace):
     code, sandbox = workspace
     (code / "sandboxmod.py").write_text("VALUE = 1\n")
-    first = run_task(sandbox, code, lambda m: id(m))
+    first = run_task(sandbox, code, lambda m: m)  # held, so that a new module cannot reuse its address
     sandbox.enter({}, str(code), keep_modules=False)
     try:
         assert "sandboxmod" not in sys.modules
     finally:
         sandbox.exit()
-    assert run_task(sandbox, code, lambda m: id(m)) != first
+    assert run_task(sandbox, code, lambda m: m) is not first
 
 
 def test_environment_and_temp_dir_are_reset(workspace):
