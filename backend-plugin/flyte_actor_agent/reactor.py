@@ -73,6 +73,7 @@ class Reactor:
         self.max_ttl_seconds = max_ttl_seconds
         self.recovery_grace = recovery_grace
         self._recovering_until = 0.0
+        self._parked: List[Callable[[], List[core.Effect]]] = []
         self.heartbeat_interval = heartbeat_interval
         self.metrics = metrics or Metrics()
         self.scheduler = core.Scheduler(
@@ -147,7 +148,44 @@ class Reactor:
         return key in self.scheduler.tasks or key in self.scheduler.maps
 
     def cancel(self, key: str, reason: str) -> None:
-        self._apply(self.scheduler.cancel(key, reason))
+        if self._known(key):
+            self._apply(self.scheduler.cancel(key, reason))
+        else:
+            self._apply(self.scheduler.tombstone(key, reason))
+
+    def known_view(self, key: str) -> Optional[TaskView]:
+        """The view of ``key`` if this agent knows it (unlike :meth:`view`, never a recovery placeholder)."""
+        return task_view(self.scheduler, key) if self._known(key) else None
+
+    def resume(self, request: core.TaskRequest, stored_outputs: Optional[bytes]) -> None:
+        """Take back a task the connector rebuilt from its record after a restart (see recovery.py)."""
+        self._take_back(request.key, lambda: self.scheduler.resume(request, stored_outputs))
+
+    def resume_map(self, key: str, fleet: core.FleetConfig, size: int, make_element, concurrency, ratio,
+                   done: Dict[int, bytes]) -> None:
+        """Take back an actor map the connector rebuilt; ``done``: outputs of elements that finished."""
+        self._take_back(key, lambda: self.scheduler.resume_map(key, fleet, size, make_element, concurrency, ratio,
+                                                               done))
+
+    def _take_back(self, key: str, take_back: Callable[[], List[core.Effect]]) -> None:
+        """While adopted replicas have not reconnected yet (within the recovery grace), wait for them before
+        handing a rebuilt task to the scheduler, so a task one of them still runs is not started twice."""
+        if self._known(key):
+            self._apply(take_back())  # it only completes what a reconnected replica brought back
+        elif self._adoption_pending():
+            self._parked.append(take_back)
+        else:
+            self._apply(take_back())
+
+    def _adoption_pending(self) -> bool:
+        return time.monotonic() < self._recovering_until and any(
+            r.adopted and r.state is core.ReplicaState.STARTING for r in self.scheduler.replicas.values())
+
+    def _release_parked(self, force: bool = False) -> None:
+        if self._parked and (force or not self._adoption_pending()):
+            parked, self._parked = self._parked, []
+            for take_back in parked:
+                self._apply(take_back())
 
     def forget(self, key: str) -> None:
         self.scheduler.forget(key)
@@ -175,6 +213,7 @@ class Reactor:
         abandoned = self.scheduler.abandoned_leases(replica_id, running)
         self.metrics.replica_event(self.fleet_name(replica_id), "connected")
         self._apply(effects)
+        self._release_parked()
         return abandoned
 
     def heartbeat(self, replica_id: str) -> None:
@@ -213,6 +252,7 @@ class Reactor:
                 log.info("adopted %d replicas left by a previous agent", len(adopted))
             # Tasks GetTask asks about that this agent does not know may still be running on a replica.
             self._recovering_until = time.monotonic() + self.recovery_grace
+            self.loop.call_later(self.recovery_grace, self._release_parked, True)
             self._arm_timer()
 
     async def _stop(self) -> None:
@@ -281,6 +321,7 @@ class Reactor:
         if replica_id in self.scheduler.replicas:
             self.metrics.replica_gone(self.fleet_name(replica_id), exit.reason)
         self._apply(self.scheduler.replica_gone(replica_id, exit))
+        self._release_parked()
 
     def _background_task(self, coro) -> None:
         task = asyncio.ensure_future(coro)

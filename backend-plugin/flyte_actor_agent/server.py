@@ -6,6 +6,11 @@ Prometheus metrics over HTTP. Every flag can also be set by the environment vari
 
 On SIGTERM it stops taking tasks, gives running tasks ``--shutdown-grace-seconds`` to finish, and exits. With the
 Kubernetes launcher it leaves replica pods running: the next agent adopts them (see docs/deploy.md).
+
+With ``--leader-election`` several pods run and one leads (leader.py): the others answer gRPC health
+``NOT_SERVING`` (so they are not Ready and the Service routes to the leader) and refuse connector calls with
+``UNAVAILABLE`` until they are elected. A leader that loses its Lease exits at once; on SIGTERM it stops acting,
+then releases the Lease, leaving running tasks to the replicas and the next leader.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import asyncio
 import logging
 import os
 import signal
+import socket
+import threading
 from typing import List, Optional
 
 import grpc
@@ -34,6 +41,7 @@ from flytekitplugins.actor.contract import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE
 from .connector import ActorConnector, register
 from .lease_service import LeaseService
 from .reactor import Reactor
+from .recovery import TaskRecords
 
 log = logging.getLogger("flyte-actor-agent")
 ACTOR_TASK_TYPES = (ACTOR_TASK_TYPE, ACTOR_MAP_TASK_TYPE)
@@ -63,6 +71,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
           "after a restart, how long tasks the agent does not know wait for a replica to report them", float)
     _flag(serve, "--shutdown-grace-seconds", "FLYTE_ACTOR_SHUTDOWN_GRACE_SECONDS", 30.0,
           "on SIGTERM, how long running tasks get to finish", float)
+    _flag(serve, "--task-records", "FLYTE_ACTOR_TASK_RECORDS", "true",
+          "store what rebuilds each task next to its outputs, so a restart loses nothing ('true'/'false')", _boolean)
+    _flag(serve, "--leader-election", "FLYTE_ACTOR_LEADER_ELECTION", "false",
+          "run as one of several pods, the leader elected through a Kubernetes Lease ('true'/'false')", _boolean)
+    _flag(serve, "--leader-election-lease", "FLYTE_ACTOR_LEADER_ELECTION_LEASE", "flyte-actor-agent",
+          "name of the Lease object")
+    _flag(serve, "--leader-election-namespace", "FLYTE_ACTOR_LEADER_ELECTION_NAMESPACE", "",
+          "namespace of the Lease (empty: this pod's own)")
+    _flag(serve, "--identity", "FLYTE_ACTOR_POD_NAME", socket.gethostname(), "this pod's name in the Lease")
     _flag(serve, "--unschedulable-grace-seconds", "FLYTE_ACTOR_UNSCHEDULABLE_GRACE_SECONDS", 120.0,
           "how long a replica pod may stay unschedulable before its tasks fail", float)
     args = parser.parse_args(argv)
@@ -71,20 +88,39 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _boolean(value) -> bool:
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean: use 'true' or 'false'")
+
+
 class ActorAgentService(AsyncConnectorService):
-    """flytekit's connector service, refusing task types other than the actor ones."""
+    """flytekit's connector service, refusing task types other than the actor ones, and every call while this
+    pod is a standby (``leading`` unset)."""
+
+    def __init__(self, leading: Optional[threading.Event] = None):
+        super().__init__()
+        self.leading = leading
 
     async def CreateTask(self, request, context):
-        await _only_actor_types(request.template.type, context)
+        await self._check(request.template.type, context)
         return await super().CreateTask(request, context)
 
     async def GetTask(self, request, context):
-        await _only_actor_types(request.task_category.name or request.task_type, context)
+        await self._check(request.task_category.name or request.task_type, context)
         return await super().GetTask(request, context)
 
     async def DeleteTask(self, request, context):
-        await _only_actor_types(request.task_category.name or request.task_type, context)
+        await self._check(request.task_category.name or request.task_type, context)
         return await super().DeleteTask(request, context)
+
+    async def _check(self, task_type: str, context) -> None:
+        if self.leading is not None and not self.leading.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this flyte-actor-agent pod is a standby (not the "
+                                "leader); retry: the Service routes to the leader once it is Ready")
+        await _only_actor_types(task_type, context)
 
 
 async def _only_actor_types(task_type: str, context) -> None:
@@ -121,39 +157,108 @@ def make_launcher_factory(args: argparse.Namespace):
     return lambda on_exit: LocalProcessLauncher(on_exit)
 
 
-async def serve(args: argparse.Namespace) -> None:
+HEALTH_SERVICES = ("flyteidl.service.AsyncAgentService", "flyteidl.service.AgentMetadataService", "")
+
+
+def start_agent(args: argparse.Namespace) -> Reactor:
     agent = Reactor(
         make_launcher_factory(args),
         max_ttl_seconds=args.max_ttl_seconds or None,
         recovery_grace=args.recovery_grace_seconds,
     ).start(lambda reactor: LeaseService(reactor, args.host, args.lease_port, args.lease_address or None))
-    register(lambda: agent)
+    register(lambda: agent, TaskRecords() if args.task_records else None)
     agent.metrics.watch(agent.scheduler, agent.call)
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=agent.metrics.registry)
+    return agent
+
+
+def _fenced() -> None:
+    """This pod led and could not renew its Lease: another pod may take over, so it must stop acting now. Exiting
+    is the one stop that cannot leave a lease or a launch half done; Kubernetes restarts it as a standby."""
+    log.critical("leader election: lost the Lease; exiting so that only the new leader acts")
+    logging.shutdown()
+    os._exit(1)
+
+
+def _elector(args: argparse.Namespace, on_elected):
+    from kubernetes import config
+
+    from .leader import KubernetesLeaseStore, LeaderElector
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    namespace = args.leader_election_namespace or _own_namespace()
+    store = KubernetesLeaseStore(args.leader_election_lease, namespace)
+    return LeaderElector(store, args.identity, on_elected=on_elected, on_lost=_fenced)
+
+
+def _own_namespace() -> str:
+    path = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
+    raise SystemExit("flyte-actor-agent: --leader-election needs --leader-election-namespace (or POD_NAMESPACE) "
+                     "outside a pod")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    leading = threading.Event()
+    elected = asyncio.Event()
+    elector = None
+    if args.leader_election:
+        elector = _elector(args, lambda: loop.call_soon_threadsafe(elected.set))
+    else:
+        elected.set()
 
     server = grpc.aio.server()
-    add_AsyncAgentServiceServicer_to_server(ActorAgentService(), server)
+    add_AsyncAgentServiceServicer_to_server(ActorAgentService(leading), server)
     add_AgentMetadataServiceServicer_to_server(ActorMetadataService(), server)
     health_servicer = health.aio.HealthServicer()
-    for service in ("flyteidl.service.AsyncAgentService", "flyteidl.service.AgentMetadataService", ""):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    for service in HEALTH_SERVICES:  # not Ready until it leads
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(f"{args.host}:{args.port}") == 0:
         raise SystemExit(f"flyte-actor-agent: cannot listen on {args.host}:{args.port}")
     await server.start()
-    log.info("connector on %s:%s, leases on %s, metrics on :%s", args.host, args.port, agent.lease_address,
-             args.metrics_port)
 
     stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    if elector is not None:
+        log.info("standby %s: waiting for the Lease %s", args.identity, args.leader_election_lease)
+        threading.Thread(target=elector.run, name="leader-election", daemon=True).start()
+    await asyncio.wait([asyncio.ensure_future(elected.wait()), asyncio.ensure_future(stopping.wait())],
+                       return_when=asyncio.FIRST_COMPLETED)
+    agent = None
+    if elected.is_set() and not stopping.is_set():
+        agent = await asyncio.to_thread(start_agent, args)
+        leading.set()
+        for service in HEALTH_SERVICES:
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("connector on %s:%s, leases on %s, metrics on :%s", args.host, args.port, agent.lease_address,
+                 args.metrics_port)
     await stopping.wait()
-    log.info("shutting down: no new tasks, %ss for running ones", args.shutdown_grace_seconds)
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=5)
-    await asyncio.to_thread(agent.shutdown, args.shutdown_grace_seconds)
+    if elector is None:
+        log.info("shutting down: no new tasks, %ss for running ones", args.shutdown_grace_seconds)
+        await server.stop(grace=5)
+        if agent is not None:
+            await asyncio.to_thread(agent.shutdown, args.shutdown_grace_seconds)
+        return
+    # Several pods: running tasks carry on in the replicas, which reconnect to the next leader; so stop acting
+    # first, then hand the Lease over at once.
+    log.info("shutting down: stepping down as leader")
+    leading.clear()
+    await server.stop(grace=1)
+    if agent is not None:
+        await asyncio.to_thread(agent.stop)
+    await asyncio.to_thread(elector.release)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
