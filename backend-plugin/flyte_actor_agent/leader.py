@@ -220,4 +220,33 @@ class KubernetesLeaseStore:
             resource_version=lease.metadata.resource_version or "")
 
 
-__all__ = ["Conflict", "KubernetesLeaseStore", "LeaderElector", "LeaseRecord", "LeaseStore"]
+#: The label on agent pods that says which one leads; the chart's Service selects ``leader``.
+ROLE_LABEL = "flyte-actors.io/agent-role"
+
+
+class PodRole:
+    """Labels this agent pod ``leader`` or ``standby``, so that a Service selecting the leader routes propeller
+    and the replicas to it, while every pod stays Ready (a standby that is not Ready would stall a Deployment's
+    rolling update, which waits for new pods to be Ready before it stops old ones)."""
+
+    def __init__(self, pod: str, namespace: str, api=None):
+        from kubernetes import client
+
+        self.pod = pod
+        self.namespace = namespace
+        self.api = api or client.CoreV1Api()
+
+    def mark(self, role: str, tries: int = 5, pause: float = 1.0) -> None:
+        for attempt in range(1, tries + 1):
+            try:
+                self.api.patch_namespaced_pod(self.pod, self.namespace, {"metadata": {"labels": {ROLE_LABEL: role}}},
+                                              _request_timeout=RETRY_PERIOD_SECONDS)
+                return
+            except Exception as e:  # noqa: BLE001 - retried, then the caller decides
+                if attempt == tries:
+                    raise RuntimeError(f"could not label pod {self.namespace}/{self.pod} {ROLE_LABEL}={role}: {e}") \
+                        from None
+                time.sleep(pause)
+
+
+__all__ = ["Conflict", "KubernetesLeaseStore", "LeaderElector", "LeaseRecord", "LeaseStore", "PodRole", "ROLE_LABEL"]

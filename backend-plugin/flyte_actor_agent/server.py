@@ -7,10 +7,11 @@ Prometheus metrics over HTTP. Every flag can also be set by the environment vari
 On SIGTERM it stops taking tasks, gives running tasks ``--shutdown-grace-seconds`` to finish, and exits. With the
 Kubernetes launcher it leaves replica pods running: the next agent adopts them (see docs/deploy.md).
 
-With ``--leader-election`` several pods run and one leads (leader.py): the others answer gRPC health
-``NOT_SERVING`` (so they are not Ready and the Service routes to the leader) and refuse connector calls with
-``UNAVAILABLE`` until they are elected. A leader that loses its Lease exits at once; on SIGTERM it stops acting,
-then releases the Lease, leaving running tasks to the replicas and the next leader.
+With ``--leader-election`` several pods run and one leads (leader.py). Each pod labels itself
+``flyte-actors.io/agent-role`` ``standby`` or ``leader``, and the chart's Service selects the leader, so propeller
+and the replicas reach the leader only; standbys answer gRPC health ``NOT_SERVING`` for the connector service and
+refuse connector calls with ``UNAVAILABLE``. A leader that loses its Lease exits at once; on SIGTERM it stops
+acting, then releases the Lease, leaving running tasks to the replicas and the next leader.
 """
 
 from __future__ import annotations
@@ -182,17 +183,20 @@ def _fenced() -> None:
 
 
 def _elector(args: argparse.Namespace, on_elected):
+    """The Lease elector and the pod's role label (standby from now on)."""
     from kubernetes import config
 
-    from .leader import KubernetesLeaseStore, LeaderElector
+    from .leader import KubernetesLeaseStore, LeaderElector, PodRole
 
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
     namespace = args.leader_election_namespace or _own_namespace()
+    role = PodRole(args.identity, namespace)
+    role.mark("standby")  # a pod restarted after leading may still carry the leader label
     store = KubernetesLeaseStore(args.leader_election_lease, namespace)
-    return LeaderElector(store, args.identity, on_elected=on_elected, on_lost=_fenced)
+    return LeaderElector(store, args.identity, on_elected=on_elected, on_lost=_fenced), role
 
 
 def _own_namespace() -> str:
@@ -210,9 +214,9 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     leading = threading.Event()
     elected = asyncio.Event()
-    elector = None
+    elector = role = None
     if args.leader_election:
-        elector = _elector(args, lambda: loop.call_soon_threadsafe(elected.set))
+        elector, role = await asyncio.to_thread(_elector, args, lambda: loop.call_soon_threadsafe(elected.set))
     else:
         elected.set()
 
@@ -220,8 +224,11 @@ async def serve(args: argparse.Namespace) -> None:
     add_AsyncAgentServiceServicer_to_server(ActorAgentService(leading), server)
     add_AgentMetadataServiceServicer_to_server(ActorMetadataService(), server)
     health_servicer = health.aio.HealthServicer()
-    for service in HEALTH_SERVICES:  # not Ready until it leads
+    for service in HEALTH_SERVICES[:-1]:  # the connector serves once this pod leads
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # The process is alive (the probes' ""): not Ready before it leads only without leader election.
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING if elector is not None
+                              else health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(f"{args.host}:{args.port}") == 0:
         raise SystemExit(f"flyte-actor-agent: cannot listen on {args.host}:{args.port}")
@@ -239,6 +246,12 @@ async def serve(args: argparse.Namespace) -> None:
     if elected.is_set() and not stopping.is_set():
         agent = await asyncio.to_thread(start_agent, args)
         leading.set()
+        if role is not None:
+            try:
+                await asyncio.to_thread(role.mark, "leader")
+            except RuntimeError as e:  # unreachable for propeller: give the Lease to a pod that can be reached
+                log.error("%s; stepping down", e)
+                stopping.set()
         for service in HEALTH_SERVICES:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("connector on %s:%s, leases on %s, metrics on :%s", args.host, args.port, agent.lease_address,
