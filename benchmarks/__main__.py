@@ -9,6 +9,8 @@ progress goes to stderr, the table to stdout. See docs/performance.md.
   4  cold start: submit to an empty fleet -> first lease
   5  @actor_cache: map of 200 elements with a 1 s model load, 4 replicas, with and without the cache
   6  agent memory with 10,000 and 100,000 queued tasks, and GetTask latency meanwhile
+  7  scale of one agent: 2,000 simulated replicas, dispatch rate, GetTask latency with 10,000 tasks in flight
+  8  failover: time to recover when the leading agent pod is killed mid-map (needs the kube-apiserver binary)
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ BENCHMARKS = {
     "4": ("cold_start", "cold start"),
     "5": ("actor_cache", "@actor_cache"),
     "6": ("memory", "agent memory with queued tasks"),
+    "7": ("scale", "scale of one agent, simulated replicas"),
+    "8": ("failover", "failover time to recover"),
 }
 
 

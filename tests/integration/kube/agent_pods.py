@@ -154,7 +154,7 @@ class Poller:
     resource meta CreateTask returned. Records every answer: a failure phase or more than 5 errors in a row is
     what propeller would retry."""
 
-    def __init__(self, address: str, resync: float = 2.0):
+    def __init__(self, address: str, resync: float = 5.0):
         self.channel = grpc.insecure_channel(address)
         self.stub = AsyncAgentServiceStub(self.channel)
         self.resync = resync
@@ -199,7 +199,8 @@ class Poller:
 
     def close(self) -> None:
         self._stop.set()
-        self.thread.join(timeout=10)
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
         self.channel.close()
 
 

@@ -62,8 +62,9 @@ def test_the_leader_goes_away_mid_map_and_with_tasks_queued_and_nothing_is_lost(
     try:
         wait_for(lambda: service.leader, 90, "an agent pod to lead")
         first_leader = service.leader
-        labels = {p.metadata.name: (p.metadata.labels or {}).get(ROLE_LABEL)
-                  for p in core.list_namespaced_pod(NAMESPACE, label_selector="app=agent").items}
+        labels = wait_for(lambda: all((roles := {p.metadata.name: (p.metadata.labels or {}).get(ROLE_LABEL) for p in
+                                                 core.list_namespaced_pod(NAMESPACE, label_selector="app=agent").items}
+                                       ).values()) and roles, 90, "both agent pods to label themselves")
         assert sorted(labels.values()) == ["leader", "standby"], labels
 
         mapped = actor_map(functools.partial(tasks.double, log=map_log), concurrency=None)
