@@ -120,7 +120,7 @@ class ActorAgentService(AsyncConnectorService):
     async def _check(self, task_type: str, context) -> None:
         if self.leading is not None and not self.leading.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this flyte-actor-agent pod is a standby (not the "
-                                "leader); retry: the Service routes to the leader once it is Ready")
+                                "leader); retry through the Service, which routes to the pod labelled leader")
         await _only_actor_types(task_type, context)
 
 
