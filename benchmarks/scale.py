@@ -70,12 +70,12 @@ async def _replica(replica_id: str, token: str, fleet_key: str, address: str) ->
     from flytekitplugins.actor.protocol import PROTOCOL_VERSION, lease_pb2, lease_pb2_grpc
 
     outbox: asyncio.Queue = asyncio.Queue()
-    running = set()
+    running = {}
 
     async def finish(lease_id: str, hold: float) -> None:
         if hold:
             await asyncio.sleep(hold)
-        running.discard(lease_id)
+        running.pop(lease_id, None)
         await outbox.put(lease_pb2.ReplicaMessage(status=lease_pb2.TaskStatus(
             lease_id=lease_id, phase=lease_pb2.SUCCEEDED, outputs=b"")))
 
@@ -87,6 +87,13 @@ async def _replica(replica_id: str, token: str, fleet_key: str, address: str) ->
         while True:
             await asyncio.sleep(interval)
             await outbox.put(lease_pb2.ReplicaMessage(heartbeat=lease_pb2.Heartbeat(running_lease_ids=list(running))))
+
+    async def cancelled(lease_id: str) -> None:
+        held = running.pop(lease_id, None)
+        if held is not None:
+            held.cancel()
+            await outbox.put(lease_pb2.ReplicaMessage(status=lease_pb2.TaskStatus(
+                lease_id=lease_id, phase=lease_pb2.CANCELLED)))
 
     async with grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         call = lease_pb2_grpc.LeaseServiceStub(channel).Connect()
@@ -101,15 +108,16 @@ async def _replica(replica_id: str, token: str, fleet_key: str, address: str) ->
                     helpers = [asyncio.ensure_future(write(call)),
                                asyncio.ensure_future(beat(message.welcome.heartbeat_interval_seconds or 5.0))]
                 elif kind == "assignment":
-                    running.add(message.assignment.lease_id)
-                    hold = message.assignment.task.timeout_seconds
-                    helpers.append(asyncio.ensure_future(finish(message.assignment.lease_id, hold)))
+                    lease_id = message.assignment.lease_id
+                    running[lease_id] = asyncio.ensure_future(finish(lease_id, message.assignment.task.timeout_seconds))
+                elif kind == "cancel":
+                    await cancelled(message.cancel.lease_id)
                 elif kind == "drain":
                     break
         except grpc.aio.AioRpcError:
             pass
         finally:
-            for helper in helpers:
+            for helper in helpers + list(running.values()):
                 helper.cancel()
 
 
@@ -138,8 +146,8 @@ def run(results: Results, quick: bool) -> None:
         lambda reactor: LeaseService(reactor, "127.0.0.1", 0))
     connector = ActorConnector(lambda: agent)
     fleets = _fleets(replicas // ENVIRONMENTS)
-    # The simulated tasks hold their replicas while they are dispatched; a hold never reaches the scheduler.
-    hold = 60.0
+    # Held tasks keep every replica busy until they are cancelled, so all replicas connect and stay leased.
+    hold = 3600.0
     try:
         log(f"[7] {replicas:,} simulated replicas: submitting {replicas:,} held tasks to start them")
         started = time.monotonic()
@@ -168,9 +176,11 @@ def run(results: Results, quick: bool) -> None:
         results.add(bench, "  agent memory (RSS growth of its process)", f"{(rss - baseline) / 2**20:.0f} MiB",
                     f"{(rss - baseline) / in_flight / 1024:.1f} KiB per task in flight, replicas included")
 
-        log("[7] waiting for the held tasks to finish")
+        log("[7] cancelling the held tasks; the queued ones run")
+        for i in range(replicas):
+            agent.call(agent.cancel, f"hold-{i}", "benchmark phase over")
         wait_until(lambda: agent.call(lambda: not any(
-            not t.phase.terminal for t in agent.scheduler.tasks.values())).result(), 600 + hold, "the queue to empty")
+            not t.phase.terminal for t in agent.scheduler.tasks.values())).result(), 600, "the queue to empty")
         log(f"[7] {instant:,} instant tasks on {replicas:,} replicas")
         started = time.monotonic()
         futures = []
