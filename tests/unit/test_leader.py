@@ -162,3 +162,46 @@ def test_a_leader_keeps_leading_through_one_failed_renewal(setup):
 def test_inconsistent_timings_are_refused():
     with pytest.raises(ValueError, match="retry_period < renew_deadline < lease_duration"):
         LeaderElector(FakeStore(), "a", lambda: None, lambda: None, lease_duration=5, renew_deadline=7)
+
+
+# --------------------------------------------------------------------------------------------- server wiring
+
+
+def test_serve_flags_for_several_pods_parse_and_a_bad_boolean_is_refused(capsys):
+    from flyte_actor_agent.server import parse_args
+
+    args = parse_args(["serve", "--leader-election", "true", "--identity", "agent-1", "--task-records", "false"])
+    assert (args.leader_election, args.identity, args.task_records) == (True, "agent-1", False)
+    assert parse_args(["serve"]).task_records is True and parse_args(["serve"]).leader_election is False
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "--leader-election", "maybe"])
+    assert "'maybe' is not a boolean" in capsys.readouterr().err
+
+
+def test_a_standby_refuses_connector_calls_as_unavailable():
+    import asyncio
+    import threading
+
+    import grpc
+    from flyteidl.admin import agent_pb2
+
+    from flyte_actor_agent.server import ActorAgentService
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        async def abort(self, code, details):
+            raise Aborted(code, details)
+
+    leading = threading.Event()
+    service = ActorAgentService(leading)
+    request = agent_pb2.GetTaskRequest(task_category=agent_pb2.TaskCategory(name="actor"), resource_meta=b"{}")
+    with pytest.raises(Aborted) as refused:
+        asyncio.run(service.GetTask(request, Context()))
+    assert refused.value.args[0] is grpc.StatusCode.UNAVAILABLE and "standby" in refused.value.args[1]
+    leading.set()
+    other = agent_pb2.GetTaskRequest(task_category=agent_pb2.TaskCategory(name="sensor"))
+    with pytest.raises(Aborted) as not_ours:
+        asyncio.run(service.GetTask(other, Context()))
+    assert not_ours.value.args[0] is grpc.StatusCode.NOT_FOUND, "once leading, only the task-type check applies"
