@@ -65,6 +65,20 @@ async def _simulate(launches) -> None:
 
 
 async def _replica(replica_id: str, token: str, fleet_key: str, address: str) -> None:
+    """One replica; like the real worker, it dials again until the agent welcomes it (a machine opening
+    thousands of streams at once sees some fail)."""
+    import grpc
+
+    while True:
+        try:
+            await _session(replica_id, token, fleet_key, address)
+            return
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.5)
+
+
+async def _session(replica_id: str, token: str, fleet_key: str, address: str) -> None:
+    """One lease stream; raises AioRpcError if it breaks before the Welcome."""
     import grpc
 
     from flytekitplugins.actor.protocol import PROTOCOL_VERSION, lease_pb2, lease_pb2_grpc
@@ -101,10 +115,12 @@ async def _replica(replica_id: str, token: str, fleet_key: str, address: str) ->
             protocol_version=PROTOCOL_VERSION, environment_key=fleet_key, replica_id=replica_id, token=token,
             capacity=1)))
         helpers = []
+        welcomed = False
         try:
             async for message in call:
                 kind = message.WhichOneof("body")
                 if kind == "welcome":
+                    welcomed = True
                     helpers = [asyncio.ensure_future(write(call)),
                                asyncio.ensure_future(beat(message.welcome.heartbeat_interval_seconds or 5.0))]
                 elif kind == "assignment":
@@ -115,7 +131,8 @@ async def _replica(replica_id: str, token: str, fleet_key: str, address: str) ->
                 elif kind == "drain":
                     break
         except grpc.aio.AioRpcError:
-            pass
+            if not welcomed:
+                raise
         finally:
             for helper in helpers + list(running.values()):
                 helper.cancel()

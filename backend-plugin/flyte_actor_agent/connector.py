@@ -232,6 +232,10 @@ class ActorConnector(AsyncConnectorBase):
         return ""
 
     async def delete(self, resource_meta: ActorMetadata, **kwargs) -> None:
+        """Cancel the task; one this agent does not know is remembered as aborted (``Reactor.cancel``), not
+        rebuilt only to be stopped."""
+        if not resource_meta.key:
+            return  # a meta that does not parse names no task
         agent = self._agent()
         await asyncio.wrap_future(agent.call(agent.cancel, resource_meta.key, "aborted by Flyte (DeleteTask)"))
 

@@ -136,3 +136,19 @@ def test_a_lost_task_record_is_a_retryable_failure_naming_it(tmp_path):
         assert "task record" in resource.message and "missing" in resource.message
     finally:
         fleet.stop()
+
+
+def test_delete_of_a_task_the_agent_does_not_know_aborts_it_without_running_it(tmp_path):
+    log = tmp_path / "runs.log"
+    first = DurableFleet()
+    meta = first.create(tasks.logged_double, i=1, log=str(log), seconds=0.0)
+    first.stop()
+    second = DurableFleet()
+    try:
+        asyncio.run(second.connector.delete(ActorMetadata.decode(meta)))
+        resource = second.get_task(meta)
+        assert resource.phase == TaskExecution.ABORTED, resource.message
+        asyncio.run(second.connector.delete(ActorMetadata.decode(b"garbage")))  # names no task: nothing to do
+        assert runs(log) == []
+    finally:
+        second.stop()
