@@ -153,7 +153,7 @@ def run(results: Results, quick: bool) -> None:
     replicas = 200 if quick else 2000
     in_flight = 1000 if quick else 10_000
     instant = 2000 if quick else 20_000
-    window = 60.0 if quick else 180.0
+    window = 60.0 if quick else 90.0
     bench = "7"
     context = multiprocessing.get_context("spawn")
     launches = context.Queue()
@@ -194,9 +194,11 @@ def run(results: Results, quick: bool) -> None:
         results.add(bench, "  agent memory (RSS growth of its process)", f"{(rss - baseline) / 2**20:.0f} MiB",
                     f"{(rss - baseline) / in_flight / 1024:.1f} KiB per task in flight, replicas included")
 
-        log("[7] cancelling the held tasks; the queued ones run")
+        log("[7] cancelling the held and queued tasks")
         for i in range(replicas):
             agent.call(agent.cancel, f"hold-{i}", "benchmark phase over")
+        for i in range(in_flight - replicas):
+            agent.call(agent.cancel, f"queued-{i}", "benchmark phase over")
         wait_until(lambda: agent.call(lambda: not any(
             not t.phase.terminal for t in agent.scheduler.tasks.values())).result(), 600, "the queue to empty")
         log(f"[7] {instant:,} instant tasks on {replicas:,} replicas, for {window:g} s at most")
@@ -213,8 +215,8 @@ def run(results: Results, quick: bool) -> None:
                     "report, ack on one agent loop")
         sched = agent.scheduler
         timer = agent.call(lambda: _timed(sched.next_deadline)).result()
-        results.add(bench, "  scheduler.next_deadline() per event (O(replicas + leases))", f"{timer * 1000:.1f} ms",
-                    "recomputed after every batch of effects: the first bound on one agent")
+        results.add(bench, "  scheduler.next_deadline(), O(replicas + leases)", f"{timer * 1000:.1f} ms",
+                    "the reactor re-arms its timer with it at most every 50 ms")
         results.data["7"] = {"replicas": ready, "connect_seconds": connected, "get_latencies": latencies,
                              "rss_growth": rss - baseline, "dispatch_rate": done / took, "next_deadline": timer}
     finally:

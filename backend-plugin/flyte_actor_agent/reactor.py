@@ -33,6 +33,8 @@ HEARTBEAT_INTERVAL_SECONDS = 5.0
 #: Heartbeats a replica may miss before it counts as lost (a closed stream is noticed at once; this catches
 #: half-open connections, generously, since a busy machine can delay a replica's heartbeat).
 HEARTBEAT_MISSES = 6
+#: How late the reactor may notice a changed deadline (TTLs, heartbeats and lease timeouts are seconds or more).
+REARM_SECONDS = 0.05
 
 #: What the reactor asks a replica channel to deliver: a lease, an ack, a cancel, or (for ``Stop``) a drain.
 Delivery = Union[core.Assign, core.Ack, core.CancelLease, core.Stop]
@@ -85,6 +87,7 @@ class Reactor:
         self._thread = threading.Thread(target=self.loop.run_forever, name="actor-agent", daemon=True)
         self._waiters: Dict[str, List[asyncio.Future]] = {}
         self._timer: Optional[asyncio.TimerHandle] = None
+        self._rearm: Optional[asyncio.TimerHandle] = None
         self._background: set = set()
         self._stopped = False
 
@@ -265,8 +268,9 @@ class Reactor:
             await self.launcher.close()
         if self.channel is not None:
             await self.channel.stop()
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._rearm):
+            if timer is not None:
+                timer.cancel()
 
     # --------------------------------------------------------------------------------------------- effects
 
@@ -285,6 +289,13 @@ class Reactor:
                 self.metrics.replica_event(self.fleet_name(effect.replica_id), "stop_requested")
                 self.channel.deliver(effect)
                 self._background_task(self.launcher.stop(effect.replica_id, effect.reason))
+        if self._rearm is None:
+            # Finding the next deadline walks every lease and replica: with thousands of replicas, doing it after
+            # each event caps the dispatch rate, so a burst of events re-arms the timer once, a moment later.
+            self._rearm = self.loop.call_later(REARM_SECONDS, self._rearm_timer)
+
+    def _rearm_timer(self) -> None:
+        self._rearm = None
         self._arm_timer()
 
     def _finished(self, key: str) -> None:
