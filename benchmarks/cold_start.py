@@ -35,12 +35,11 @@ def run(results: Results, quick: bool) -> None:
             def read():
                 task = scheduler.tasks[key]
                 replica = next(iter(scheduler.replicas.values()))
-                return task.submitted_at, task.started_at, task.finished_at, replica.id, replica.launched_at
+                return task.submitted_at, task.started_at, task.finished_at, replica.connected_at, replica.launched_at
 
-            submitted, leased, finished, replica_id, launched = fleet.on_loop(read)
+            submitted, leased, finished, connected, launched = fleet.on_loop(read)
         finally:
             fleet.stop()
-        connected = fleet.connected_at()[replica_id]
         parts["lease"].append(leased - submitted)
         parts["launch"].append(launched - submitted)
         parts["connect"].append(connected - launched)

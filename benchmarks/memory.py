@@ -3,7 +3,7 @@ are queued.
 
 Each run is a fresh process (``python -m benchmarks.memory``) holding one agent whose launcher starts nothing, so
 replicas never connect and every task stays queued. One task goes through ``connector.create``; the others are the
-same ``TaskRequest`` (its ``TaskSpec`` payload copied, with its own key and output prefix) submitted straight to
+same ``TaskRequest`` (its ``TaskRun`` payload copied, with its own key and output prefix) submitted straight to
 the agent on its loop. RSS is the process's VmRSS (the agent lives in it, as in ``flyte-actor-agent serve``),
 measured after ``gc.collect()``, as a delta over the baseline of an idle agent with one queued task.
 """
@@ -95,9 +95,9 @@ def child(sizes: List[int]) -> Dict:
                 batch = []
                 for _ in range(min(BATCH, size - len(keys))):
                     key = uuid.uuid4().hex
-                    spec = lease_pb2.TaskSpec.FromString(request.payload)
-                    spec.output_prefix = f"{fleet.root}/{key}"
-                    batch.append(type(request)(key=key, fleet=request.fleet, payload=spec.SerializeToString(),
+                    task_run = lease_pb2.TaskRun.FromString(request.payload)
+                    task_run.output_prefix = f"{fleet.root}/{key}"
+                    batch.append(type(request)(key=key, fleet=request.fleet, payload=task_run.SerializeToString(),
                                                timeout_seconds=request.timeout_seconds, name=request.name))
                     keys.append(key)
                 began = now()

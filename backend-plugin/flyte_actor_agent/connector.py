@@ -147,6 +147,7 @@ class ActorConnector(AsyncConnectorBase):
                 "flytekitplugins-actor (which never emits a pod target)."
             )
         command = TaskCommand.from_args(list(task_template.container.args))
+        agent.launcher.check_bundle(command.distribution or "")
         key = key or _task_key(task_execution_metadata) or uuid.uuid4().hex
         fleet = fleet_config(custom.environment, Placement.of_execution(task_execution_metadata), agent.max_ttl_seconds)
         env = _task_environment(task_template, task_execution_metadata)

@@ -33,14 +33,18 @@ _OUTCOMES = {
 
 class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
     """Serves ``LeaseService.Connect`` on ``host:port`` (port 0: any free one); replicas are told to dial
-    ``advertise_address`` (default: the host and the port bound)."""
+    ``advertise_address`` (default: the host and the port bound). With ``credentials`` the port speaks TLS, and
+    replicas verify it with ``ca_certificate`` (PEM), which launchers hand them."""
 
     def __init__(self, reactor: "Reactor", host: str = "127.0.0.1", port: int = 0,
-                 advertise_address: Optional[str] = None):
+                 advertise_address: Optional[str] = None, credentials: Optional[grpc.ServerCredentials] = None,
+                 ca_certificate: str = ""):
         self.reactor = reactor
         self.host = host
         self.port = port
         self.advertise_address = advertise_address
+        self.credentials = credentials
+        self.ca_certificate = ca_certificate
         self.address = ""
         self._server: Optional[grpc.aio.Server] = None
         self._streams: Dict[str, asyncio.Queue] = {}
@@ -48,7 +52,10 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
     async def start(self) -> None:
         self._server = grpc.aio.server(options=GRPC_OPTIONS)
         lease_pb2_grpc.add_LeaseServiceServicer_to_server(self, self._server)
-        port = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        if self.credentials is not None:
+            port = self._server.add_secure_port(f"{self.host}:{self.port}", self.credentials)
+        else:
+            port = self._server.add_insecure_port(f"{self.host}:{self.port}")
         if port == 0:
             raise OSError(f"cannot listen for replicas on {self.host}:{self.port}")
         await self._server.start()
@@ -96,27 +103,31 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
             )
         replica_id = hello.replica_id
         running = list(hello.running_lease_ids)
+        try:
+            self.reactor.authenticate(replica_id, hello.token, hello.environment_key)
+        except core.ReplicaRefused as refused:
+            log.warning("refused replica: %s", refused)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(refused))
+        if replica_id in self._streams:
+            # One live stream per replica: a second Hello (someone holding the token, or the replica itself before
+            # the agent saw its old stream end) is refused, never swapped in. The replica retries ALREADY_EXISTS.
+            log.warning("refused a second stream for replica %s", replica_id)
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"replica {replica_id} already has a live lease stream")
         queue: asyncio.Queue = asyncio.Queue()
         # Mapped before the reactor hears of the replica, so the leases it hands out at once reach this stream;
-        # no await until the old stream is restored (refused) or closed (accepted), so nothing else sees the swap.
-        old = self._streams.get(replica_id)
+        # no await between the check above and here, so two Hellos cannot both pass it.
         self._streams[replica_id] = queue
         try:
             abandoned = self.reactor.replica_connected(replica_id, hello.token, hello.environment_key, hello.capacity,
                                                        running)
         except core.ReplicaRefused as refused:
-            if old is not None:
-                self._streams[replica_id] = old
-            else:
-                del self._streams[replica_id]
+            del self._streams[replica_id]
             log.warning("refused replica: %s", refused)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(refused))
-        if old is not None:
-            old.put_nowait(None)
         welcome = lease_pb2.AgentMessage(welcome=lease_pb2.Welcome(
             heartbeat_interval_seconds=self.reactor.heartbeat_interval, abandoned_lease_ids=abandoned))
         await context.write(welcome)
-        log.info("replica %s connected (worker %s, capacity %d)", replica_id, hello.worker_version, hello.capacity)
+        log.info("replica %s connected (worker %.40r, capacity %d)", replica_id, hello.worker_version, hello.capacity)
         reader = asyncio.ensure_future(self._read(context, replica_id))
         getter = None
         try:
@@ -150,7 +161,7 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
                 status = message.status
                 outcome = _OUTCOMES.get(status.phase)
                 if outcome is None:
-                    log.warning("replica %s sent a status with no phase for lease %s", replica_id, status.lease_id)
+                    log.warning("replica %s sent a status with no phase for lease %.120r", replica_id, status.lease_id)
                     continue
                 self.reactor.report(replica_id, status.lease_id, outcome, outputs=status.outputs,
                                     error=status.error or None, message=status.message, retryable=status.retryable,

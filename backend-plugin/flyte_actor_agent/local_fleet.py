@@ -35,10 +35,11 @@ from .reactor import Reactor
 
 class LocalFleet:
     """``launcher_factory(on_exit)`` makes the launcher (default: local processes running ``worker_command``,
-    default the replica worker); ``reactor_options`` go to :class:`Reactor`."""
+    default the replica worker); the lease service listens on ``lease_port`` of loopback (0: any free port, a
+    fixed one to restart an agent in place); ``reactor_options`` go to :class:`Reactor`."""
 
     def __init__(self, launcher_factory: Optional[Callable] = None, worker_command: Optional[Sequence[str]] = None,
-                 **reactor_options: Any):
+                 lease_port: int = 0, **reactor_options: Any):
         if launcher_factory is None:
             launcher_factory = LocalProcessLauncher
             if worker_command is not None:
@@ -50,7 +51,8 @@ class LocalFleet:
             self.launchers.append(made)
             return made
 
-        self.agent = Reactor(factory, **reactor_options).start(LeaseService)
+        self.agent = Reactor(factory, **reactor_options).start(
+            lambda reactor: LeaseService(reactor, "127.0.0.1", lease_port))
         self.connector = ActorConnector(lambda: self.agent)
         self.root = tempfile.mkdtemp(prefix="flyte-actors-fleet-")
         self._prefixes = 0

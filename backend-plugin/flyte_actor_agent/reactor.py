@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Protocol, Union
 
 from . import scheduler as core
-from .launchers import Launcher, OnExit, ReplicaLaunch
+from .launchers import LaunchRefused, Launcher, OnExit, ReplicaLaunch
 from .metrics import Metrics
 from .placement import fleet_config
 from .views import TaskView, task_view
@@ -45,6 +45,8 @@ class ReplicaChannel(Protocol):
 
     #: host:port replicas dial.
     address: str
+    #: PEM of the CA replicas verify the channel's TLS certificate with ("": plain gRPC).
+    ca_certificate: str
 
     async def start(self) -> None: ...
 
@@ -219,6 +221,10 @@ class Reactor:
         self._release_parked()
         return abandoned
 
+    def authenticate(self, replica_id: str, token: str, fleet_key: str) -> None:
+        """Raises :class:`.scheduler.ReplicaRefused` unless ``token`` is the token of this replica of ours."""
+        self.scheduler.authenticate(replica_id, token, fleet_key)
+
     def heartbeat(self, replica_id: str) -> None:
         self.scheduler.heartbeat(replica_id)
 
@@ -316,7 +322,11 @@ class Reactor:
                 environment=fleet.environment,
                 agent_address=self.lease_address,
                 placement=fleet.placement,
+                agent_ca=self.channel.ca_certificate,
             ))
+        except LaunchRefused as e:
+            log.warning("replica %s refused: %s", launch.replica_id, e)
+            self._on_replica_exit(launch.replica_id, core.ReplicaExit(core.ExitReason.REFUSED, str(e)))
         except Exception as e:  # noqa: BLE001 - any launch failure is a start failure of this replica
             log.exception("launching replica %s failed", launch.replica_id)
             self._on_replica_exit(launch.replica_id, core.ReplicaExit(

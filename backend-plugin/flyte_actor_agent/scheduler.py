@@ -9,8 +9,8 @@ whoever waits on a task). The agent's reactor is the only caller in production; 
     >>> [type(e).__name__ for e in s.submit(TaskRequest(key="t1", fleet=env, payload="task"))]
     ['Launch']
     >>> (assign,) = s.replica_connected("r1", "t", "hello-abc", capacity=1)
-    >>> type(assign).__name__, assign.lease_id
-    ('Assign', 'l1|t1')
+    >>> type(assign).__name__, assign.lease_id.split("|")[1]
+    ('Assign', 't1')
     >>> [type(e).__name__ for e in s.report("r1", assign.lease_id, Outcome.SUCCEEDED, outputs=b"")]
     ['Ack', 'Finished']
 """
@@ -25,6 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Set, Union
 
+from .lease_ids import LeaseIds
+
 if TYPE_CHECKING:
     from flytekitplugins.actor.contract import SerializedEnvironment
 
@@ -34,8 +36,6 @@ if TYPE_CHECKING:
 HEARTBEAT_TIMEOUT_SECONDS = 30.0
 #: After replicas of a fleet failed to start, tasks for it fail at once for this long, then a launch is retried.
 START_RETRY_AFTER_SECONDS = 60.0
-#: Lease ids are "<random id>|<task key>", so an agent that restarted learns from a replica which task it runs.
-LEASE_KEY_SEPARATOR = "|"
 
 
 def element_key(map_key: str, index: int) -> str:
@@ -47,6 +47,8 @@ def _element_of(key: str) -> tuple:
     """``(map key, index)`` of an element key; ``("", -1)`` for other keys."""
     parent, _, index = key.rpartition("/")
     return (parent, int(index)) if parent and index.isdigit() else ("", -1)
+
+
 #: How long a finished task's result is kept for GetTask (propeller stops asking once it saw a terminal phase).
 RETAIN_SECONDS = 3600.0
 #: A replica that has not connected this long after its launch is stopped and counts as a failed start.
@@ -140,6 +142,7 @@ class ExitReason(enum.Enum):
     STREAM_CLOSED = "stream_closed"
     START_TIMEOUT = "start_timeout"
     LAUNCH_FAILED = "launch_failed"
+    REFUSED = "refused"  # the agent's own policy forbids the replica: another try cannot help
     STOPPED = "stopped"
     KILLED = "killed"
     EXITED = "exited"
@@ -282,8 +285,11 @@ class Scheduler:
         start_retry_after: float = START_RETRY_AFTER_SECONDS,
         retain: float = RETAIN_SECONDS,
         start_timeout: float = START_TIMEOUT_SECONDS,
+        lease_key: Optional[bytes] = None,
     ):
+        """``lease_key`` signs lease ids (see :mod:`.lease_ids`); without one, a random key of this scheduler."""
         self.clock = clock
+        self.lease_ids = LeaseIds(lease_key or secrets.token_bytes(32))
         self.new_id = new_id
         self.new_token = new_token
         self.max_leases = max_leases
@@ -373,11 +379,7 @@ class Scheduler:
         self, replica_id: str, token: str, fleet_key: str, capacity: int, running: List[str] = ()
     ) -> List[Effect]:
         """A replica opened its lease stream; raises :class:`ReplicaRefused` if it is not one of ours."""
-        replica = self.replicas.get(replica_id)
-        if replica is None or not secrets.compare_digest(replica.token, token) or replica.fleet_key != fleet_key:
-            raise ReplicaRefused(f"replica {replica_id!r} of {fleet_key!r} is unknown or its token is wrong")
-        if replica.state is ReplicaState.STOPPING:
-            raise ReplicaRefused(f"replica {replica_id!r} is being stopped")
+        replica = self.authenticate(replica_id, token, fleet_key)
         now = self.clock()
         if replica.connected_at is None:
             replica.connected_at = now
@@ -398,6 +400,15 @@ class Scheduler:
         self._dispatch(fleet, effects)
         return effects
 
+    def authenticate(self, replica_id: str, token: str, fleet_key: str) -> Replica:
+        """The replica if ``token`` is its token and it may connect; else raises :class:`ReplicaRefused`."""
+        replica = self.replicas.get(replica_id)
+        if replica is None or not secrets.compare_digest(replica.token, token) or replica.fleet_key != fleet_key:
+            raise ReplicaRefused(f"replica {replica_id[:64]!r} of {fleet_key[:200]!r} is unknown or its token is wrong")
+        if replica.state is ReplicaState.STOPPING:
+            raise ReplicaRefused(f"replica {replica_id!r} is being stopped")
+        return replica
+
     def adopt_replica(self, replica_id: str, token: str, fleet: FleetConfig) -> None:
         """Take back a replica a previous agent launched (after a restart); it counts as starting until it
         connects and reports what it runs."""
@@ -412,10 +423,11 @@ class Scheduler:
 
     def _recover_lease(self, replica: Replica, lease_id: str) -> Optional[TaskState]:
         """An adopted replica runs (or ran) ``lease_id``, which this agent never issued: rebuild its task from
-        the key in the lease id, so GetTask finds it and the replica's report completes it. Not when the key, or
-        the actor map it is an element of, is known already: then the lease is stale."""
-        key = lease_id.partition(LEASE_KEY_SEPARATOR)[2]
-        parent = _element_of(key)[0]
+        the key in the lease id, so GetTask finds it and the replica's report completes it. Only a lease id
+        signed by the agent's key for this replica counts: a forged or borrowed claim is abandoned. Not when the
+        key, or the actor map it is an element of, is known already: then the lease is stale."""
+        key = self.lease_ids.verify(replica.id, lease_id)
+        parent = _element_of(key)[0] if key else ""
         if not key or key in self.tasks or key in self.maps or parent in self.maps or parent in self.tasks:
             return None
         task = TaskState(
@@ -527,6 +539,8 @@ class Scheduler:
         fleet.replicas.pop(replica_id, None)
         if replica.state is ReplicaState.STARTING and not replica.adopted:
             fleet.start_failures += 1
+            if exit.reason is ExitReason.REFUSED:
+                fleet.start_failures = max(fleet.start_failures, self.start_failure_limit)
             fleet.last_start_error = cause
             if self._cannot_start(fleet):
                 fleet.failed_at = self.clock()
@@ -561,7 +575,8 @@ class Scheduler:
         message: str = "",
         retryable: bool = False,
     ) -> List[Effect]:
-        """A replica reports how a lease ended. Always acked; ignored unless the lease is still current."""
+        """A replica reports how a lease ended. Always acked; ignored unless the lease is still current and held
+        by ``replica_id`` (no replica reports for another)."""
         effects: List[Effect] = [Ack(replica_id, lease_id)]
         replica = self.replicas.get(replica_id)
         now = self.clock()
@@ -572,8 +587,12 @@ class Scheduler:
                 replica.tasks_run += 1
                 if not replica.leases:
                     replica.idle_since = now
-        task = self.leases.pop(lease_id, None)
-        if task is None and replica is not None and replica.adopted and outcome in (Outcome.SUCCEEDED, Outcome.FAILED):
+        task = self.leases.get(lease_id)
+        if task is not None and task.replica_id != replica_id:
+            task = None
+        elif task is not None:
+            del self.leases[lease_id]
+        elif replica is not None and replica.adopted and outcome in (Outcome.SUCCEEDED, Outcome.FAILED):
             # A result the replica kept for the previous agent: take it rather than run the task again.
             task = self._recover_lease(replica, lease_id)
             self.leases.pop(lease_id, None)
@@ -731,7 +750,7 @@ class Scheduler:
             if task.phase is not Phase.QUEUED:
                 continue
             now = self.clock()
-            lease_id = f"{self.new_id()}{LEASE_KEY_SEPARATOR}{task.key}"
+            lease_id = self.lease_ids.issue(self.new_id(), best.id, task.key)
             task.phase = Phase.RUNNING
             task.lease_id = lease_id
             task.replica_id = best.id

@@ -4,6 +4,13 @@ One process serves the Flyte connector API (flyteidl ``AsyncAgentService``, ``Ag
 health) for the ``actor`` and ``actor-map`` task types only, the replica lease service on its own port, and
 Prometheus metrics over HTTP. Every flag can also be set by the environment variable shown in ``--help``.
 
+It listens on loopback unless told otherwise (the Helm chart sets ``--host 0.0.0.0``): propeller cannot
+authenticate itself to an agent (no client certificate, no per-call credentials), so who reaches the connector
+port is decided by the network (a NetworkPolicy admitting propeller only, or a mesh). Both ports can speak TLS
+(``--tls-cert``/``--tls-key``, with ``--tls-client-ca`` requiring client certificates, e.g. from a mesh sidecar;
+``--lease-tls-cert``/``--lease-tls-key`` for the replicas, who get the CA from the launcher). Every error is
+answered with a status code and one line; tracebacks go to this log only. See docs/security.md.
+
 On SIGTERM it stops taking tasks, gives running tasks ``--shutdown-grace-seconds`` to finish, and exits. With the
 Kubernetes launcher it leaves replica pods running: the next agent adopts them (see docs/deploy.md).
 
@@ -23,9 +30,11 @@ import os
 import signal
 import socket
 import threading
-from typing import List, Optional
+import uuid
+from typing import Awaitable, Callable, List, Optional
 
 import grpc
+from flyteidl.admin.agent_pb2 import CreateTaskResponse, DeleteTaskResponse, GetTaskResponse
 from flyteidl.service.agent_pb2_grpc import (
     AgentMetadataServiceServicer,
     add_AgentMetadataServiceServicer_to_server,
@@ -34,6 +43,9 @@ from flyteidl.service.agent_pb2_grpc import (
 from flyteidl.admin.agent_pb2 import GetAgentResponse, ListAgentsResponse
 from flytekit.extend.backend.base_connector import ConnectorRegistry
 from flytekit.extend.backend.connector_service import AsyncConnectorService
+from flytekit.exceptions.system import FlyteConnectorNotFound
+from flytekit.models.literals import LiteralMap
+from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
@@ -50,14 +62,33 @@ ACTOR_TASK_TYPES = (ACTOR_TASK_TYPE, ACTOR_MAP_TASK_TYPE)
 
 def _flag(parser: argparse.ArgumentParser, name: str, env: str, default, help: str, type=str) -> None:
     value = os.environ.get(env, default)
-    parser.add_argument(name, default=type(value) if value is not None else None, type=type, help=f"{help} [{env}]")
+    try:
+        value = type(value) if value is not None else None
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        parser.error(f"{env}={os.environ.get(env)!r} is invalid for {name}: {e}")
+    parser.add_argument(name, default=value, type=type, help=f"{help} [{env}]")
+
+
+def _boolean(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(value).lower() in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean: use true or false")
+
+
+def _names(value: str) -> List[str]:
+    return [n.strip() for n in value.split(",") if n.strip()]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="flyte-actor-agent", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the connector, lease service and metrics")
-    _flag(serve, "--host", "FLYTE_ACTOR_AGENT_HOST", "0.0.0.0", "address to listen on")
+    _flag(serve, "--host", "FLYTE_ACTOR_AGENT_HOST", "127.0.0.1",
+          "address to listen on (0.0.0.0: every interface; only behind a NetworkPolicy or firewall)")
     _flag(serve, "--port", "FLYTE_ACTOR_AGENT_PORT", 8000, "Flyte connector gRPC port", int)
     _flag(serve, "--lease-port", "FLYTE_ACTOR_LEASE_PORT", 8001, "replica lease gRPC port", int)
     _flag(serve, "--metrics-port", "FLYTE_ACTOR_METRICS_PORT", 9090, "Prometheus metrics HTTP port (0: off)", int)
@@ -83,9 +114,39 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     _flag(serve, "--identity", "FLYTE_ACTOR_POD_NAME", socket.gethostname(), "this pod's name in the Lease")
     _flag(serve, "--unschedulable-grace-seconds", "FLYTE_ACTOR_UNSCHEDULABLE_GRACE_SECONDS", 120.0,
           "how long a replica pod may stay unschedulable before its tasks fail", float)
+    _flag(serve, "--tls-cert", "FLYTE_ACTOR_TLS_CERT", None, "PEM certificate (chain) of the connector port")
+    _flag(serve, "--tls-key", "FLYTE_ACTOR_TLS_KEY", None, "PEM private key of --tls-cert")
+    _flag(serve, "--tls-client-ca", "FLYTE_ACTOR_TLS_CLIENT_CA", None,
+          "PEM CA bundle: connector clients must present a certificate it signed (mTLS, e.g. through a mesh)")
+    _flag(serve, "--lease-tls-cert", "FLYTE_ACTOR_LEASE_TLS_CERT", None,
+          "PEM certificate of the lease port (its names must cover the lease address replicas dial)")
+    _flag(serve, "--lease-tls-key", "FLYTE_ACTOR_LEASE_TLS_KEY", None, "PEM private key of --lease-tls-cert")
+    _flag(serve, "--lease-tls-ca", "FLYTE_ACTOR_LEASE_TLS_CA", None,
+          "PEM CA replicas verify the lease port with (default: --lease-tls-cert itself, for a self-signed one)")
+    _flag(serve, "--lease-key-file", "FLYTE_ACTOR_LEASE_KEY_FILE", None,
+          "file holding the key lease ids are signed with, kept across restarts so a new agent verifies the leases "
+          "adopted replicas claim (default: a fresh key per start)")
+    _flag(serve, "--service-accounts", "FLYTE_ACTOR_SERVICE_ACCOUNTS", "default",
+          "comma-separated service accounts (shell patterns) replica pods may run as")
+    _flag(serve, "--allow-privileged", "FLYTE_ACTOR_ALLOW_PRIVILEGED", False,
+          "let pod templates ask for privileged containers", _boolean)
+    _flag(serve, "--allow-host-namespaces", "FLYTE_ACTOR_ALLOW_HOST_NAMESPACES", False,
+          "let pod templates use hostNetwork, hostPID, hostIPC and host ports", _boolean)
+    _flag(serve, "--allow-host-path", "FLYTE_ACTOR_ALLOW_HOST_PATH", False,
+          "let pod templates mount hostPath volumes", _boolean)
+    _flag(serve, "--allowed-capabilities", "FLYTE_ACTOR_ALLOWED_CAPABILITIES", "",
+          "comma-separated Linux capabilities pod templates may add beyond Kubernetes' baseline set")
+    _flag(serve, "--trusted-bundle-prefixes", "FLYTE_ACTOR_TRUSTED_BUNDLE_PREFIXES", "",
+          "local launcher: comma-separated URL prefixes code bundles may come from besides local paths")
     args = parser.parse_args(argv)
     if args.launcher not in ("local", "kubernetes"):
         parser.error(f"--launcher {args.launcher!r} is not a launcher: use 'kubernetes' or 'local'")
+    for cert, key in (("tls_cert", "tls_key"), ("lease_tls_cert", "lease_tls_key")):
+        if bool(getattr(args, cert)) != bool(getattr(args, key)):
+            flag = cert.replace("_", "-")
+            parser.error(f"--{flag} and --{flag[:-4]}key go together: give both or neither")
+    if args.tls_client_ca and not args.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key (client certificates are checked over TLS)")
     return args
 
 
@@ -98,24 +159,87 @@ def _boolean(value) -> bool:
 
 
 class ActorAgentService(AsyncConnectorService):
-    """flytekit's connector service, refusing task types other than the actor ones, and every call while this
-    pod is a standby (``leading`` unset)."""
+    """flytekit's connector service for the actor task types only. Its calls are answered here rather than by
+    flytekit's, which turns every exception into INTERNAL with the server's traceback: a task the agent will not
+    run is INVALID_ARGUMENT with one line saying why, an unexpected error is INTERNAL with one line and an id to
+    find the traceback in this agent's log. While this pod is a standby (``leading`` unset) it refuses every call.
+    """
 
     def __init__(self, leading: Optional[threading.Event] = None):
         super().__init__()
         self.leading = leading
 
+    async def _check(self, task_type: str, context) -> None:
+        if self.leading is not None and not self.leading.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this flyte-actor-agent pod is a standby (not the "
+                                "leader); retry through the Service, which routes to the pod labelled leader")
+        await _only_actor_types(task_type, context)
+
     async def CreateTask(self, request, context):
-        await self._check(request.template.type, context)
-        return await super().CreateTask(request, context)
+        task_type = request.template.type
+        await self._check(task_type, context)
+
+        async def create():
+            template = TaskTemplate.from_flyte_idl(request.template)
+            connector = ConnectorRegistry.get_connector(template.type, template.task_type_version)
+            meta = await connector.create(
+                task_template=template,
+                inputs=LiteralMap.from_flyte_idl(request.inputs) if request.inputs else None,  # as flytekit reads it
+                output_prefix=request.output_prefix,
+                task_execution_metadata=TaskExecutionMetadata.from_flyte_idl(request.task_execution_metadata),
+            )
+            return CreateTaskResponse(resource_meta=meta.encode())
+
+        return await _answer(context, "create", task_type, create)
 
     async def GetTask(self, request, context):
-        await self._check(request.task_category.name or request.task_type, context)
-        return await super().GetTask(request, context)
+        task_type = request.task_category.name or request.task_type
+        await self._check(task_type, context)
+
+        async def get():
+            connector = ConnectorRegistry.get_connector(task_type, request.task_category.version)
+            resource = await connector.get(resource_meta=_metadata(connector, request.resource_meta))
+            return GetTaskResponse(resource=await resource.to_flyte_idl())
+
+        return await _answer(context, "get", task_type, get)
 
     async def DeleteTask(self, request, context):
-        await self._check(request.task_category.name or request.task_type, context)
-        return await super().DeleteTask(request, context)
+        task_type = request.task_category.name or request.task_type
+        await self._check(task_type, context)
+
+        async def delete():
+            connector = ConnectorRegistry.get_connector(task_type, request.task_category.version)
+            await connector.delete(resource_meta=_metadata(connector, request.resource_meta))
+            return DeleteTaskResponse()
+
+        return await _answer(context, "delete", task_type, delete)
+
+
+def _metadata(connector, raw: bytes):
+    try:
+        return connector.metadata_type.decode(raw)
+    except Exception as e:  # noqa: BLE001 - whatever the bytes were, they are not ours
+        raise ValueError(f"resource_meta ({len(raw)} bytes) is not an actor task's metadata: {type(e).__name__}; "
+                         "pass the resource_meta CreateTask returned") from None
+
+
+async def _answer(context, operation: str, task_type: str, call: Callable[[], Awaitable]):
+    """Run ``call``; map its errors to a status code and one line (the line is cut to 1,000 characters)."""
+    try:
+        return await call()
+    except FlyteConnectorNotFound:
+        code, line = grpc.StatusCode.NOT_FOUND, (f"this agent has no connector for {task_type!r} at that task type "
+                                                 "version; flytekit.map_task over actor tasks is not supported, use "
+                                                 "flytekitplugins.actor.map")
+    except ValueError as e:  # contract.InvalidTask, and the connector's own checks of what it was sent
+        code, line = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    except Exception as e:  # noqa: BLE001 - a bug or an outage of the agent: the client gets one line
+        incident = uuid.uuid4().hex[:12]
+        log.exception("%s of a %s task failed (incident %s)", operation, task_type, incident)
+        code, line = grpc.StatusCode.INTERNAL, (f"the actor agent failed to {operation} the task: {type(e).__name__}; "
+                                                f"its log has the details under incident {incident}")
+    line = " ".join(line.split())
+    await context.abort(code, line if len(line) <= 1000 else line[:997] + "...")
 
     async def _check(self, task_type: str, context) -> None:
         if self.leading is not None and not self.leading.is_set():
@@ -148,14 +272,61 @@ class ActorMetadataService(AgentMetadataServiceServicer):
 def make_launcher_factory(args: argparse.Namespace):
     if args.launcher == "kubernetes":
         from .launchers.kubernetes import KubernetesLauncher
+        from .launchers.pod_policy import BASELINE_CAPABILITIES, PodPolicy
 
-        namespaces = [n.strip() for n in args.namespaces.split(",") if n.strip()]
+        namespaces = _names(args.namespaces)
+        policy = PodPolicy(
+            namespaces=tuple(namespaces),
+            service_accounts=tuple(_names(args.service_accounts)),
+            allow_privileged=args.allow_privileged,
+            allow_host_namespaces=args.allow_host_namespaces,
+            allow_host_path=args.allow_host_path,
+            allowed_capabilities=BASELINE_CAPABILITIES | {c.upper() for c in _names(args.allowed_capabilities)},
+        )
         return lambda on_exit: KubernetesLauncher(
-            on_exit, namespaces=namespaces, unschedulable_grace=args.unschedulable_grace_seconds
+            on_exit, namespaces=namespaces, unschedulable_grace=args.unschedulable_grace_seconds, policy=policy
         )
     from .launchers.local import LocalProcessLauncher
 
-    return lambda on_exit: LocalProcessLauncher(on_exit)
+    trusted = _names(args.trusted_bundle_prefixes)
+    return lambda on_exit: LocalProcessLauncher(on_exit, trusted_bundles=trusted)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise SystemExit(f"flyte-actor-agent: cannot read {what} {path!r}: {e.strerror}") from None
+
+
+def server_credentials(cert: Optional[str], key: Optional[str],
+                       client_ca: Optional[str] = None) -> Optional[grpc.ServerCredentials]:
+    """TLS for a port from PEM files, requiring client certificates signed by ``client_ca`` when given."""
+    if not cert:
+        return None
+    pair = [(_read(key, "TLS key"), _read(cert, "TLS certificate"))]
+    if client_ca:
+        return grpc.ssl_server_credentials(pair, root_certificates=_read(client_ca, "client CA"),
+                                           require_client_auth=True)
+    return grpc.ssl_server_credentials(pair)
+
+
+def lease_key(path: Optional[str]) -> Optional[bytes]:
+    if not path:
+        return None
+    key = _read(path, "lease signing key").strip()
+    if len(key) < 16:
+        raise SystemExit(f"flyte-actor-agent: the lease signing key in {path!r} has {len(key)} bytes; it needs at "
+                         "least 16 (the chart generates 32)")
+    return key
+
+
+def make_lease_service(args: argparse.Namespace):
+    credentials = server_credentials(args.lease_tls_cert, args.lease_tls_key)
+    ca = _read(args.lease_tls_ca or args.lease_tls_cert, "lease CA").decode() if credentials else ""
+    return lambda reactor: LeaseService(reactor, args.host, args.lease_port, args.lease_address or None,
+                                        credentials=credentials, ca_certificate=ca)
 
 
 HEALTH_SERVICES = ("flyteidl.service.AsyncAgentService", "flyteidl.service.AgentMetadataService", "")
@@ -166,11 +337,12 @@ def start_agent(args: argparse.Namespace) -> Reactor:
         make_launcher_factory(args),
         max_ttl_seconds=args.max_ttl_seconds or None,
         recovery_grace=args.recovery_grace_seconds,
-    ).start(lambda reactor: LeaseService(reactor, args.host, args.lease_port, args.lease_address or None))
+        lease_key=lease_key(args.lease_key_file),
+    ).start(make_lease_service(args))
     register(lambda: agent, TaskRecords() if args.task_records else None)
     agent.metrics.watch(agent.scheduler, agent.call)
     if args.metrics_port:
-        start_http_server(args.metrics_port, registry=agent.metrics.registry)
+        start_http_server(args.metrics_port, addr=args.host, registry=agent.metrics.registry)
     return agent
 
 
@@ -230,8 +402,11 @@ async def serve(args: argparse.Namespace) -> None:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING if elector is not None
                               else health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if server.add_insecure_port(f"{args.host}:{args.port}") == 0:
-        raise SystemExit(f"flyte-actor-agent: cannot listen on {args.host}:{args.port}")
+    credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+    address = f"{args.host}:{args.port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if bound == 0:
+        raise SystemExit(f"flyte-actor-agent: cannot listen on {address}")
     await server.start()
 
     stopping = asyncio.Event()
@@ -254,8 +429,9 @@ async def serve(args: argparse.Namespace) -> None:
                 stopping.set()
         for service in HEALTH_SERVICES:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("connector on %s:%s, leases on %s, metrics on :%s", args.host, args.port, agent.lease_address,
-                 args.metrics_port)
+        log.info("connector on %s:%s (%s), leases on %s (%s), metrics on :%s", args.host, args.port,
+                 "TLS" if credentials else "plaintext", agent.lease_address,
+                 "TLS" if agent.channel.ca_certificate else "plaintext", args.metrics_port)
     await stopping.wait()
     await health_servicer.enter_graceful_shutdown()
     if elector is None:

@@ -10,6 +10,7 @@ only when helm cannot be obtained.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -46,15 +47,28 @@ EXPECTED_RULES = {
     "events": {"get", "list", "watch"},
 }
 
+#: What the chart needs with the kubernetes launcher: the namespaces replicas may run in (or rbac.clusterWide).
+BASE = {"namespaces": ["flytesnacks-development"]}
+
 VALUE_SETS: dict[str, dict] = {
-    "default": {},
+    "default": BASE,
     "namespaces": {"namespaces": ["team-a", "team-b"]},
     "network-policy": {"namespaces": ["team-a", "team-b"], "networkPolicy": {"enabled": True}},
-    "network-policy-any-namespace": {"networkPolicy": {"enabled": True}},
-    "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}}},
+    "no-network-policy": {**BASE, "networkPolicy": {"enabled": False}},
+    "cluster-wide": {"rbac": {"clusterWide": True}},
+    "service-monitor": {**BASE, "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}}},
     "custom-image": {
+        **BASE,
         "image": {"repository": "registry.example.com/ml/flyte-actor-agent", "tag": "1.2.3", "pullPolicy": "Always"},
         "imagePullSecrets": [{"name": "regcred"}],
+    },
+    "tls": {
+        **BASE,
+        "tls": {"secretName": "agent-tls", "requireClientCertificates": True},
+        "leaseTls": {"secretName": "lease-tls"},
+        "leaseSigningKey": {"existingSecret": "my-lease-key"},
+        "podPolicy": {"serviceAccounts": ["default", "ml-*"], "allowPrivileged": True, "allowHostNamespaces": True,
+                      "allowHostPath": True, "allowedCapabilities": ["SYS_PTRACE", "NET_ADMIN"]},
     },
     "local-launcher": {"launcher": "local", "metrics": {"enabled": False}},
     "everything": {
@@ -241,7 +255,10 @@ def test_one_agent_pod_configured_through_env(helm, name):
     expected_ports = {k: v for k, v in ports.items() if k != "metrics" or metrics_on}
     assert container_ports == expected_ports
     for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": ports["grpc"]}  # helm template assumes Kubernetes 1.32
+        if values.get("tls", {}).get("secretName"):  # the kubelet's gRPC probe cannot speak TLS
+            assert container[probe]["tcpSocket"] == {"port": "grpc"}
+        else:
+            assert container[probe]["grpc"] == {"port": ports["grpc"]}  # helm template assumes Kubernetes 1.32
 
     image = values.get("image", {})
     assert container["image"] == f"{image.get('repository', 'ghcr.io/flyte-actors/flyte-actor-agent')}:{image.get('tag', '0.1.0')}"
@@ -269,13 +286,13 @@ def test_service_exposes_connector_lease_and_metrics_ports(helm):
 
 
 def test_probes_fall_back_to_tcp_before_kubernetes_1_24(helm):
-    docs, _ = template(helm, {}, "--kube-version", "1.20.0")
+    docs, _ = template(helm, BASE, "--kube-version", "1.20.0")
     (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["readinessProbe"]["tcpSocket"] == {"port": "grpc"} and "grpc" not in container["readinessProbe"]
-    docs, _ = template(helm, {}, "--kube-version", "1.24.0")
+    docs, _ = template(helm, BASE, "--kube-version", "1.24.0")
     (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["livenessProbe"]["grpc"] == {"port": 8000}
-    docs, _ = template(helm, {"probes": {"type": "tcp"}})
+    docs, _ = template(helm, {**BASE, "probes": {"type": "tcp"}})
     (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert "tcpSocket" in container["livenessProbe"]
 
@@ -301,8 +318,27 @@ def test_listed_namespaces_get_a_minimal_role_each_bound_to_the_service_account(
     assert sa["namespace"] == NAMESPACE
 
 
+def test_no_namespaces_and_no_cluster_wide_opt_in_is_refused(helm):
+    _, result = template(helm, {}, check=False)
+    assert result.returncode != 0
+    assert "namespaces is empty" in result.stderr and "rbac.clusterWide=true" in result.stderr
+    _, result = template(helm, {**BASE, "rbac": {"clusterWide": True}}, check=False)
+    assert result.returncode != 0 and "choose one" in result.stderr
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_secrets_are_never_granted_cluster_wide_without_the_opt_in(helm, name):
+    values = VALUE_SETS[name]
+    docs, _ = template(helm, values)
+    cluster_roles = by_kind(docs, "ClusterRole")
+    if not values.get("rbac", {}).get("clusterWide"):
+        assert not cluster_roles and not by_kind(docs, "ClusterRoleBinding")
+    else:
+        assert "WARNING: rbac.clusterWide" in render_notes(helm, values)
+
+
 def test_no_namespaces_means_a_cluster_role_with_the_same_minimal_rules(helm):
-    docs, _ = template(helm, {})
+    docs, _ = template(helm, {"rbac": {"clusterWide": True}})
     assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
     role, binding = one(docs, "ClusterRole"), one(docs, "ClusterRoleBinding")
     assert rules_by_resource(role) == EXPECTED_RULES
@@ -316,7 +352,7 @@ def test_no_rbac_for_the_local_launcher_or_when_disabled(helm):
     for values in (VALUE_SETS["local-launcher"], {"rbac": {"create": False}, "namespaces": ["team-a"]}):
         docs, _ = template(helm, values)
         assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")]
-    docs, _ = template(helm, {"serviceAccount": {"create": False, "name": "existing"}})
+    docs, _ = template(helm, {"serviceAccount": {"create": False, "name": "existing"}, "rbac": {"clusterWide": True}})
     assert not by_kind(docs, "ServiceAccount")
     assert one(docs, "ClusterRoleBinding")["subjects"][0]["name"] == "existing"
 
@@ -355,18 +391,21 @@ def test_the_role_grants_every_call_the_kubernetes_launcher_makes(helm):
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
-def test_network_policy_only_when_enabled_and_lease_port_only_from_replicas(helm, name):
+def test_network_policy_on_by_default_and_lease_port_only_from_replicas(helm, name):
     values = VALUE_SETS[name]
     docs, _ = template(helm, values)
     policies = by_kind(docs, "NetworkPolicy")
-    if not values.get("networkPolicy", {}).get("enabled"):
+    if not values.get("networkPolicy", {}).get("enabled", True):
         assert not policies
+        assert "WARNING: networkPolicy.enabled is false" in render_notes(helm, values)
         return
     (policy,) = policies
     spec = policy["spec"]
     assert spec["policyTypes"] == ["Ingress"]
     assert spec["podSelector"]["matchLabels"] == one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
     ports = {"grpc": 8000, "lease": 8001, "metrics": 9090, **values.get("ports", {})}
+    if not values.get("metrics", {}).get("enabled", True):
+        del ports["metrics"]
     rules = {rule["ports"][0]["port"]: rule for rule in spec["ingress"]}
     assert all(len(rule["ports"]) == 1 for rule in spec["ingress"])
     assert set(rules) == set(ports.values())
@@ -380,11 +419,13 @@ def test_network_policy_only_when_enabled_and_lease_port_only_from_replicas(helm
         assert replicas["namespaceSelector"] == {}  # replica pods in any namespace
 
     # A selector that is set replaces the default whole (flyte-binary's label must not be ANDed with flyte-core's).
+    network_policy = values.get("networkPolicy", {})
     propeller = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "flytepropeller"}},
                  "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "flyte"}},
-                 **values["networkPolicy"].get("propeller", {})}
+                 **network_policy.get("propeller", {})}
     assert rules[ports["grpc"]]["from"] == [propeller]
-    assert rules[ports["metrics"]].get("from") == (values["networkPolicy"].get("metrics", {}).get("from") or None)
+    if "metrics" in ports:
+        assert rules[ports["metrics"]].get("from") == (network_policy.get("metrics", {}).get("from") or None)
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -407,6 +448,51 @@ def test_service_monitor_only_when_enabled(helm, name):
         assert monitor["metadata"]["labels"][key] == value
 
 
+# ------------------------------------------------------------------------------------- security settings
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_pod_policy_tls_and_lease_key_reach_the_agent(helm, name):
+    values = VALUE_SETS[name]
+    docs, _ = template(helm, values)
+    deployment = one(docs, "Deployment")
+    plain = {k: e.get("value") for k, e in container_env(deployment).items()}
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", [])}
+    assert plain["FLYTE_ACTOR_AGENT_HOST"] == "0.0.0.0"  # the agent's own default is loopback
+    policy = values.get("podPolicy", {})
+    assert plain["FLYTE_ACTOR_SERVICE_ACCOUNTS"] == ",".join(policy.get("serviceAccounts", ["default"]))
+    for key, variable in (("allowPrivileged", "FLYTE_ACTOR_ALLOW_PRIVILEGED"),
+                          ("allowHostNamespaces", "FLYTE_ACTOR_ALLOW_HOST_NAMESPACES"),
+                          ("allowHostPath", "FLYTE_ACTOR_ALLOW_HOST_PATH")):
+        assert plain[variable] == str(policy.get(key, False)).lower()
+    assert plain["FLYTE_ACTOR_ALLOWED_CAPABILITIES"] == ",".join(policy.get("allowedCapabilities", []))
+    tls = values.get("tls", {})
+    if tls.get("secretName"):
+        assert volumes["tls"] == tls["secretName"] and plain["FLYTE_ACTOR_TLS_CERT"].startswith(mounts["tls"])
+        assert plain["FLYTE_ACTOR_TLS_KEY"].startswith(mounts["tls"])
+        assert ("FLYTE_ACTOR_TLS_CLIENT_CA" in plain) == bool(tls.get("requireClientCertificates"))
+        assert "insecure: false" in render_notes(helm, values)
+    else:
+        assert "tls" not in volumes and "FLYTE_ACTOR_TLS_CERT" not in plain
+    lease_tls = values.get("leaseTls", {})
+    assert ("FLYTE_ACTOR_LEASE_TLS_CERT" in plain) == bool(lease_tls.get("secretName"))
+    if values.get("launcher", "kubernetes") == "kubernetes":
+        key_secret = values.get("leaseSigningKey", {}).get("existingSecret")
+        assert plain["FLYTE_ACTOR_LEASE_KEY_FILE"].startswith(mounts["lease-key"])
+        secrets = {d["metadata"]["name"]: d for d in by_kind(docs, "Secret")}
+        if key_secret:
+            assert volumes["lease-key"] == key_secret and not secrets
+        else:
+            created = secrets[volumes["lease-key"]]
+            assert created["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+            assert len(base64.b64decode(created["data"]["key"])) >= 32
+    else:
+        assert "FLYTE_ACTOR_LEASE_KEY_FILE" not in plain and not by_kind(docs, "Secret")
+
+
 # ---------------------------------------------------------------------------------------------------- schema
 
 
@@ -424,9 +510,13 @@ def test_service_monitor_only_when_enabled(helm, name):
     (["--set", "leaseAddress=no-port-here"], "leaseAddress"),
     (["--set", "ports.lease=8000"], "must differ"),
     (["--set", "metrics.enabled=false,metrics.serviceMonitor.enabled=true"], "needs metrics.enabled"),
+    (["--set", "rbac.clusterWide=maybe"], "rbac.clusterWide"),
+    (["--set", "podPolicy.allowPrivileged=yes"], "podPolicy.allowPrivileged"),
+    (["--set", "podPolicy.allowedCapabilities[0]=SYS ADMIN"], "podPolicy.allowedCapabilities"),
+    (["--set", "tls.secret=agent-tls"], "tls"),
 ])
 def test_bad_values_make_helm_template_fail(helm, args, complaint):
-    _, result = template(helm, {}, *args, check=False)
+    _, result = template(helm, BASE, *args, check=False)
     assert result.returncode != 0, f"helm template accepted {args}"
     assert complaint in result.stderr, result.stderr
 

@@ -15,7 +15,6 @@ from flytekitplugins.actor.local import local_template
 from flyte_actor_agent.connector import ActorMetadata
 from flyte_actor_agent.recovery import META_VERSION, TaskRecord, TaskRecords, record_uri
 from flyte_actor_agent.scheduler import (
-    LEASE_KEY_SEPARATOR,
     Ack,
     CancelLease,
     Launch,
@@ -23,7 +22,7 @@ from flyte_actor_agent.scheduler import (
     Phase,
     element_key,
 )
-from test_scheduler import (  # noqa: F401 - fixtures
+from test_scheduler import (  # noqa: F401 - fixtures and helpers
     assigned,
     clock,
     connect,
@@ -31,8 +30,15 @@ from test_scheduler import (  # noqa: F401 - fixtures
     make_scheduler,
     only,
     request,
-    sched,
 )
+
+
+LEASE_KEY = b"k" * 32
+
+
+@pytest.fixture
+def sched(clock):  # noqa: F811 - the scheduler of test_scheduler, with the key the previous agent signed with
+    return make_scheduler(clock, lease_key=LEASE_KEY)
 
 
 def map_elements(fleet, key="m"):
@@ -46,8 +52,11 @@ def adopted(sched, fleet, replica_id="old", capacity=4):
     return replica_id
 
 
-def lease_of(key, n="x"):
-    return f"{n}{LEASE_KEY_SEPARATOR}{key}"
+def lease_of(key, replica="old", n="x"):
+    """A lease id an earlier agent with the same signing key issued to ``replica`` for ``key``."""
+    from flyte_actor_agent.lease_ids import LeaseIds
+
+    return LeaseIds(LEASE_KEY).issue(n, replica, key)
 
 
 # ------------------------------------------------------------------------------------------------------- tasks

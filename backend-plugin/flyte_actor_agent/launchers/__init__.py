@@ -19,7 +19,12 @@ from ..scheduler import ExitReason, ReplicaExit
 
 OnExit = Callable[[str, ReplicaExit], None]
 
-__all__ = ["AdoptedReplica", "ExitReason", "Launcher", "OnExit", "ReplicaExit", "ReplicaLaunch"]
+__all__ = ["AdoptedReplica", "ExitReason", "LaunchRefused", "Launcher", "OnExit", "ReplicaExit", "ReplicaLaunch"]
+
+
+class LaunchRefused(Exception):
+    """The agent's policy forbids this replica as its environment asks for it (see :mod:`.pod_policy`): trying
+    again cannot help, so its tasks fail at once with this one-line message."""
 
 
 @dataclass(frozen=True)
@@ -33,15 +38,20 @@ class ReplicaLaunch:
     agent_address: str
     #: Where the replica runs and on whose behalf (namespace, service account, project, domain).
     placement: Placement
+    #: PEM of the CA that signed the lease service's TLS certificate ("" when the lease port is plain).
+    agent_ca: str = ""
 
     def worker_env(self) -> Dict[str, str]:
         """Variables the replica worker reads (see flytekitplugins.actor.worker.replica), token excluded."""
-        return {
+        env = {
             "FLYTE_ACTOR_AGENT_ADDRESS": self.agent_address,
             "FLYTE_ACTOR_ENVIRONMENT_KEY": self.fleet_key,
             "FLYTE_ACTOR_REPLICA_ID": self.replica_id,
             "FLYTE_ACTOR_PARALLELISM": str(self.environment.parallelism),
         }
+        if self.agent_ca:
+            env["FLYTE_ACTOR_AGENT_CA"] = self.agent_ca
+        return env
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,10 @@ class Launcher(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release the launcher: stop the replicas it started, unless they outlive the agent."""
+
+    def check_bundle(self, distribution: str) -> None:
+        """Raise :class:`ValueError` if replicas must not fetch this code bundle. Default: any, as a Flyte task
+        pod would (the local launcher, whose replicas run on the agent's host, trusts only configured places)."""
 
     async def adopt(self) -> List[AdoptedReplica]:
         """Replicas a previous agent left running (only where they outlive the agent)."""

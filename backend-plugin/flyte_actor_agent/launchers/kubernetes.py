@@ -32,6 +32,7 @@ from flytekitplugins.actor.contract import SerializedEnvironment
 
 from ..placement import Placement
 from . import AdoptedReplica, ExitReason, Launcher, OnExit, ReplicaExit, ReplicaLaunch
+from .pod_policy import PodPolicy
 
 log = logging.getLogger("flyte-actor-agent.kubernetes")
 
@@ -67,8 +68,11 @@ class KubernetesLauncher(Launcher):
         namespaces: List[str] = (),
         api_client: Optional[client.ApiClient] = None,
         unschedulable_grace: float = 120.0,
+        policy: Optional[PodPolicy] = None,
     ):
+        """``policy`` (default: :class:`PodPolicy` for ``namespaces``) is what replica pods may ask for."""
         super().__init__(on_exit)
+        self.policy = policy or PodPolicy(namespaces=tuple(namespaces))
         if api_client is None:
             try:
                 config.load_incluster_config()
@@ -93,8 +97,9 @@ class KubernetesLauncher(Launcher):
                 f"namespace {namespace!r} is not one this agent may create replicas in ({self.namespaces}); add it "
                 "to the agent's --namespaces (and its RBAC) or run the workflow in an allowed namespace"
             )
-        self._ensure_watch(namespace)
         secret, pod = build_replica(replica, namespace)
+        self.policy.check(pod)  # raises LaunchRefused: nothing is created, nothing watched
+        self._ensure_watch(namespace)
         name = pod["metadata"]["name"]
         self.pods[replica.replica_id] = (namespace, name)
         await asyncio.to_thread(self.api.create_namespaced_secret, namespace, secret)

@@ -3,6 +3,11 @@
 The default for local runs and for an agent run without Kubernetes. A replica gets this process's environment,
 the environment's variables and its pod template's primary-container variables, and this process's ``sys.path``
 (so it imports the same user code). It runs in its own process group, so stopping it also stops its executors.
+Its token comes through a pipe, never the environment, so no other process can read it from ``/proc``.
+
+Replicas run on this host, so a task's code bundle (``pyflyte-fast-execute --additional-distribution``) is fetched
+only from a trusted place: local paths, plus the prefixes an admin configures (``trusted_bundles``,
+``flyte-actor-agent serve --trusted-bundle-prefixes``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from . import ExitReason, Launcher, OnExit, ReplicaExit, ReplicaLaunch
 STOP_GRACE_SECONDS = 5.0
 #: The replica worker, run with this interpreter.
 REPLICA_WORKER_COMMAND = (sys.executable, "-m", "flytekitplugins.actor.worker.replica")
+#: Where code bundles are always trusted from: this host's files.
+LOCAL_BUNDLE_PREFIXES = ("/", "file:///")
 
 
 class _Process:
@@ -40,10 +47,13 @@ class LocalProcessLauncher(Launcher):
         log_dir: Optional[str] = None,
         reconnect_seconds: float = 5.0,
         worker_command: Sequence[str] = REPLICA_WORKER_COMMAND,
+        trusted_bundles: Sequence[str] = (),
     ):
-        """``worker_command`` runs a replica worker (benchmarks run an instrumented one)."""
+        """``worker_command`` runs a replica worker (benchmarks run an instrumented one); ``trusted_bundles``
+        are URL prefixes code bundles may also come from (``s3://my-bucket/fast/``)."""
         super().__init__(on_exit)
         self.worker_command: List[str] = list(worker_command)
+        self.trusted_bundles = LOCAL_BUNDLE_PREFIXES + tuple(trusted_bundles)
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="flyte-actor-replicas-")
         self.reconnect_seconds = reconnect_seconds
         self.processes: Dict[str, _Process] = {}
@@ -53,22 +63,47 @@ class LocalProcessLauncher(Launcher):
         env = dict(os.environ)
         env.update(replica_variables(replica.environment.replica))
         env.update(replica.worker_env())
-        env["FLYTE_ACTOR_REPLICA_TOKEN"] = replica.token
+        for name in ("FLYTE_ACTOR_REPLICA_TOKEN", "FLYTE_ACTOR_REPLICA_TOKEN_FILE"):
+            env.pop(name, None)
+        token_read, token_write = os.pipe()
+        with os.fdopen(token_write, "w") as pipe:
+            pipe.write(replica.token)  # far below a pipe's buffer: never blocks
+        env["FLYTE_ACTOR_REPLICA_TOKEN_FD"] = str(token_read)
         env["FLYTE_ACTOR_RECONNECT_SECONDS"] = str(self.reconnect_seconds)
         env["FLYTE_ACTOR_SCRATCH_DIR"] = os.path.join(self.log_dir, replica.replica_id)
         env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p or os.getcwd()) for p in sys.path)
         log_path = os.path.join(self.log_dir, f"{replica.replica_id}.log")
-        with open(log_path, "wb") as log:
-            proc = await asyncio.create_subprocess_exec(
-                *self.worker_command,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
+        try:
+            with open(log_path, "wb") as log:
+                proc = await asyncio.create_subprocess_exec(
+                    *self.worker_command,
+                    env=env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                    pass_fds=(token_read,),
+                )
+        finally:
+            os.close(token_read)
         self.processes[replica.replica_id] = _Process(proc, log_path)
         self._watchers[replica.replica_id] = asyncio.ensure_future(self._watch(replica.replica_id))
+
+    def check_bundle(self, distribution: str) -> None:
+        if not distribution:
+            return
+        local = distribution.startswith("/") or distribution.startswith("file://")
+        path = distribution[len("file://"):] if distribution.startswith("file://") else distribution
+        if (local and os.path.normpath(path) != path.rstrip("/")) or "/../" in f"{path}/":
+            raise ValueError(f"code bundle {distribution!r} is not a normalized location; register the task again")
+        for prefix in self.trusted_bundles:
+            bounded = prefix if prefix.endswith("/") else prefix + "/"
+            if distribution == prefix or distribution.startswith(bounded):
+                return
+        raise ValueError(
+            f"code bundle {distribution!r} is not in a location this agent trusts ({list(self.trusted_bundles)}); "
+            "an admin adds its prefix with --trusted-bundle-prefixes"
+        )
 
     async def _watch(self, replica_id: str) -> None:
         process = self.processes[replica_id]

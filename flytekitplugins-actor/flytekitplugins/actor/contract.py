@@ -2,11 +2,15 @@
 
 This module is the contract between the flytekit plugin (which writes it at serialization) and the agent (which
 reads it), so both sides import it from here. ``custom`` is a protobuf Struct, which keeps only doubles: every
-integer is read back through :func:`_int`.
+integer is read back through :func:`_bounded`. The agent reads ``custom`` from whoever reaches its connector, so
+``from_custom`` checks every field (type, range, no unknown fields) and raises :class:`InvalidTask` with one line
+naming the field, the value and the fix.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -16,6 +20,22 @@ ACTOR_TASK_TYPE = "actor"
 ACTOR_MAP_TASK_TYPE = "actor-map"
 #: Version of the layout of ``custom`` below; the agent refuses layouts it does not know.
 CUSTOM_SCHEMA_VERSION = 1
+
+#: Bounds for ``ttl_seconds``: the SDK asks for at least 10 s so a replica survives the gap between two tasks of one
+#: workflow (propeller polls agents every few seconds); the agent accepts from 1 s. At most 7 days, so a forgotten
+#: fleet does not run for ever.
+MIN_TTL_SECONDS = 10
+MAX_TTL_SECONDS = 7 * 24 * 3600
+MAX_REPLICA_COUNT = 1000
+MAX_PARALLELISM = 256
+ENVIRONMENT_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_VERSION_RE = re.compile(r"^[a-z0-9]{1,63}$")
+_DOTTED_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+_FIX = "re-register the task with the same flytekitplugins-actor version as the agent"
+
+
+class InvalidTask(ValueError):
+    """A task template the agent will not run: the message is one line naming the field, its value and the fix."""
 
 
 @dataclass(frozen=True)
@@ -46,14 +66,30 @@ class SerializedEnvironment:
         }
 
     @classmethod
-    def from_custom(cls, data: Dict[str, Any]) -> "SerializedEnvironment":
+    def from_custom(cls, data: Any) -> "SerializedEnvironment":
+        where = "custom.environment"
+        _known_fields(where, data, required=("name", "version", "replica_count", "ttl_seconds", "parallelism"),
+                      optional=("replica",))
+        name, version = data["name"], data["version"]
+        if not isinstance(name, str) or not ENVIRONMENT_NAME_RE.match(name):
+            raise InvalidTask(f"{where}.name={_show(name)} is not a DNS-1123 label: name the ActorEnvironment with 1 "
+                              "to 63 lower-case letters, digits and '-'")
+        if not isinstance(version, str) or not _VERSION_RE.match(version):
+            raise InvalidTask(f"{where}.version={_show(version)} is not an environment version (1 to 63 lower-case "
+                              f"letters and digits): {_FIX}")
+        replica = data.get("replica") or {}
+        if not isinstance(replica, dict):
+            raise InvalidTask(f"{where}.replica={_show(replica)} must be an object (the replica template): {_FIX}")
         return cls(
-            name=str(data["name"]),
-            version=str(data["version"]),
-            replica_count=_int(data["replica_count"]),
-            ttl_seconds=_int(data["ttl_seconds"]),
-            parallelism=_int(data["parallelism"]),
-            replica=dict(data.get("replica") or {}),
+            name=name,
+            version=version,
+            replica_count=_bounded(f"{where}.replica_count", data["replica_count"], 1, MAX_REPLICA_COUNT,
+                                   "set replica_count on the ActorEnvironment"),
+            ttl_seconds=_bounded(f"{where}.ttl_seconds", data["ttl_seconds"], 1, MAX_TTL_SECONDS,
+                                 "set ttl_seconds on the ActorEnvironment"),
+            parallelism=_bounded(f"{where}.parallelism", data["parallelism"], 1, MAX_PARALLELISM,
+                                 "set parallelism on the ActorEnvironment"),
+            replica=dict(replica),
         )
 
 
@@ -75,13 +111,27 @@ class MapOptions:
         }
 
     @classmethod
-    def from_custom(cls, data: Dict[str, Any]) -> "MapOptions":
+    def from_custom(cls, data: Any) -> "MapOptions":
+        where = "custom.map"
+        _known_fields(where, data, required=("mapped_inputs",),
+                      optional=("bound_inputs", "concurrency", "min_success_ratio", "min_successes"))
         concurrency = data.get("concurrency")
+        if concurrency is not None:  # 0: no limit
+            concurrency = _bounded(f"{where}.concurrency", concurrency, 0, 2**31 - 1,
+                                   "pass map(..., concurrency=N) with N >= 1, or None for no limit")
+        min_successes = data.get("min_successes")
+        if min_successes is not None:
+            _bounded(f"{where}.min_successes", min_successes, 0, 2**31 - 1,
+                     "pass map(..., min_successes=N) with N >= 0")
+        ratio = data.get("min_success_ratio", 1.0)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:  # NaN fails too
+            raise InvalidTask(f"{where}.min_success_ratio={_show(ratio)} is invalid: pass map(..., "
+                              "min_success_ratio=R) with R from 0 to 1")
         return cls(
-            mapped_inputs=[str(x) for x in data.get("mapped_inputs", [])],
-            bound_inputs=[str(x) for x in data.get("bound_inputs", [])],
-            concurrency=None if concurrency is None else _int(concurrency),
-            min_success_ratio=float(data.get("min_success_ratio", 1.0)),
+            mapped_inputs=_names(f"{where}.mapped_inputs", data["mapped_inputs"]),
+            bound_inputs=_names(f"{where}.bound_inputs", data.get("bound_inputs", [])),
+            concurrency=concurrency,
+            min_success_ratio=float(ratio),
         )
 
 
@@ -98,17 +148,18 @@ class ActorCustom:
 
     @classmethod
     def from_custom(cls, custom: Optional[Dict[str, Any]]) -> "ActorCustom":
-        if not custom or "environment" not in custom:
-            raise ValueError(
+        if not custom or not isinstance(custom, dict) or "environment" not in custom:
+            raise InvalidTask(
                 "This task template has no actor environment in its custom field: it was not serialized by "
                 "flytekitplugins-actor. Declare the task with @ActorEnvironment(...).task."
             )
-        version = _int(custom.get("schema_version", 0))
-        if version != CUSTOM_SCHEMA_VERSION:
-            raise ValueError(
-                f"Actor task custom schema_version {version} is not supported by this agent (it reads "
+        version = custom.get("schema_version", 0)
+        if isinstance(version, bool) or version != CUSTOM_SCHEMA_VERSION:
+            raise InvalidTask(
+                f"custom.schema_version={_show(version)} is not supported by this agent (it reads "
                 f"{CUSTOM_SCHEMA_VERSION}); install the same flytekitplugins-actor version in the image and the agent."
             )
+        _known_fields("custom", custom, required=("schema_version", "environment"), optional=("map",))
         return cls(
             environment=SerializedEnvironment.from_custom(custom["environment"]),
             map=MapOptions.from_custom(custom["map"]) if custom.get("map") is not None else None,
@@ -177,15 +228,48 @@ class TaskCommand:
                 i += 1
             i += 1
         if not executable_seen or not values.get("resolver") or not resolver_args:
-            raise ValueError(
-                f"Cannot run container args {args!r} on an actor replica: expected 'pyflyte-execute ... --resolver R "
-                "-- ARGS' (optionally behind 'pyflyte-fast-execute'). Actor tasks must be flytekit Python tasks."
+            raise InvalidTask(
+                f"Cannot run container args {_show(args)} on an actor replica: expected 'pyflyte-execute ... "
+                "--resolver R -- ARGS' (optionally behind 'pyflyte-fast-execute'). Actor tasks must be flytekit "
+                "Python tasks."
             )
+        if not _DOTTED_RE.match(values["resolver"]):
+            raise InvalidTask(f"container args: --resolver {_show(values['resolver'])} is not a dotted Python name "
+                              f"(module.attribute): {_FIX}")
+        for option in ("task-module", "task-name"):  # the default resolver's loader args
+            if option in resolver_args[:-1:2] and not resolver_args[resolver_args.index(option) + 1]:
+                raise InvalidTask(f"container args: {option} is empty in {_show(resolver_args)}: {_FIX}")
+        if "task-name" in resolver_args and "task-module" not in resolver_args:
+            raise InvalidTask(f"container args: no task-module in {_show(resolver_args)}: {_FIX}")
         return cls(resolver_args=resolver_args, **values)
 
 
-def _int(value: Any) -> int:
-    """Integers come back from a protobuf Struct as floats; refuse anything that is not a whole number."""
-    if isinstance(value, bool) or not float(value).is_integer():
-        raise ValueError(f"Expected an integer in the actor task's custom field, got {value!r}.")
+def _bounded(where: str, value: Any, low: int, high: int, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not float(value).is_integer() or not low <= value <= high:
+        raise InvalidTask(f"{where}={_show(value)} is invalid: it must be an integer from {low} to {high}; {fix}")
     return int(value)
+
+
+def _known_fields(where: str, data: Any, required: tuple, optional: tuple) -> None:
+    if not isinstance(data, dict):
+        raise InvalidTask(f"{where}={_show(data)} must be an object: {_FIX}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise InvalidTask(f"{where} lacks {missing}: {_FIX}")
+    unknown = sorted(str(k) for k in data if k not in required and k not in optional)
+    if unknown:
+        raise InvalidTask(f"{where} has unknown fields {_show(unknown)} (this agent reads "
+                          f"{sorted(required + optional)}): {_FIX}")
+
+
+def _names(where: str, value: Any) -> List[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise InvalidTask(f"{where}={_show(value)} must be a list of input names: {_FIX}")
+    return list(value)
+
+
+def _show(value: Any, limit: int = 120) -> str:
+    """A value for a one-line message: repr, newlines escaped by repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -23,19 +22,18 @@ from flytekit import task as flytekit_task
 from flytekit.extend import TaskPlugins
 from flytekit.extras.accelerators import BaseAccelerator
 
-from .contract import SerializedEnvironment
+from .contract import (
+    ENVIRONMENT_NAME_RE,
+    MAX_PARALLELISM,
+    MAX_REPLICA_COUNT,
+    MAX_TTL_SECONDS,
+    MIN_TTL_SECONDS,
+    SerializedEnvironment,
+)
 from .task import ActorTask
 
-#: Bounds for ``ttl_seconds``: at least 10 s so a replica survives the gap between two tasks of one workflow
-#: (propeller polls agents every few seconds), at most 7 days so a forgotten fleet does not run for ever.
-MIN_TTL_SECONDS = 10
-MAX_TTL_SECONDS = 7 * 24 * 3600
 #: Idle time after which replicas are stopped when ``ttl_seconds`` is not given (as in Union's actors).
 DEFAULT_TTL_SECONDS = 900
-MAX_REPLICA_COUNT = 1000
-MAX_PARALLELISM = 256
-
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 # Settings that describe a replica, so they come from the environment and may not be set per task.
 _ENVIRONMENT_OWNED_TASK_ARGS = (
@@ -88,7 +86,7 @@ class ActorEnvironment:
     _tasks: List[Any] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not ENVIRONMENT_NAME_RE.match(self.name):
             raise ValueError(
                 f"ActorEnvironment name {self.name!r} is not a DNS-1123 label: use 1 to 63 lower-case letters, "
                 "digits or '-', starting and ending with a letter or digit (for example 'my-actor')."

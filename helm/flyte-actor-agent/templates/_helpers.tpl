@@ -71,14 +71,23 @@ override: the agent then advertises its own address, which processes in its pod 
 {{- end }}
 {{- end }}
 
+{{/* The Secret holding the key lease ids are signed with (created by templates/lease-key-secret.yaml unless given). */}}
+{{- define "flyte-actor-agent.leaseKeySecret" -}}
+{{- .Values.leaseSigningKey.existingSecret | default (printf "%s-lease-key" (include "flyte-actor-agent.fullname" .) | trunc 63 | trimSuffix "-") }}
+{{- end }}
+
 {{/* The endpoint for propeller's agent-service plugin (Flyte's k8s:// resolver: service.namespace:port). */}}
 {{- define "flyte-actor-agent.propellerEndpoint" -}}
 {{- printf "k8s://%s.%s:%d" (include "flyte-actor-agent.fullname" .) .Release.Namespace (int .Values.ports.grpc) }}
 {{- end }}
 
-{{/* "grpc" or "tcp": the probe kind for this cluster (gRPC probes are on by default from Kubernetes 1.24). */}}
+{{/*
+"grpc" or "tcp": the probe kind for this cluster (gRPC probes are on by default from Kubernetes 1.24). The kubelet's
+gRPC probe speaks plaintext only, so a connector port with TLS gets a TCP probe.
+*/}}
 {{- define "flyte-actor-agent.probeType" -}}
-{{- if eq .Values.probes.type "auto" }}
+{{- if and (eq .Values.probes.type "auto") .Values.tls.secretName }}tcp
+{{- else if eq .Values.probes.type "auto" }}
 {{- if semverCompare ">=1.24-0" .Capabilities.KubeVersion.Version }}grpc{{ else }}tcp{{ end }}
 {{- else }}
 {{- .Values.probes.type }}
@@ -103,6 +112,12 @@ override: the agent then advertises its own address, which processes in its pod 
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}
+{{- end }}
+{{- if and (eq .Values.launcher "kubernetes") (not .Values.namespaces) (not .Values.rbac.clusterWide) }}
+{{- fail "namespaces is empty: list the namespaces actor tasks run in (namespaces: [flytesnacks-development, ...]), or set rbac.clusterWide=true to let the agent create pods and Secrets in every namespace" }}
+{{- end }}
+{{- if and .Values.namespaces .Values.rbac.clusterWide }}
+{{- fail "rbac.clusterWide=true with namespaces listed: choose one (listed namespaces get a Role each)" }}
 {{- end }}
 {{- end }}
 
@@ -131,7 +146,7 @@ plugins:
   agent-service:
     defaultAgent:
       endpoint: {{ include "flyte-actor-agent.propellerEndpoint" . }}
-      insecure: true
+      insecure: {{ not .Values.tls.secretName }}
     supportedTaskTypes:
       - actor
       - actor-map

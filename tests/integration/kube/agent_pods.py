@@ -46,6 +46,10 @@ class AgentPod:
         core = client.CoreV1Api(cluster.api_client())
         core.create_namespaced_pod(namespace, {"metadata": {"name": name, "labels": {"app": "agent"}},
                                                "spec": {"containers": [{"name": "agent", "image": "agent"}]}})
+        key_file = os.path.join(log_dir, "lease-key")  # one signing key for all agent pods, as the chart's Secret
+        if not os.path.exists(key_file):
+            with open(key_file, "wb") as f:
+                f.write(os.urandom(32).hex().encode())
         env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig_path), FLYTE_ACTOR_LOG_LEVEL="INFO")
         env.pop("FLYTE_ACTOR_LOCAL_MODE", None)
         with open(self.log_path, "ab") as log:
@@ -54,7 +58,8 @@ class AgentPod:
                  "--lease-port", str(self.lease_port), "--metrics-port", "0", "--launcher", "kubernetes",
                  "--namespaces", namespace, "--lease-address", lease_address, "--recovery-grace-seconds", "30",
                  "--unschedulable-grace-seconds", "0", "--shutdown-grace-seconds", "5",
-                 "--leader-election", "true", "--leader-election-namespace", namespace, "--identity", name],
+                 "--leader-election", "true", "--leader-election-namespace", namespace, "--identity", name,
+                 "--lease-key-file", key_file],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     @property

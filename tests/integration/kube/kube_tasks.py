@@ -3,6 +3,9 @@
 import os
 import time
 
+from flytekit import PodTemplate
+from kubernetes.client import V1Container, V1PodSpec, V1SecurityContext
+
 from flytekitplugins.actor import ActorEnvironment
 
 actor = ActorEnvironment(name="kube-actor", container_image="ghcr.io/example/actors:1", replica_count=1)
@@ -17,4 +20,17 @@ def slow(seconds: float) -> str:
 
 @unpullable.task
 def never() -> int:
+    return 0
+
+
+privileged = ActorEnvironment(
+    name="kube-privileged",
+    container_image="ghcr.io/example/actors:1",
+    pod_template=PodTemplate(primary_container_name="actor", pod_spec=V1PodSpec(containers=[
+        V1Container(name="actor", security_context=V1SecurityContext(privileged=True))])),
+)
+
+
+@privileged.task
+def as_root_of_the_node() -> int:
     return 0

@@ -2,6 +2,7 @@
 replica pods from a pod template, tokens kept out of pod specs, start failures, TTL deletion, agent restart."""
 
 import json
+import os
 
 import pytest
 from flyteidl.core.execution_pb2 import TaskExecution
@@ -107,14 +108,15 @@ def test_idle_replica_pods_and_their_token_secrets_are_deleted_after_the_ttl(clu
 
 def test_a_restarted_agent_adopts_running_replicas_and_finishes_their_tasks(cluster, kubelet):
     lease_port = free_port()
-    first = kube_fleet(cluster, lease_port=lease_port)
+    lease_key = os.urandom(32)  # what the chart keeps in a Secret: the next agent verifies the leases it finds
+    first = kube_fleet(cluster, lease_port=lease_port, lease_key=lease_key)
     meta = first.submit(kube_tasks.slow, seconds=4.0, metadata=metadata("e4"))
     first.wait_until(lambda: first.get(meta).phase == TaskExecution.RUNNING, what="the task to start")
     replica_id = first.view(meta).replica_id
     first.stop()  # the pods stay: the next agent adopts them
     assert replica_pods(cluster)
 
-    second = kube_fleet(cluster, lease_port=lease_port, recovery_grace=60)
+    second = kube_fleet(cluster, lease_port=lease_port, recovery_grace=60, lease_key=lease_key)
     try:
         # The new agent never saw this task: it waits for the replica to report it instead of failing it.
         assert second.get(meta).phase == TaskExecution.RUNNING
@@ -126,3 +128,18 @@ def test_a_restarted_agent_adopts_running_replicas_and_finishes_their_tasks(clus
         assert unknown.phase == TaskExecution.RUNNING  # still within the grace period
     finally:
         second.stop()
+
+
+def test_a_replica_pod_the_pod_policy_refuses_fails_its_task_and_creates_nothing(cluster, kubelet):
+    fleet = kube_fleet(cluster)
+    try:
+        resource = fleet.wait(fleet.submit(kube_tasks.as_root_of_the_node, metadata=metadata("e5")), timeout=60)
+        assert resource.phase == TaskExecution.FAILED
+        assert "spec.containers[0].securityContext.privileged=True" in resource.message
+        assert "--allow-privileged" in resource.message and "podPolicy.allowPrivileged" in resource.message
+        api = client.CoreV1Api(cluster.api_client())
+        assert not [p for p in replica_pods(cluster) if p.metadata.labels.get("flyte-actors.io/environment")
+                    == "kube-privileged"]
+        assert not [s for s in api.list_namespaced_secret(NAMESPACE).items if s.metadata.name.startswith("kube-privileged")]
+    finally:
+        fleet.stop()

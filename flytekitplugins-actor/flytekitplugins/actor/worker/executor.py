@@ -66,6 +66,9 @@ def run_task(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, scratch_root: st
         result = _run(task_run, sandbox.tmpdir, scratch_root)
     except SystemExit as e:
         result = _failure(f"Task {task_run.task_name} called sys.exit({e.code!r}); return or raise instead.", False)
+    except ImportError as e:  # the resolver (or a storage plugin) is not in the image: no replica of it can run this
+        result = _failure(f"Task {task_run.task_name} cannot run on this environment's image: {e!r}; install the "
+                          "missing package into the image, or fix the task's resolver", False)
     except BaseException as e:  # noqa: BLE001 - anything flytekit did not catch is a system error of this replica
         result = _failure(f"Task {task_run.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
     finally:

@@ -10,11 +10,17 @@ Configured by environment variables (set by the agent's launcher):
 ``FLYTE_ACTOR_AGENT_ADDRESS``       ``host:port`` of the agent's lease service
 ``FLYTE_ACTOR_ENVIRONMENT_KEY``     fleet this replica belongs to (``<name>-<version>``)
 ``FLYTE_ACTOR_REPLICA_ID``          id the agent gave this replica
-``FLYTE_ACTOR_REPLICA_TOKEN``       secret the agent gave this replica (or ``..._TOKEN_FILE``: a file holding it)
+``FLYTE_ACTOR_REPLICA_TOKEN``       secret the agent gave this replica; or ``..._TOKEN_FD``: a pipe to read it from
+                                    (the local launcher's way); or ``..._TOKEN_FILE``: a file, deleted once read
+``FLYTE_ACTOR_AGENT_CA``            PEM of the CA of the lease service's TLS certificate (unset: plain gRPC)
 ``FLYTE_ACTOR_PARALLELISM``         tasks run at once (default 1)
 ``FLYTE_ACTOR_SCRATCH_DIR``         where task temp dirs and code bundles go (default: a temp dir)
 ``FLYTE_ACTOR_RECONNECT_SECONDS``   how long to keep trying to reach a lost agent before exiting (default 60)
 ==================================  =====================================================================
+
+The token never reaches task code: it is read once and removed from this process's environment before any
+executor starts (executors inherit the environment), and the process makes itself non-dumpable, so processes of
+the same user (task code in executors, other replicas) cannot read it from ``/proc/<pid>/environ`` or memory.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class Config:
     parallelism: int = 1
     scratch_dir: str = ""
     reconnect_seconds: float = 60.0
+    agent_ca: str = ""
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Config":
@@ -55,10 +62,7 @@ class Config:
             for k in ("FLYTE_ACTOR_AGENT_ADDRESS", "FLYTE_ACTOR_ENVIRONMENT_KEY", "FLYTE_ACTOR_REPLICA_ID")
             if not env.get(k)
         ]
-        token = env.get("FLYTE_ACTOR_REPLICA_TOKEN", "")
-        if not token and env.get("FLYTE_ACTOR_REPLICA_TOKEN_FILE"):
-            with open(env["FLYTE_ACTOR_REPLICA_TOKEN_FILE"]) as f:
-                token = f.read().strip()
+        token = _take_token(env)
         if not token:
             missing.append("FLYTE_ACTOR_REPLICA_TOKEN")
         if missing:
@@ -74,7 +78,35 @@ class Config:
             parallelism=int(env.get("FLYTE_ACTOR_PARALLELISM", "1")),
             scratch_dir=env.get("FLYTE_ACTOR_SCRATCH_DIR") or tempfile.mkdtemp(prefix="flyte-actor-"),
             reconnect_seconds=float(env.get("FLYTE_ACTOR_RECONNECT_SECONDS", "60")),
+            agent_ca=env.get("FLYTE_ACTOR_AGENT_CA", ""),
         )
+
+
+def _take_token(env) -> str:
+    """Read the replica token and remove every trace of it from ``env`` (``os.environ``: also the C environment
+    that executors inherit); a token file is deleted once read."""
+    token = env.pop("FLYTE_ACTOR_REPLICA_TOKEN", "")
+    fd = env.pop("FLYTE_ACTOR_REPLICA_TOKEN_FD", "")
+    path = env.pop("FLYTE_ACTOR_REPLICA_TOKEN_FILE", "")
+    if not token and fd:
+        with os.fdopen(int(fd), "r") as pipe:
+            token = pipe.read().strip()
+    elif not token and path:
+        with open(path) as f:
+            token = f.read().strip()
+        os.unlink(path)
+    return token
+
+
+def _not_dumpable() -> None:
+    """Close /proc/<pid>/environ (which keeps the variables this process started with, token included) and
+    /proc/<pid>/mem to other processes of the same user. Reset by exec, so the fork server and executors, which
+    hold no token, stay debuggable."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_DUMPABLE = 4
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0)
 
 
 class Refused(Exception):
@@ -167,8 +199,14 @@ class ReplicaWorker:
 
     # ---------------------------------------------------------------------------------------------- session
 
+    def _channel(self) -> grpc.aio.Channel:
+        if self.config.agent_ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=self.config.agent_ca.encode())
+            return grpc.aio.secure_channel(self.config.agent_address, credentials, options=GRPC_OPTIONS)
+        return grpc.aio.insecure_channel(self.config.agent_address, options=GRPC_OPTIONS)
+
     async def _session(self) -> None:
-        async with grpc.aio.insecure_channel(self.config.agent_address, options=GRPC_OPTIONS) as channel:
+        async with self._channel() as channel:
             call = lease_pb2_grpc.LeaseServiceStub(channel).Connect()
             running = [s.lease_id for s in self.slots if s.lease_id]
             await call.write(
@@ -362,6 +400,7 @@ def _death_message(code: Optional[int], replica_id: str) -> str:
 
 def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=os.environ.get("FLYTE_ACTOR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    _not_dumpable()
     config = Config.from_env()
 
     async def _main() -> int:
