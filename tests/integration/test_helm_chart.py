@@ -614,7 +614,7 @@ def test_several_agent_pods_elect_a_leader_the_service_selects(helm, anti_affini
 
 
 def test_one_agent_pod_has_no_leader_election_budget_or_role_selector(helm):
-    docs, _ = template(helm, {})
+    docs, _ = template(helm, {"namespaces": ["team-a"]})
     assert not by_kind(docs, "PodDisruptionBudget")
     assert "FLYTE_ACTOR_LEADER_ELECTION" not in container_env(one(docs, "Deployment"))
     assert "flyte-actors.io/agent-role" not in one(docs, "Service")["spec"]["selector"]
