@@ -56,7 +56,10 @@ def test_the_leader_goes_away_mid_map_and_with_tasks_queued_and_nothing_is_lost(
     suffix = "k" if sig == signal.SIGKILL else "t"
     for name in (f"agent-{suffix}1", f"agent-{suffix}2"):
         pods[name] = AgentPod(cluster, NAMESPACE, name, lease_address, str(tmp_path))
-    poller = Poller(service.connector_address)
+    # Propeller polls every webApi.caching.resyncInterval (30 s by default); 10 s is a third of that. A failover
+    # takes the Lease's 10 s plus the new leader's start (adoption lists pods and reads their Secrets), which on a
+    # loaded 2-core machine reached 30 s: with 5 s polling that is 6 errors in a row, one past propeller's limit.
+    poller = Poller(service.connector_address, resync=10.0)
     driver = propeller.Propeller(None, service.connector_address, str(tmp_path / "flyte"), namespace=NAMESPACE)
     map_log, queue_log = str(tmp_path / "map.log"), str(tmp_path / "queue.log")
     try:
