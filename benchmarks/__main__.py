@@ -11,6 +11,8 @@ progress goes to stderr, the table to stdout. See docs/performance.md.
   6  agent memory with 10,000 and 100,000 queued tasks, and GetTask latency meanwhile
   7  actor map of 100,000 tiny elements through the agent server: CreateTask latency, wall time, agent RSS
   8  the map of benchmark 1 on actors, on a Ray ActorPool and on Dask actors, side by side (needs the bench extra)
+  9  scale of one agent: 2,000 simulated replicas, dispatch rate, GetTask latency with 10,000 tasks in flight
+ 10  failover: time to recover when the leading agent pod is killed mid-map (needs the kube-apiserver binary)
 """
 
 from __future__ import annotations
@@ -37,21 +39,23 @@ BENCHMARKS = {
     "6": ("memory", "agent memory with queued tasks"),
     "7": ("large_map", "actor map of 100,000 elements through the agent server"),
     "8": ("peers", "actor map vs Ray ActorPool and Dask actors"),
+    "9": ("scale", "scale of one agent, simulated replicas"),
+    "10": ("failover", "failover time to recover"),
 }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, one run each: a smoke run")
-    parser.add_argument("--only", choices=sorted(BENCHMARKS), help="run one benchmark")
+    parser.add_argument("--only", choices=sorted(BENCHMARKS, key=int), help="run one benchmark")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement as JSON")
-    parser.add_argument("--child", choices=sorted(BENCHMARKS), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=sorted(BENCHMARKS, key=int), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return _child(args.child, args.quick, args.result)
 
-    selected = [args.only] if args.only else sorted(BENCHMARKS)
+    selected = [args.only] if args.only else sorted(BENCHMARKS, key=int)
     rows: List[Row] = []
     data = {}
     durations = {}

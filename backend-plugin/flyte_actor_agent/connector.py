@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from flyteidl.core import literals_pb2
 from flytekit.extend.backend.base_connector import AsyncConnectorBase, Resource, ResourceMeta
@@ -45,6 +46,7 @@ from . import scheduler as core
 from .launchers.k8s_config import LogConfig
 from .placement import Placement, execution_id, fleet_config
 from .reactor import Reactor
+from .recovery import META_VERSION, TaskRecord, TaskRecords, record_uri
 from .views import TaskView
 
 _PHASES = {
@@ -71,23 +73,70 @@ RECOVERY_SCAN_SECONDS = 1.5
 
 @dataclass
 class ActorMetadata(ResourceMeta):
-    """What propeller keeps between calls: the task's key in the agent, plus what ``get`` needs to shape outputs
-    of an actor map (its output names, comma-separated, and whether failed elements become ``None``)."""
+    """What propeller keeps between calls, in etcd, so small whatever the map size: the schema version, the
+    task's key in the agent, where CreateTask stored the task's record (``""``: not stored; see recovery.py), and
+    what ``get`` needs to shape an actor map's outputs (its output names, comma-separated, and whether failed
+    elements become ``None``)."""
 
     key: str
     map_outputs: str = ""
     optional_outputs: bool = False
     #: An actor map's output prefix: where its elements' outputs are and where its own outputs.pb goes.
     output_prefix: str = ""
+    version: int = META_VERSION
+    record: str = ""
+    #: Set by :meth:`decode` only, never stored: why these bytes are not a meta this agent can act on.
+    problem: str = ""
+
+    def encode(self) -> bytes:
+        stored = asdict(self)
+        del stored["problem"]
+        return json.dumps(stored, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def decode(cls, data: bytes) -> "ActorMetadata":
+        """Never raises: a meta that does not parse, or that another schema version wrote, comes back with
+        ``problem`` set, so GetTask answers a clear permanent failure instead of an internal error."""
+        try:
+            stored = json.loads(data.decode("utf-8"))
+            if not isinstance(stored, dict) or not isinstance(stored.get("key"), str):
+                raise ValueError("it has no task key")
+        except ValueError as e:  # also UnicodeDecodeError and JSONDecodeError
+            return cls(key="", problem=f"The actor task's resource meta does not parse ({e}): {data[:120]!r}. It "
+                       "was not written by flyte-actor-agent; run the workflow again.")
+        version = stored.get("version", 1)  # agents before task records wrote no version
+        if version != META_VERSION:
+            return cls(key=stored["key"], version=version if isinstance(version, int) else -1, problem=(
+                f"The actor task's resource meta has schema version {version!r}, and this flyte-actor-agent reads "
+                f"version {META_VERSION}: an agent of another version created task {stored['key']} and this one "
+                "cannot rebuild it. Run the workflow again (or roll the agent back to finish it)."))
+        names = {f.name for f in fields(cls)} - {"problem"}
+        return cls(**{k: v for k, v in stored.items() if k in names})
+
+
+@dataclass
+class _Submission:
+    """A task or an actor map as CreateTask builds it: ready to submit, or after a restart to resume."""
+
+    meta: ActorMetadata
+    output_prefix: str
+    request: Optional[core.TaskRequest] = None
+    #: An actor map's (fleet, size, make_element, concurrency, min_success_ratio), and its other options.
+    map_args: Tuple = ()
+    map_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 class ActorConnector(AsyncConnectorBase):
+    """``records``: where CreateTask stores what rebuilds a task after a restart (None: nothing is stored,
+    as for local runs, whose agent lives and dies with the run)."""
+
     name = "Actor Connector"
 
     def __init__(self, agent: Callable[[], Reactor], task_type_name: str = ACTOR_TASK_TYPE,
-                 log_config: Optional[LogConfig] = None):
+                 log_config: Optional[LogConfig] = None, records: Optional[TaskRecords] = None):
         super().__init__(task_type_name=task_type_name, metadata_type=ActorMetadata)
         self._agent = agent
+        self._records = records
         self.log_config = log_config or LogConfig()
         #: Per actor map: elements recovered from earlier attempts (index -> that attempt's prefix).
         self._recovered: Dict[str, Dict[int, str]] = {}
@@ -109,6 +158,24 @@ class ActorConnector(AsyncConnectorBase):
         agent = self._agent()
         if isinstance(inputs, LiteralMap):
             inputs = inputs.to_flyte_idl()
+        submission = await self._submission(agent, task_template, output_prefix, inputs, task_execution_metadata)
+        if self._records is not None:
+            # Written before the task is queued, so whenever the task is known its record exists.
+            submission.meta.record = record_uri(output_prefix)
+            command = TaskCommand.from_args(list(task_template.container.args))
+            record = TaskRecord(task_template, output_prefix, None if command.inputs else inputs,
+                                task_execution_metadata)
+            await asyncio.to_thread(self._records.write, submission.meta.record, record)
+        if submission.request is not None:
+            await asyncio.wrap_future(agent.call(agent.submit, submission.request))
+        else:
+            await asyncio.wrap_future(agent.call(functools.partial(
+                agent.submit_map, submission.meta.key, *submission.map_args, **submission.map_kwargs)))
+        return submission.meta
+
+    async def _submission(self, agent: Reactor, task_template: TaskTemplate, output_prefix: str,
+                          inputs: Optional[literals_pb2.LiteralMap], task_execution_metadata: Optional[TaskExecutionMetadata],
+                          key: Optional[str] = None) -> _Submission:
         custom = ActorCustom.from_custom(task_template.custom)
         if task_template.container is None:
             raise ValueError(
@@ -119,7 +186,7 @@ class ActorConnector(AsyncConnectorBase):
         if agent.launcher is not None:
             agent.launcher.check_bundle(command.distribution or "")
             agent.launcher.check(custom.environment)  # a pod the cluster can never run fails here, with the setting
-        key = _task_key(task_execution_metadata) or uuid.uuid4().hex
+        key = key or _task_key(task_execution_metadata) or uuid.uuid4().hex
         fleet = fleet_config(custom.environment, Placement.of_execution(task_execution_metadata), agent.max_ttl_seconds)
         env = _task_environment(task_template, task_execution_metadata)
         timeout = task_template.metadata.timeout.total_seconds() if task_template.metadata.timeout else 0.0
@@ -161,8 +228,7 @@ class ActorConnector(AsyncConnectorBase):
                 timeout_seconds=timeout,
                 name=name,
             )
-            await asyncio.wrap_future(agent.call(agent.submit, request))
-            return ActorMetadata(key=key)
+            return _Submission(ActorMetadata(key=key), output_prefix, request=request)
 
         prefix = output_prefix.rstrip("/")
         interface_inputs = {k: v.type for k, v in (task_template.interface.inputs or {}).items()}
@@ -186,27 +252,34 @@ class ActorConnector(AsyncConnectorBase):
 
         def make_element(index: int) -> core.TaskRequest:
             return core.TaskRequest(
-                key=f"{key}/{index}",
+                key=core.element_key(key, index),
                 fleet=fleet,
                 payload=task_run(elements.inputs(index), f"{prefix}/{index}", element=True),
                 timeout_seconds=timeout,
                 name=f"{name}[{index}]",
             )
 
-        await asyncio.wrap_future(agent.call(functools.partial(
-            agent.submit_map, key, fleet, elements.size, make_element, custom.map.concurrency,
-            custom.map.min_success_ratio, retries=retries, min_successes=custom.map.min_successes,
-            recovered=set(recovered))))
         outputs = list((task_template.interface.outputs or {}).keys())
-        return ActorMetadata(key=key, map_outputs=",".join(outputs), optional_outputs=custom.map.optional,
+        meta = ActorMetadata(key=key, map_outputs=",".join(outputs), optional_outputs=custom.map.optional,
                              output_prefix=prefix)
+        return _Submission(meta, prefix, map_args=(
+            fleet, elements.size, make_element, custom.map.concurrency, custom.map.min_success_ratio), map_kwargs=dict(
+            retries=retries, min_successes=custom.map.min_successes, recovered=set(recovered)))
 
     async def get(self, resource_meta: ActorMetadata, wait: Optional[float] = ASSEMBLY_WAIT_SECONDS,
                   **kwargs) -> Resource:
         """The task's state; a map that succeeded is reported SUCCEEDED once its outputs.pb is written (within
         ``wait`` seconds, else RUNNING until a later call; None: wait until it is)."""
         agent = self._agent()
-        view: Optional[TaskView] = await asyncio.wrap_future(agent.call(agent.view, resource_meta.key))
+        view: Optional[TaskView] = await asyncio.wrap_future(agent.call(agent.known_view, resource_meta.key))
+        if view is None:
+            if resource_meta.problem:
+                return Resource(phase=TaskExecution.FAILED, message=resource_meta.problem)
+            if resource_meta.record and self._records is not None:
+                problem = await self._rebuild(agent, resource_meta)
+                if problem:
+                    return Resource(phase=TaskExecution.RETRYABLE_FAILED, message=problem)
+            view = await asyncio.wrap_future(agent.call(agent.view, resource_meta.key))
         if view is None:
             self._published.pop(resource_meta.key, None)
             self._recovered.pop(resource_meta.key, None)
@@ -256,7 +329,30 @@ class ActorConnector(AsyncConnectorBase):
         names = meta.map_outputs.split(",") if meta.map_outputs else []
         return blob.publish_map_outputs(names, view.element_outputs, meta.output_prefix, recovered)
 
+    async def _rebuild(self, agent: Reactor, meta: ActorMetadata) -> str:
+        """Rebuild a task this agent does not know from its record, and hand it to the agent (recovery.py).
+        Returns what went wrong, or "" once the agent has it."""
+        try:
+            record = await asyncio.to_thread(self._records.read, meta.record)
+        except FileNotFoundError as e:
+            return f"The actor agent does not know task {meta.key} and cannot rebuild it: {e}. Retrying runs it again."
+        submission = await self._submission(agent, record.template, record.output_prefix, record.inputs,
+                                            record.metadata, key=meta.key)
+        if submission.request is not None:
+            stored = await asyncio.to_thread(self._records.stored_outputs, submission.output_prefix)
+            await asyncio.wrap_future(agent.call(agent.resume, submission.request, stored))
+        else:
+            size = submission.map_args[1]
+            done = await asyncio.to_thread(self._records.done_elements, submission.output_prefix, size)
+            await asyncio.wrap_future(agent.call(functools.partial(
+                agent.resume_map, meta.key, *submission.map_args, done=done, **submission.map_kwargs)))
+        return ""
+
     async def delete(self, resource_meta: ActorMetadata, **kwargs) -> None:
+        """Cancel the task; one this agent does not know is remembered as aborted (``Reactor.cancel``), not
+        rebuilt only to be stopped."""
+        if not resource_meta.key:
+            return  # a meta that does not parse names no task
         agent = self._agent()
         await asyncio.wrap_future(agent.call(agent.cancel, resource_meta.key, "aborted by Flyte (DeleteTask)"))
 
@@ -408,12 +504,13 @@ def _inputs_uri(uri: Optional[str]) -> str:
     return uri
 
 
-def register(agent: Callable[[], Reactor], log_config: Optional[LogConfig] = None) -> List[ActorConnector]:
+def register(agent: Callable[[], Reactor], log_config: Optional[LogConfig] = None,
+             records: Optional[TaskRecords] = None) -> List[ActorConnector]:
     """Register connectors for both actor task types with flytekit's ConnectorRegistry."""
     from flytekit.extend.backend.base_connector import ConnectorRegistry
 
-    connectors = [ActorConnector(agent, ACTOR_TASK_TYPE, log_config),
-                  ActorConnector(agent, ACTOR_MAP_TASK_TYPE, log_config)]
+    connectors = [ActorConnector(agent, ACTOR_TASK_TYPE, log_config, records),
+                  ActorConnector(agent, ACTOR_MAP_TASK_TYPE, log_config, records)]
     for connector in connectors:
         ConnectorRegistry.register(connector, override=True)
     return connectors

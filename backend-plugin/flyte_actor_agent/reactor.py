@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Protocol, Union
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Union
 
 from . import scheduler as core
 from .launchers import LaunchRefused, Launcher, OnExit, ReplicaLaunch
@@ -33,6 +33,8 @@ HEARTBEAT_INTERVAL_SECONDS = 5.0
 #: Heartbeats a replica may miss before it counts as lost (a closed stream is noticed at once; this catches
 #: half-open connections, generously, since a busy machine can delay a replica's heartbeat).
 HEARTBEAT_MISSES = 6
+#: How late the reactor may notice a changed deadline (TTLs, heartbeats and lease timeouts are seconds or more).
+REARM_SECONDS = 0.05
 
 #: What the reactor asks a replica channel to deliver: a lease, an ack, a cancel, or (for ``Stop``) a drain.
 Delivery = Union[core.Assign, core.Ack, core.CancelLease, core.Stop]
@@ -75,6 +77,7 @@ class Reactor:
         self.max_ttl_seconds = max_ttl_seconds
         self.recovery_grace = recovery_grace
         self._recovering_until = 0.0
+        self._parked: List[Callable[[], List[core.Effect]]] = []
         self.heartbeat_interval = heartbeat_interval
         self.metrics = metrics or Metrics()
         scheduler_options.setdefault("ghost_grace", heartbeat_interval)
@@ -87,6 +90,7 @@ class Reactor:
         self._thread = threading.Thread(target=self.loop.run_forever, name="actor-agent", daemon=True)
         self._waiters: Dict[str, List[asyncio.Future]] = {}
         self._timer: Optional[asyncio.TimerHandle] = None
+        self._rearm: Optional[asyncio.TimerHandle] = None
         self._background: set = set()
         self._stopped = False
         #: Finished tasks and maps whose result no GetTask has read yet: a draining agent waits for them.
@@ -158,7 +162,44 @@ class Reactor:
         return key in self.scheduler.tasks or key in self.scheduler.maps
 
     def cancel(self, key: str, reason: str) -> None:
-        self._apply(self.scheduler.cancel(key, reason))
+        if self._known(key):
+            self._apply(self.scheduler.cancel(key, reason))
+        else:
+            self._apply(self.scheduler.tombstone(key, reason))
+
+    def known_view(self, key: str) -> Optional[TaskView]:
+        """The view of ``key`` if this agent knows it (unlike :meth:`view`, never a recovery placeholder)."""
+        return task_view(self.scheduler, key) if self._known(key) else None
+
+    def resume(self, request: core.TaskRequest, stored_outputs: Optional[bytes]) -> None:
+        """Take back a task the connector rebuilt from its record after a restart (see recovery.py)."""
+        self._take_back(request.key, lambda: self.scheduler.resume(request, stored_outputs))
+
+    def resume_map(self, key: str, fleet: core.FleetConfig, size: int, make_element, concurrency, ratio,
+                   done: Set[int] = frozenset(), **options: Any) -> None:
+        """Take back an actor map the connector rebuilt; ``done``: elements whose outputs are stored."""
+        self._take_back(key, lambda: self.scheduler.resume_map(key, fleet, size, make_element, concurrency, ratio,
+                                                               done=done, **options))
+
+    def _take_back(self, key: str, take_back: Callable[[], List[core.Effect]]) -> None:
+        """While adopted replicas have not reconnected yet (within the recovery grace), wait for them before
+        handing a rebuilt task to the scheduler, so a task one of them still runs is not started twice."""
+        if self._known(key):
+            self._apply(take_back())  # it only completes what a reconnected replica brought back
+        elif self._adoption_pending():
+            self._parked.append(take_back)
+        else:
+            self._apply(take_back())
+
+    def _adoption_pending(self) -> bool:
+        return time.monotonic() < self._recovering_until and any(
+            r.adopted and r.state is core.ReplicaState.STARTING for r in self.scheduler.replicas.values())
+
+    def _release_parked(self, force: bool = False) -> None:
+        if self._parked and (force or not self._adoption_pending()):
+            parked, self._parked = self._parked, []
+            for take_back in parked:
+                self._apply(take_back())
 
     def forget(self, key: str) -> None:
         self.scheduler.forget(key)
@@ -199,6 +240,7 @@ class Reactor:
         abandoned = self.scheduler.abandoned_leases(replica_id, running)
         self.metrics.replica_event(self.fleet_name(replica_id), "connected")
         self._apply(effects)
+        self._release_parked()
         return abandoned
 
     def authenticate(self, replica_id: str, token: str, fleet_key: str) -> None:
@@ -248,6 +290,7 @@ class Reactor:
                 log.info("adopted %d replicas left by a previous agent", len(adopted))
             # Tasks GetTask asks about that this agent does not know may still be running on a replica.
             self._recovering_until = time.monotonic() + self.recovery_grace
+            self.loop.call_later(self.recovery_grace, self._release_parked, True)
             self._arm_timer()
 
     async def _stop(self) -> None:
@@ -260,8 +303,9 @@ class Reactor:
             await self.launcher.close()
         if self.channel is not None:
             await self.channel.stop()
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._rearm):
+            if timer is not None:
+                timer.cancel()
 
     # --------------------------------------------------------------------------------------------- effects
 
@@ -283,6 +327,13 @@ class Reactor:
                 self.metrics.replica_event(self.fleet_name(effect.replica_id), "stop_requested")
                 self.channel.deliver(effect)
                 self._background_task(self.launcher.stop(effect.replica_id, effect.reason))
+        if self._rearm is None:
+            # Finding the next deadline walks every lease and replica: with thousands of replicas, doing it after
+            # each event caps the dispatch rate, so a burst of events re-arms the timer once, a moment later.
+            self._rearm = self.loop.call_later(REARM_SECONDS, self._rearm_timer)
+
+    def _rearm_timer(self) -> None:
+        self._rearm = None
         self._arm_timer()
 
     def _finished(self, key: str) -> None:
@@ -333,6 +384,7 @@ class Reactor:
         if replica_id in self.scheduler.replicas:
             self.metrics.replica_gone(self.fleet_name(replica_id), exit.reason)
         self._apply(self.scheduler.replica_gone(replica_id, exit))
+        self._release_parked()
 
     def _background_task(self, coro) -> None:
         task = asyncio.ensure_future(coro)

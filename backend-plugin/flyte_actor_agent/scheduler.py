@@ -36,6 +36,19 @@ if TYPE_CHECKING:
 HEARTBEAT_TIMEOUT_SECONDS = 30.0
 #: After replicas of a fleet failed to start, tasks for it fail at once for this long, then a launch is retried.
 START_RETRY_AFTER_SECONDS = 60.0
+
+
+def element_key(map_key: str, index: int) -> str:
+    """The key of an actor map's element: recovery finds a map's elements by it (``<map key>/<index>``)."""
+    return f"{map_key}/{index}"
+
+
+def _element_of(key: str) -> tuple:
+    """``(map key, index)`` of an element key; ``("", -1)`` for other keys."""
+    parent, _, index = key.rpartition("/")
+    return (parent, int(index)) if parent and index.isdigit() else ("", -1)
+
+
 #: How long a finished task's result is kept for GetTask (propeller stops asking once it saw a terminal phase).
 RETAIN_SECONDS = 3600.0
 #: A replica that has not connected this long after its launch is stopped and counts as a failed start.
@@ -302,6 +315,8 @@ class MapJob:
     failed: int = 0
     retried: int = 0
     finished_at: Optional[float] = None
+    #: Elements a resumed map does not start: their outputs were stored, or an adopted replica still runs them.
+    resumed: Set[int] = field(default_factory=set)
 
     @property
     def required(self) -> int:
@@ -401,6 +416,12 @@ class Scheduler:
         are in that attempt's prefix and they are not run again."""
         if key in self.maps or key in self.tasks:
             return []
+        return self._start_map(self._new_map(key, fleet, size, make_element, concurrency, min_success_ratio, retries,
+                                             min_successes, set(recovered)))
+
+    def _new_map(self, key: str, fleet: FleetConfig, size: int, make_element: Callable[[int], TaskRequest],
+                 concurrency: Optional[int], min_success_ratio: float, retries: int, min_successes: Optional[int],
+                 recovered: Set[int]) -> MapJob:
         job = MapJob(
             key=key,
             fleet=fleet,
@@ -411,20 +432,23 @@ class Scheduler:
             submitted_at=self.clock(),
             retries=retries,
             min_successes=min_successes,
-            recovered=set(recovered),
+            recovered=recovered,
             outputs=[None] * size,
         )
         for index in job.recovered:
             job.outputs[index] = IN_PREFIX
         job.succeeded = len(job.recovered)
-        self.maps[key] = job
+        return job
+
+    def _start_map(self, job: MapJob) -> List[Effect]:
+        self.maps[job.key] = job
         effects: List[Effect] = []
-        self._use_fleet(fleet, effects)
+        self._use_fleet(job.fleet, effects)
         if job.allowed_failures < 0:
-            self._finish_map(job, Phase.FAILED, f"min_successes={min_successes} is more than the map's {size} "
+            self._finish_map(job, Phase.FAILED, f"min_successes={job.min_successes} is more than the map's {job.size} "
                              "elements: lower min_successes or map over more elements", effects)
-        elif job.succeeded == size:
-            self._finish_map(job, Phase.SUCCEEDED, f"{size} of {size} elements succeeded", effects)
+        elif job.succeeded == job.size:
+            self._finish_map(job, Phase.SUCCEEDED, f"{job.size} of {job.size} elements succeeded", effects)
         else:
             self._feed_map(job, effects)
         return effects
@@ -506,13 +530,15 @@ class Scheduler:
         fleet_state.replicas[replica_id] = replica
         self.replicas[replica_id] = replica
 
-    def _recover_lease(self, replica: Replica, lease_id: str) -> None:
-        """A reconnecting adopted replica runs ``lease_id``, which this agent never issued: rebuild its task
-        from the key in the lease id, so GetTask finds it and the replica's report completes it. Only a lease id
-        signed by the agent's key for this replica counts: a forged or borrowed claim is abandoned."""
+    def _recover_lease(self, replica: Replica, lease_id: str) -> Optional[TaskState]:
+        """An adopted replica runs (or ran) ``lease_id``, which this agent never issued: rebuild its task from
+        the key in the lease id, so GetTask finds it and the replica's report completes it. Only a lease id
+        signed by the agent's key for this replica counts: a forged or borrowed claim is abandoned. Not when the
+        key, or the actor map it is an element of, is known already: then the lease is stale."""
         key = self.lease_ids.verify(replica.id, lease_id)
-        if not key or key in self.tasks or key in self.maps:
-            return
+        parent = _element_of(key)[0] if key else ""
+        if not key or key in self.tasks or key in self.maps or parent in self.maps or parent in self.tasks:
+            return None
         task = TaskState(
             key=key, fleet_key=replica.fleet_key, payload=None, timeout_seconds=0.0, name=key,
             submitted_at=self.clock(), phase=Phase.RUNNING, lease_id=lease_id, replica_id=replica.id, leases=1,
@@ -520,6 +546,74 @@ class Scheduler:
         )
         self.tasks[key] = task
         self.leases[lease_id] = task
+        return task
+
+    def resume(self, request: TaskRequest, stored_outputs: Optional[bytes] = None) -> List[Effect]:
+        """Take back a task the connector rebuilt from its record after a restart. If an adopted replica
+        brought it back with its lease, it only gets its payload (so a lost lease queues it again); if its outputs
+        were stored, it succeeded; else it is queued."""
+        task = self.tasks.get(request.key)
+        if task is not None or request.key in self.maps:
+            if task is not None and task.payload is None and not task.phase.terminal:
+                task.payload, task.timeout_seconds, task.name = request.payload, request.timeout_seconds, request.name
+            return []
+        if stored_outputs is None:
+            return self.submit(request)
+        effects: List[Effect] = []
+        task = self._new_task(request)
+        self.tasks[task.key] = task
+        self._finish_task(task, Phase.SUCCEEDED, "finished while the agent restarted", effects, outputs=stored_outputs)
+        return effects
+
+    def resume_map(
+        self,
+        key: str,
+        fleet: FleetConfig,
+        size: int,
+        make_element: Callable[[int], TaskRequest],
+        concurrency: Optional[int] = None,
+        min_success_ratio: float = 1.0,
+        retries: int = 0,
+        min_successes: Optional[int] = None,
+        recovered: Set[int] = frozenset(),
+        done: Set[int] = frozenset(),
+    ) -> List[Effect]:
+        """Take back an actor map the connector rebuilt after a restart: elements in ``done`` (their outputs.pb is
+        in this map's prefix) or ``recovered`` (an earlier attempt's) are not run again, elements adopted replicas
+        brought back with their leases (keys ``<key>/<i>``) join the map as they are, the rest run."""
+        if key in self.maps or key in self.tasks:
+            return []
+        job = self._new_map(key, fleet, size, make_element, concurrency, min_success_ratio, retries, min_successes,
+                            set(recovered) | {i for i in done if i < size})
+        for index, task in [(_element_of(k)[1], t) for k, t in self.tasks.items() if _element_of(k)[0] == key]:
+            del self.tasks[task.key]
+            if index >= size or index in job.recovered:
+                continue
+            if task.phase is Phase.SUCCEEDED:
+                job.outputs[index] = task.outputs if task.outputs is not None else IN_PREFIX
+                job.succeeded += 1
+                job.resumed.add(index)
+            elif not task.phase.terminal:
+                request = make_element(index)
+                task.payload, task.timeout_seconds, task.name = request.payload, request.timeout_seconds, request.name
+                task.parent, task.index = job, index
+                job.in_flight[index] = task
+                job.resumed.add(index)
+        return self._start_map(job)
+
+    def tombstone(self, key: str, reason: str) -> List[Effect]:
+        """DeleteTask for a task this agent does not know: remember it as aborted, so that a replica that
+        reconnects with its lease is told to drop it instead of bringing it back."""
+        if key in self.tasks or key in self.maps:
+            return self.cancel(key, reason)
+        effects: List[Effect] = []
+        task = TaskState(key=key, fleet_key="", payload=None, timeout_seconds=0.0, name=key,
+                         submitted_at=self.clock(), phase=Phase.ABORTED, message=reason, finished_at=self.clock())
+        self.tasks[key] = task
+        self._announce(key, task.finished_at, effects)
+        for element in [k for k in self.tasks if _element_of(k)[0] == key]:
+            effects.extend(self.cancel(element, reason))  # elements adopted replicas brought back
+        return effects
 
     def abandoned_leases(self, replica_id: str, running: List[str]) -> List[str]:
         replica = self.replicas.get(replica_id)
@@ -668,6 +762,10 @@ class Scheduler:
             task = None
         elif task is not None:
             del self.leases[lease_id]
+        elif replica is not None and replica.adopted and outcome in (Outcome.SUCCEEDED, Outcome.FAILED):
+            # A result the replica kept for the previous agent: take it rather than run the task again.
+            task = self._recover_lease(replica, lease_id)
+            self.leases.pop(lease_id, None)
         if task is not None and task.lease_id == lease_id and not task.phase.terminal:
             if outcome is Outcome.SUCCEEDED and self.max_output_bytes and outputs_size > self.max_output_bytes:
                 self._finish_task(task, Phase.FAILED, (
@@ -973,7 +1071,7 @@ class Scheduler:
         while job.phase is Phase.RUNNING and job.next_index < job.size and len(job.in_flight) < limit:
             index = job.next_index
             job.next_index += 1
-            if index in job.recovered:
+            if index in job.recovered or index in job.resumed:
                 continue
             task = self._new_task(job.make_element(index), parent=job, index=index)
             job.in_flight[index] = task

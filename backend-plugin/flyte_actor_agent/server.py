@@ -13,6 +13,12 @@ answered with a status code and one line; tracebacks go to this log only. See do
 
 On SIGTERM it stops taking tasks, gives running tasks ``--shutdown-grace-seconds`` to finish, and exits. With the
 Kubernetes launcher it leaves replica pods running: the next agent adopts them (see docs/deploy.md).
+
+With ``--leader-election`` several pods run and one leads (leader.py). Each pod labels itself
+``flyte-actors.io/agent-role`` ``standby`` or ``leader``, and the chart's Service selects the leader, so propeller
+and the replicas reach the leader only; standbys answer gRPC health ``NOT_SERVING`` for the connector service and
+refuse connector calls with ``UNAVAILABLE``. A leader that loses its Lease exits at once; on SIGTERM it stops
+acting, then releases the Lease, leaving running tasks to the replicas and the next leader.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import asyncio
 import logging
 import os
 import signal
+import socket
+import threading
 import uuid
 from typing import Awaitable, Callable, List, Optional
 
@@ -52,6 +60,7 @@ from .launchers.k8s_config import AgentPodConfig
 from .lease_service import LeaseService
 from .reactor import Reactor
 from .status import add_status_command, serve_status, status_command
+from .recovery import TaskRecords
 
 log = logging.getLogger("flyte-actor-agent")
 ACTOR_TASK_TYPES = (ACTOR_TASK_TYPE, ACTOR_MAP_TASK_TYPE)
@@ -102,6 +111,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
           "after a restart, how long tasks the agent does not know wait for a replica to report them", float)
     _flag(serve, "--shutdown-grace-seconds", "FLYTE_ACTOR_SHUTDOWN_GRACE_SECONDS", 30.0,
           "on SIGTERM, how long running tasks get to finish", float)
+    _flag(serve, "--task-records", "FLYTE_ACTOR_TASK_RECORDS", "true",
+          "store what rebuilds each task next to its outputs, so a restart loses nothing ('true'/'false')", _boolean)
+    _flag(serve, "--leader-election", "FLYTE_ACTOR_LEADER_ELECTION", "false",
+          "run as one of several pods, the leader elected through a Kubernetes Lease ('true'/'false')", _boolean)
+    _flag(serve, "--leader-election-lease", "FLYTE_ACTOR_LEADER_ELECTION_LEASE", "flyte-actor-agent",
+          "name of the Lease object")
+    _flag(serve, "--leader-election-namespace", "FLYTE_ACTOR_LEADER_ELECTION_NAMESPACE", "",
+          "namespace of the Lease (empty: this pod's own)")
+    _flag(serve, "--identity", "FLYTE_ACTOR_POD_NAME", socket.gethostname(), "this pod's name in the Lease")
     _flag(serve, "--tls-cert", "FLYTE_ACTOR_TLS_CERT", None, "PEM certificate (chain) of the connector port")
     _flag(serve, "--tls-key", "FLYTE_ACTOR_TLS_KEY", None, "PEM private key of --tls-cert")
     _flag(serve, "--tls-client-ca", "FLYTE_ACTOR_TLS_CLIENT_CA", None,
@@ -154,11 +172,22 @@ class ActorAgentService(AsyncConnectorService):
     """flytekit's connector service for the actor task types only. Its calls are answered here rather than by
     flytekit's, which turns every exception into INTERNAL with the server's traceback: a task the agent will not
     run is INVALID_ARGUMENT with one line saying why, an unexpected error is INTERNAL with one line and an id to
-    find the traceback in this agent's log."""
+    find the traceback in this agent's log. While this pod is a standby (``leading`` unset) it refuses every call.
+    """
+
+    def __init__(self, leading: Optional[threading.Event] = None):
+        super().__init__()
+        self.leading = leading
+
+    async def _check(self, task_type: str, context) -> None:
+        if self.leading is not None and not self.leading.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this flyte-actor-agent pod is a standby (not the "
+                                "leader); retry through the Service, which routes to the pod labelled leader")
+        await _only_actor_types(task_type, context)
 
     async def CreateTask(self, request, context):
         task_type = request.template.type
-        await _only_actor_types(task_type, context)
+        await self._check(task_type, context)
 
         async def create():
             template = TaskTemplate.from_flyte_idl(request.template)
@@ -177,7 +206,7 @@ class ActorAgentService(AsyncConnectorService):
 
     async def GetTask(self, request, context):
         task_type = request.task_category.name or request.task_type
-        await _only_actor_types(task_type, context)
+        await self._check(task_type, context)
 
         async def get():
             connector = ConnectorRegistry.get_connector(task_type, request.task_category.version)
@@ -188,7 +217,7 @@ class ActorAgentService(AsyncConnectorService):
 
     async def DeleteTask(self, request, context):
         task_type = request.task_category.name or request.task_type
-        await _only_actor_types(task_type, context)
+        await self._check(task_type, context)
 
         async def delete():
             connector = ConnectorRegistry.get_connector(task_type, request.task_category.version)
@@ -223,6 +252,12 @@ async def _answer(context, operation: str, task_type: str, call: Callable[[], Aw
                                                 f"its log has the details under incident {incident}")
     line = " ".join(line.split())
     await context.abort(code, line if len(line) <= 1000 else line[:997] + "...")
+
+    async def _check(self, task_type: str, context) -> None:
+        if self.leading is not None and not self.leading.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this flyte-actor-agent pod is a standby (not the "
+                                "leader); retry through the Service, which routes to the pod labelled leader")
+        await _only_actor_types(task_type, context)
 
 
 async def _only_actor_types(task_type: str, context) -> None:
@@ -307,7 +342,10 @@ def make_lease_service(args: argparse.Namespace):
                                         credentials=credentials, ca_certificate=ca)
 
 
-async def serve(args: argparse.Namespace) -> None:
+HEALTH_SERVICES = ("flyteidl.service.AsyncAgentService", "flyteidl.service.AgentMetadataService", "")
+
+
+def start_agent(args: argparse.Namespace) -> Reactor:
     agent = Reactor(
         make_launcher_factory(args),
         max_ttl_seconds=args.max_ttl_seconds or None,
@@ -315,7 +353,7 @@ async def serve(args: argparse.Namespace) -> None:
         lease_key=lease_key(args.lease_key_file),
         max_output_bytes=args.max_output_bytes,
     ).start(make_lease_service(args))
-    register(lambda: agent, args.pod_config.logs)
+    register(lambda: agent, args.pod_config.logs, TaskRecords() if args.task_records else None)
     agent.metrics.watch(agent.scheduler, agent.call)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.host, registry=agent.metrics.exported())
@@ -325,16 +363,67 @@ async def serve(args: argparse.Namespace) -> None:
         except OSError as e:
             raise SystemExit(f"flyte-actor-agent: cannot serve the status page on {args.host}:{args.status_port}: "
                              f"{e.strerror or e}; pick another --status-port, or 0 to turn it off")
+    return agent
+
+
+def _fenced() -> None:
+    """This pod led and could not renew its Lease: another pod may take over, so it must stop acting now. Exiting
+    is the one stop that cannot leave a lease or a launch half done; Kubernetes restarts it as a standby."""
+    log.critical("leader election: lost the Lease; exiting so that only the new leader acts")
+    logging.shutdown()
+    os._exit(1)
+
+
+def _elector(args: argparse.Namespace, on_elected):
+    """The Lease elector and the pod's role label (standby from now on)."""
+    from kubernetes import config
+
+    from .leader import KubernetesLeaseStore, LeaderElector, PodRole
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    namespace = args.leader_election_namespace or _own_namespace()
+    role = PodRole(args.identity, namespace)
+    role.mark("standby")  # a pod restarted after leading may still carry the leader label
+    store = KubernetesLeaseStore(args.leader_election_lease, namespace)
+    return LeaderElector(store, args.identity, on_elected=on_elected, on_lost=_fenced), role
+
+
+def _own_namespace() -> str:
+    path = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
+    raise SystemExit("flyte-actor-agent: --leader-election needs --leader-election-namespace (or POD_NAMESPACE) "
+                     "outside a pod")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    leading = threading.Event()
+    elected = asyncio.Event()
+    elector = role = None
+    if args.leader_election:
+        elector, role = await asyncio.to_thread(_elector, args, lambda: loop.call_soon_threadsafe(elected.set))
+    else:
+        elected.set()
 
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", args.max_message_bytes),
         ("grpc.max_send_message_length", args.max_message_bytes),
     ])
-    add_AsyncAgentServiceServicer_to_server(ActorAgentService(), server)
+    add_AsyncAgentServiceServicer_to_server(ActorAgentService(leading), server)
     add_AgentMetadataServiceServicer_to_server(ActorMetadataService(), server)
     health_servicer = health.aio.HealthServicer()
-    for service in ("flyteidl.service.AsyncAgentService", "flyteidl.service.AgentMetadataService", ""):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    for service in HEALTH_SERVICES[:-1]:  # the connector serves once this pod leads
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # The process is alive (the probes' ""): not Ready before it leads only without leader election.
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING if elector is not None
+                              else health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
     address = f"{args.host}:{args.port}"
@@ -342,21 +431,48 @@ async def serve(args: argparse.Namespace) -> None:
     if bound == 0:
         raise SystemExit(f"flyte-actor-agent: cannot listen on {address}")
     await server.start()
-    log.info("connector on %s:%s (%s), leases on %s (%s), metrics on :%s, status on :%s", args.host, args.port,
-             "TLS" if credentials else "plaintext", agent.lease_address,
-             "TLS" if agent.channel.ca_certificate else "plaintext", args.metrics_port, args.status_port)
 
     stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    if elector is not None:
+        log.info("standby %s: waiting for the Lease %s", args.identity, args.leader_election_lease)
+        threading.Thread(target=elector.run, name="leader-election", daemon=True).start()
+    await asyncio.wait([asyncio.ensure_future(elected.wait()), asyncio.ensure_future(stopping.wait())],
+                       return_when=asyncio.FIRST_COMPLETED)
+    agent = None
+    if elected.is_set() and not stopping.is_set():
+        agent = await asyncio.to_thread(start_agent, args)
+        leading.set()
+        if role is not None:
+            try:
+                await asyncio.to_thread(role.mark, "leader")
+            except RuntimeError as e:  # unreachable for propeller: give the Lease to a pod that can be reached
+                log.error("%s; stepping down", e)
+                stopping.set()
+        for service in HEALTH_SERVICES:
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("connector on %s:%s (%s), leases on %s (%s), metrics on :%s, status on :%s", args.host, args.port,
+                 "TLS" if credentials else "plaintext", agent.lease_address,
+                 "TLS" if agent.channel.ca_certificate else "plaintext", args.metrics_port, args.status_port)
     await stopping.wait()
-    log.info("shutting down: no new tasks, %ss for running ones", args.shutdown_grace_seconds)
     await health_servicer.enter_graceful_shutdown()
-    # The connector keeps answering GetTask during the drain: propeller collects the results of the tasks that
-    # finish in it (the drain ends once they are read, or at the grace); only then does the port close.
-    await asyncio.to_thread(agent.shutdown, args.shutdown_grace_seconds)
-    await server.stop(grace=5)
+    if elector is None:
+        log.info("shutting down: no new tasks, %ss for running ones", args.shutdown_grace_seconds)
+        # The connector keeps answering GetTask during the drain: propeller collects the results of the tasks
+        # that finish in it (the drain ends once they are read, or at the grace); only then does the port close.
+        if agent is not None:
+            await asyncio.to_thread(agent.shutdown, args.shutdown_grace_seconds)
+        await server.stop(grace=5)
+        return
+    # Several pods: running tasks carry on in the replicas, which reconnect to the next leader; so stop acting
+    # first, then hand the Lease over at once.
+    log.info("shutting down: stepping down as leader")
+    leading.clear()
+    await server.stop(grace=1)
+    if agent is not None:
+        await asyncio.to_thread(agent.stop)
+    await asyncio.to_thread(elector.release)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

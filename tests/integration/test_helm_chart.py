@@ -533,7 +533,7 @@ def test_pod_policy_tls_and_lease_key_reach_the_agent(helm, name):
     (["--set", "ports.metrics=0"], "ports.metrics"),
     (["--set", "launcher=docker"], "launcher"),
     (["--set", "namespaces[0]=Not_A_Namespace"], "namespaces"),
-    (["--set", "replicaCount=2"], "replicaCount"),
+    (["--set", "replicaCount=0"], "replicaCount"),
     (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
     (["--set-string", "maxTtlSeconds=forever"], "maxTtlSeconds"),
     (["--set", "recoveryGraceSeconds=-1"], "recoveryGraceSeconds"),
@@ -591,6 +591,74 @@ def test_notes_print_the_propeller_configuration(helm, name):
     assert binary["configuration"]["inline"] == {"plugins": config["plugins"]}
     if values.get("networkPolicy", {}).get("enabled"):
         assert "flyte-binary" in notes and "NetworkPolicy" in notes
+
+
+# ----------------------------------------------------------------------------------- several agent pods (issue 12)
+
+HA_VALUES = {"replicaCount": 3, "namespaces": ["team-a"]}
+LEADER_ELECTION_RULES = {"leases": {"get", "create", "update"}, "pods": {"get", "patch"}}
+
+
+@pytest.mark.parametrize("anti_affinity", ["soft", "hard", "none"])
+def test_several_agent_pods_elect_a_leader_the_service_selects(helm, anti_affinity):
+    values = dict(HA_VALUES, podAntiAffinity=anti_affinity)
+    docs, _ = template(helm, values)
+    deployment = one(docs, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 3
+    # New pods start as standbys and become Ready, so a rolling update never waits on a pod that cannot lead.
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    env = container_env(deployment)
+    assert env["FLYTE_ACTOR_LEADER_ELECTION"]["value"] == "true"
+    assert env["FLYTE_ACTOR_LEADER_ELECTION_LEASE"]["value"] == fullname(values)
+    assert env["FLYTE_ACTOR_POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["FLYTE_ACTOR_LEADER_ELECTION_NAMESPACE"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.namespace"}}
+    source = "\n".join(p.read_text() for p in SERVER_PACKAGE.rglob("*.py"))
+    assert all(f'"{name}"' in source for name in env if name.startswith("FLYTE_ACTOR_"))
+    # Replicas dial the Service, which follows the leader, never a pod address.
+    assert env["FLYTE_ACTOR_LEASE_ADDRESS"]["value"].startswith(f"{fullname(values)}.{NAMESPACE}.svc.")
+    selector = one(docs, "Service")["spec"]["selector"]
+    assert selector["flyte-actors.io/agent-role"] == "leader"
+    assert "flyte-actors.io/agent-role" not in spec["selector"]["matchLabels"]
+
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": spec["selector"]["matchLabels"]}}
+    affinity = spec["template"]["spec"].get("affinity")
+    if anti_affinity == "none":
+        assert affinity is None
+    else:
+        rules = affinity["podAntiAffinity"]
+        key = {"soft": "preferredDuringSchedulingIgnoredDuringExecution",
+               "hard": "requiredDuringSchedulingIgnoredDuringExecution"}[anti_affinity]
+        (term,) = rules[key]
+        term = term.get("podAffinityTerm", term)
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        assert term["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+
+    (role,) = [r for r in by_kind(docs, "Role") if r["metadata"]["namespace"] == NAMESPACE]
+    granted = {(res, verb) for rule in role["rules"] for res in rule["resources"] for verb in rule["verbs"]}
+    assert granted == {(res, verb) for res, verbs in LEADER_ELECTION_RULES.items() for verb in verbs}
+    (binding,) = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["namespace"] == NAMESPACE]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    import kubernetes_validate
+
+    for doc in docs:
+        kubernetes_validate.validate(doc, nearest_validate_version("1.32.0"), strict=True)
+
+
+def test_one_agent_pod_has_no_leader_election_budget_or_role_selector(helm):
+    docs, _ = template(helm, {"namespaces": ["team-a"]})
+    assert not by_kind(docs, "PodDisruptionBudget")
+    assert "FLYTE_ACTOR_LEADER_ELECTION" not in container_env(one(docs, "Deployment"))
+    assert "flyte-actors.io/agent-role" not in one(docs, "Service")["spec"]["selector"]
+    assert not [r for r in by_kind(docs, "Role") if r["metadata"]["name"].endswith("leader-election")]
+
+
+def test_several_agent_pods_need_the_kubernetes_launcher(helm):
+    _, result = template(helm, {"replicaCount": 2, "launcher": "local"}, check=False)
+    assert result.returncode != 0
+    assert "replicaCount: 2 needs launcher: kubernetes" in result.stderr
 
 
 # ------------------------------------------------------------------------------------- offline schema validation
