@@ -208,7 +208,9 @@ class ActorConnector(AsyncConnectorBase):
                 dest_dir=command.dest_dir or "",
                 env=env,
                 timeout_seconds=timeout,
-                outputs_to_prefix=element,
+                # Map elements, and every task of an agent that keeps task records: a restarted agent finds the
+                # results nobody received in the blob store (the fast path otherwise returns them in-band only).
+                outputs_to_prefix=element or self._records is not None,
             ).SerializeToString()
 
         if custom.map is None:

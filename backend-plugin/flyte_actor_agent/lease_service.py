@@ -124,10 +124,14 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
             log.warning("refused replica %s: %s", loggable(replica_id), loggable(str(refused)))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(refused))
         if replica_id in self._streams:
-            # One live stream per replica: a second Hello (someone holding the token, or the replica itself before
-            # the agent saw its old stream end) is refused, never swapped in. The replica retries ALREADY_EXISTS.
-            log.warning("refused a second stream for replica %s", loggable(replica_id))
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"replica {replica_id} already has a live lease stream")
+            # One live stream per replica: a second Hello is never swapped in. It is most often the replica itself,
+            # reconnecting after a reset the agent has not noticed yet (a half-open connection can stay open for a
+            # keepalive timeout): the old stream is closed, its leases kept for the reconnect, and this Hello
+            # refused; the replica retries ALREADY_EXISTS at once and is then the only stream.
+            log.warning("second stream for replica %s: closing the first, refusing this one", loggable(replica_id))
+            self.close(replica_id)
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"replica {replica_id} had a live lease stream; it was closed: reconnect")
         queue: asyncio.Queue = asyncio.Queue()
         # Mapped before the reactor hears of the replica, so the leases it hands out at once reach this stream;
         # no await between the check above and here, so two Hellos cannot both pass it.

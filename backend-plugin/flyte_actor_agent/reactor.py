@@ -169,7 +169,7 @@ class Reactor:
 
     def known_view(self, key: str) -> Optional[TaskView]:
         """The view of ``key`` if this agent knows it (unlike :meth:`view`, never a recovery placeholder)."""
-        return task_view(self.scheduler, key) if self._known(key) else None
+        return self.view(key) if self._known(key) else None
 
     def resume(self, request: core.TaskRequest, stored_outputs: Optional[bytes]) -> None:
         """Take back a task the connector rebuilt from its record after a restart (see recovery.py)."""

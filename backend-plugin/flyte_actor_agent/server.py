@@ -48,6 +48,7 @@ from flyteidl.service.agent_pb2_grpc import (
 )
 from flytekit.extend.backend.base_connector import ConnectorRegistry
 from flytekit.exceptions.system import FlyteConnectorNotFound
+from flytekit.extend.backend import connector_service as connector_metrics
 from flytekit.extend.backend.connector_service import AsyncConnectorService
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -153,7 +154,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
           "a task (or map element) whose outputs.pb is larger fails, naming this cap (0: no cap)", int)
     add_status_command(sub)
     args = parser.parse_args(argv)
-    if args.command == "serve" and args.launcher not in ("local", "kubernetes"):
+    if args.command != "serve":
+        return args
+    if args.launcher not in ("local", "kubernetes"):
         parser.error(f"--launcher {args.launcher!r} is not a launcher: use 'kubernetes' or 'local'")
     for cert, key in (("tls_cert", "tls_key"), ("lease_tls_cert", "lease_tls_key")):
         if bool(getattr(args, cert)) != bool(getattr(args, key)):
@@ -236,9 +239,13 @@ def _metadata(connector, raw: bytes):
 
 
 async def _answer(context, operation: str, task_type: str, call: Callable[[], Awaitable]):
-    """Run ``call``; map its errors to a status code and one line (the line is cut to 1,000 characters)."""
+    """Run ``call``; map its errors to a status code and one line (the line is cut to 1,000 characters). Counted in
+    flytekit's own connector metrics, as its connector service counts them."""
     try:
-        return await call()
+        with connector_metrics.request_latency.labels(task_type=task_type, operation=operation).time():
+            answer = await call()
+        connector_metrics.request_success_count.labels(task_type=task_type, operation=operation).inc()
+        return answer
     except FlyteConnectorNotFound:
         code, line = grpc.StatusCode.NOT_FOUND, (f"this agent has no connector for {task_type!r} at that task type "
                                                  "version; flytekit.map_task over actor tasks is not supported, use "
@@ -250,6 +257,8 @@ async def _answer(context, operation: str, task_type: str, call: Callable[[], Aw
         log.exception("%s of a %s task failed (incident %s)", operation, task_type, incident)
         code, line = grpc.StatusCode.INTERNAL, (f"the actor agent failed to {operation} the task: {type(e).__name__}; "
                                                 f"its log has the details under incident {incident}")
+    connector_metrics.request_failure_count.labels(task_type=task_type, operation=operation,
+                                                   error_code=code.value[0]).inc()
     line = " ".join(line.split())
     await context.abort(code, line if len(line) <= 1000 else line[:997] + "...")
 
@@ -442,7 +451,11 @@ async def serve(args: argparse.Namespace) -> None:
                        return_when=asyncio.FIRST_COMPLETED)
     agent = None
     if elected.is_set() and not stopping.is_set():
-        agent = await asyncio.to_thread(start_agent, args)
+        try:
+            agent = await asyncio.to_thread(start_agent, args)
+        except SystemExit:  # a port it cannot have: one line (the SystemExit's), after closing the connector port
+            await server.stop(grace=None)
+            raise
         leading.set()
         if role is not None:
             try:

@@ -57,7 +57,7 @@ def main() -> None:
             shutil.rmtree(prefix, ignore_errors=True)
         env = dict(case.get("env", {}))
         env[executor.FAST_PATH_VARIABLE] = "1" if case["path"] == "fast" else "0"
-        spec = lease_pb2.TaskSpec(
+        spec = lease_pb2.TaskRun(
             task_name=case["task"], resolver=RESOLVER, resolver_args=["task-module", "fast_path_tasks", "task-name",
                                                                       case["task"]],
             inputs=bytes.fromhex(case["inputs"]), output_prefix=case["output_prefix"],

@@ -308,10 +308,11 @@ def test_the_agent_server_over_tls_runs_a_task_and_answers_bad_ones_in_one_line(
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "custom.environment.replica_count=0" in bad.value.details() and "\n" not in bad.value.details()
         assert "Traceback" not in bad.value.details()
-        with pytest.raises(grpc.RpcError) as garbage:
-            stub.GetTask(agent_pb2.GetTaskRequest(task_category=agent_pb2.TaskCategory(name="actor", version=0),
-                                                  resource_meta=b"\xff not json"), timeout=10)
-        assert garbage.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "\n" not in garbage.value.details()
+        # A resource meta that does not parse is a permanent failure of that task, in one line (docs/reliability.md).
+        garbage = stub.GetTask(agent_pb2.GetTaskRequest(task_category=agent_pb2.TaskCategory(name="actor", version=0),
+                                                        resource_meta=b"\xff not json"), timeout=10).resource
+        assert garbage.phase == TaskExecution.FAILED and "does not parse" in garbage.message
+        assert "Traceback" not in garbage.message
 
         # Without a client certificate, or without TLS, nothing gets through.
         for credentials in (grpc.ssl_channel_credentials(read(server_cert)), None):

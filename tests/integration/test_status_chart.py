@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from test_helm_chart import CHART, FULLNAME, NAMESPACE, by_kind, container_env, helm, one, run_helm, template, values_file  # noqa: F401
+from test_helm_chart import BASE, CHART, FULLNAME, NAMESPACE, by_kind, container_env, helm, one, run_helm, template, values_file  # noqa: F401
 
 DASHBOARD_FILE = CHART / "dashboards" / "flyte-actor-agent.json"
 SCRAPER = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}},
@@ -22,7 +22,7 @@ def _status_rules(docs):
 
 
 def test_the_status_port_is_on_the_agent_and_closed_by_the_network_policy_unless_peers_are_listed(helm):
-    docs, _ = template(helm, {"networkPolicy": {"enabled": True}})
+    docs, _ = template(helm, {**BASE, "networkPolicy": {"enabled": True}})
     deployment = one(docs, "Deployment")
     assert container_env(deployment)["FLYTE_ACTOR_STATUS_PORT"]["value"] == "9091"
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -30,29 +30,29 @@ def test_the_status_port_is_on_the_agent_and_closed_by_the_network_policy_unless
     assert all(p["port"] != 9091 for p in one(docs, "Service")["spec"]["ports"])
     assert _status_rules(docs) == []
 
-    docs, _ = template(helm, {"networkPolicy": {"enabled": True, "status": {"from": SCRAPER}}})
+    docs, _ = template(helm, {**BASE, "networkPolicy": {"enabled": True, "status": {"from": SCRAPER}}})
     assert _status_rules(docs) == [{"ports": [{"port": 9091, "protocol": "TCP"}], "from": SCRAPER}]
 
 
 def test_the_status_page_can_be_turned_off_and_moved(helm):
-    docs, _ = template(helm, {"statusPage": {"enabled": False}, "networkPolicy": {"enabled": True,
+    docs, _ = template(helm, {**BASE, "statusPage": {"enabled": False}, "networkPolicy": {"enabled": True,
                                                                                "status": {"from": SCRAPER}}})
     deployment = one(docs, "Deployment")
     assert container_env(deployment)["FLYTE_ACTOR_STATUS_PORT"]["value"] == "0"
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert all(p["name"] != "status" for p in container["ports"]) and _status_rules(docs) == []
-    docs, _ = template(helm, {"ports": {"grpc": 8000, "lease": 8001, "metrics": 9090, "status": 9200}})
+    docs, _ = template(helm, {**BASE, "ports": {"grpc": 8000, "lease": 8001, "metrics": 9090, "status": 9200}})
     assert container_env(one(docs, "Deployment"))["FLYTE_ACTOR_STATUS_PORT"]["value"] == "9200"
 
 
 def test_no_dashboard_by_default(helm):
-    docs, _ = template(helm, {})
-    assert by_kind(docs, "ConfigMap") == []
+    docs, _ = template(helm, BASE)
+    assert [c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")] == []
 
 
 def test_the_dashboard_configmap_is_labelled_for_the_grafana_sidecar_and_holds_the_dashboard(helm):
-    docs, _ = template(helm, {"metrics": {"grafanaDashboard": {"enabled": True}}})
-    (config_map,) = by_kind(docs, "ConfigMap")
+    docs, _ = template(helm, {**BASE, "metrics": {"grafanaDashboard": {"enabled": True}}})
+    (config_map,) = [c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
     assert config_map["metadata"]["name"] == f"{FULLNAME}-dashboard"
     assert config_map["metadata"]["namespace"] == NAMESPACE
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -60,10 +60,10 @@ def test_the_dashboard_configmap_is_labelled_for_the_grafana_sidecar_and_holds_t
     (content,) = config_map["data"].values()
     assert json.loads(content) == json.loads(DASHBOARD_FILE.read_text())
 
-    docs, _ = template(helm, {"metrics": {"grafanaDashboard": {
+    docs, _ = template(helm, {**BASE, "metrics": {"grafanaDashboard": {
         "enabled": True, "namespace": "monitoring", "labels": {"dashboards": "flyte"},
         "annotations": {"grafana_folder": "Flyte"}}}})
-    (config_map,) = by_kind(docs, "ConfigMap")
+    (config_map,) = [c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
     assert config_map["metadata"]["namespace"] == "monitoring"
     assert config_map["metadata"]["labels"]["dashboards"] == "flyte"
     assert config_map["metadata"]["annotations"] == {"grafana_folder": "Flyte"}

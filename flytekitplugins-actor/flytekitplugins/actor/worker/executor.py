@@ -120,6 +120,7 @@ def run_task(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, scratch_root: st
     except BaseException as e:  # noqa: BLE001 - anything flytekit did not catch is a system error of this replica
         result = _failure(f"Task {task_run.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
     try:
+        sandbox.end_task()
         result["run_seconds"] = time.monotonic() - started
         if report is not None:
             report(result)

@@ -330,6 +330,7 @@ class TaskSandbox:
         self.guard = ProcessGuard()
         #: What the last ``exit`` had to put back beyond modules, environment and files (for logs and tests).
         self.restored: List[str] = []
+        self._ended: Optional[List[str]] = None
 
     @property
     def kept_modules(self) -> List[str]:
@@ -376,8 +377,15 @@ class TaskSandbox:
         self._kept.append(group)
         return loaded
 
+    def end_task(self) -> None:
+        """End what the task left running (its child processes) and run its atexit handlers: before its result is
+        reported, so that whoever gets the result finds them done. The rest of the reset can wait until after."""
+        if self._ended is None:
+            self._ended = self.guard.before_wipe()
+
     def exit(self) -> None:
-        ended = self.guard.before_wipe()
+        self.end_task()
+        ended, self._ended = self._ended, None
         kept = self._restore_kept()
         dropped = False
         for name in self._modules.added() - kept:
