@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 GRPCIO_TOOLS ?= grpcio-tools==1.62.3
 PROTO_VENV ?= .venv-proto
 
-.PHONY: install demo test test-unit test-integration bench proto lint clean
+.PHONY: install demo test test-scale test-unit test-integration bench proto lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: install
 
 test: install
 	bash scripts/run-tests.sh
+
+test-scale: install
+	FLYTE_ACTORS_SCALE=1 $(PY) -m pytest tests/integration/test_map_scale.py -p no:cacheprovider -q -rs -k 100_000
 
 bench: install
 	$(PY) -m pip install -q -e ".[dev,bench]"

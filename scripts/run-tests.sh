@@ -101,6 +101,9 @@ else
   fi
 fi
 
+# The status page's browser test needs Debian's chromium; without root and apt it skips with one line.
+bash tests/integration/install-chromium.sh >&2
+
 # ------------------------------------------------------------------------------------------------------ the legs
 say "[1/2] newest leg: $(versions "$PY"): unit, local and Kubernetes tiers"
 pytest_leg newest "$PY" tests "$@"
