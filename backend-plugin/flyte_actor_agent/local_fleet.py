@@ -133,16 +133,21 @@ class LocalFleet:
                                      if r.connected_at is not None})
 
     def wait_until(self, condition: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = condition()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        return wait_until(condition, timeout, what)
 
     def stop(self) -> None:
         try:
             self.agent.stop()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something true (returned), or raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")

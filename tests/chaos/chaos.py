@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional
 
+from flyte_actor_agent.local_fleet import wait_until
+
 #: Variable every process of a scenario inherits, so that processes left over can be found in /proc.
 RUN_VARIABLE = "FLYTE_CHAOS_RUN"
 
@@ -163,11 +165,5 @@ class Proxy:
 
 
 def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+    return wait_until(condition, timeout, what, interval=0.05)
 

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
@@ -29,6 +28,7 @@ from flytekit.tools.translator import get_serializable
 from kubernetes import client
 
 from harness import free_port
+from flyte_actor_agent.local_fleet import wait_until
 
 BIN = os.path.dirname(sys.executable)
 ROLE_LABEL = "flyte-actors.io/agent-role"
@@ -210,13 +210,7 @@ class Poller:
 
 
 def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+    return wait_until(condition, timeout, what, interval=0.2)
 
 
 def replica_pods(api, namespace: str) -> List[client.V1Pod]:
