@@ -55,9 +55,9 @@ class AgentPod:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [os.path.join(BIN, "flyte-actor-agent"), "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--lease-port", str(self.lease_port), "--metrics-port", "0", "--launcher", "kubernetes",
+                 "--lease-port", str(self.lease_port), "--metrics-port", "0", "--status-port", "0", "--launcher", "kubernetes",
                  "--namespaces", namespace, "--lease-address", lease_address, "--recovery-grace-seconds", "30",
-                 "--unschedulable-grace-seconds", "0", "--shutdown-grace-seconds", "5",
+                 "--shutdown-grace-seconds", "5",
                  "--leader-election", "true", "--leader-election-namespace", namespace, "--identity", name,
                  "--lease-key-file", key_file],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

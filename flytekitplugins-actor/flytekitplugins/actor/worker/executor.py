@@ -32,7 +32,6 @@ from flytekit.configuration import (
     SERIALIZED_CONTEXT_ENV_VAR, DataConfig, FastSerializationSettings, ImageConfig, SerializationSettings, StatsConfig,
 )
 from flytekit.core.checkpointer import SyncCheckpoint
-from flytekit.core.constants import RUNTIME_PACKAGES_ENV_NAME
 from flytekit.core.context_manager import ExecutionParameters, ExecutionState, FlyteContextManager, OutputMetadataTracker
 from flytekit.core.data_persistence import FileAccessProvider
 from flytekit.interfaces.stats.taggable import get_stats as _get_stats
@@ -50,6 +49,9 @@ from .sandbox import TaskSandbox, _installed_top_level_names, limit_memory
 SUCCEEDED, FAILED = "succeeded", "failed"
 #: Set to "0" in a replica's environment to run every task on the full path.
 FAST_PATH_VARIABLE = "FLYTE_ACTOR_FAST_PATH"
+#: Packages ``setup_execution`` installs with pip before a task (flytekit 1.16's
+#: ``flytekit.core.constants.RUNTIME_PACKAGES_ENV_NAME``; flytekit 1.14 has no such variable, and none is set).
+RUNTIME_PACKAGES_ENV_NAME = "_F_RUNTIME_PACKAGES"
 # Listing installed distributions takes ~0.1 s: done once here, in the fork server, and inherited by every executor
 # (a replacement executor, after a task that left a thread running or died, starts in milliseconds).
 _installed_top_level_names()
