@@ -9,7 +9,7 @@ from flytekit.extend.backend.base_connector import Resource
 
 from flyte_actor_agent.local_fleet import LocalFleet
 
-__all__ = ["LocalFleet", "free_port", "output"]
+__all__ = ["LocalFleet", "free_port", "output", "stop_served_agent"]
 
 
 def free_port() -> int:
@@ -26,3 +26,16 @@ def output(resource: Resource, name: str = "o0") -> Any:
     if scalar.primitive is not None:
         return scalar.primitive.value
     return literal
+
+
+def stop_served_agent(process) -> None:
+    """SIGTERM a ``flyte-actor-agent serve`` process (its graceful stop), and kill it if it takes over 30 s."""
+    import signal
+    import subprocess
+
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

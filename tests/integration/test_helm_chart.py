@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 from packaging.version import Version
+from harness import stop_served_agent
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "flyte-actor-agent"
@@ -786,12 +786,7 @@ def test_the_agent_serves_with_the_environment_the_chart_renders(helm, tmp_path)
             assert response.status == 200
         channel.close()
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_served_agent(process)
         log.close()
 
 

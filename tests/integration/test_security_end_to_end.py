@@ -31,6 +31,7 @@ from flyte_actor_agent.local_fleet import LocalFleet
 from flyte_actor_agent.server import parse_args
 from flytekitplugins.actor.local import local_template
 from flytekitplugins.actor.protocol import PROTOCOL_VERSION, lease_pb2, lease_pb2_grpc
+from harness import stop_served_agent
 
 
 def output(resource) -> str:
@@ -327,10 +328,5 @@ def test_the_agent_server_over_tls_runs_a_task_and_answers_bad_ones_in_one_line(
     finally:
         for channel in channels:
             channel.close()
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_served_agent(process)
         log.close()

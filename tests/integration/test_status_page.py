@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import status_tasks as st
 from flytekitplugins.actor import map as actor_map
 from flytekitplugins.actor.local import local_template
+from harness import stop_served_agent
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -132,12 +132,7 @@ def agent(tmp_path_factory):
     finally:
         release.touch()
         channel.close()
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_served_agent(process)
         log.close()
 
 
