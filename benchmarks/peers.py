@@ -113,7 +113,7 @@ def _actors(names, expected, actors, warm_runs, launcher=LocalProcessLauncher):
         inputs = fleet.inputs(map_task, name=names)
 
         def once() -> List[str]:
-            resource = check(asyncio.run(fleet.run(template, inputs)), "the actor map")
+            resource = check(asyncio.run(fleet.run_template(template, inputs)), "the actor map")
             return [lit.scalar.primitive.string_value for lit in resource.outputs.literals["o0"].collection.literals]
 
         cold = _timed(once, expected, "the actor map")

@@ -118,7 +118,7 @@ def _workload(tasks_count: int, out: str, throughput: bool) -> int:
         asyncio.run(batch(16))
         fleet.agent.submit = submit
         with open(os.path.join(out, "spec.pb"), "wb") as f:
-            f.write(captured[0].payload.SerializeToString())  # the TaskRun the connector built, for the executor
+            f.write(captured[0].payload)  # the serialized TaskRun the connector built, for the executor
         fleet.wait_ready(replicas)
         asyncio.run(batch(WARMUP - 16))
         seconds = asyncio.run(profiled_batch(tasks_count))

@@ -211,6 +211,8 @@ class ActorConnector(AsyncConnectorBase):
                 # Map elements, and every task of an agent that keeps task records: a restarted agent finds the
                 # results nobody received in the blob store (the fast path otherwise returns them in-band only).
                 outputs_to_prefix=element or self._records is not None,
+                # A map's elements may run one after another in one executor session (lease.proto, TaskRun).
+                batch_key=key if element else "",
             ).SerializeToString()
 
         if custom.map is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import grpc
 
@@ -138,13 +138,14 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
         self._streams[replica_id] = queue
         try:
             abandoned = self.reactor.replica_connected(replica_id, hello.token, hello.environment_key, hello.capacity,
-                                                       running)
+                                                       running, hello.queue_depth)
         except core.ReplicaRefused as refused:
             del self._streams[replica_id]
             log.warning("refused replica %s: %s", loggable(replica_id), loggable(str(refused)))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(refused))
+        batches = hello.queue_depth > 0  # a replica that queues leases takes batched messages (lease.proto)
         welcome = lease_pb2.AgentMessage(welcome=lease_pb2.Welcome(
-            heartbeat_interval_seconds=self.reactor.heartbeat_interval, abandoned_lease_ids=abandoned))
+            heartbeat_interval_seconds=self.reactor.heartbeat_interval, abandoned_lease_ids=abandoned, batches=batches))
         await context.write(welcome)
         log.info("replica %s connected (worker %s, capacity %d)", loggable(replica_id), loggable(hello.worker_version),
                  hello.capacity)
@@ -156,10 +157,14 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
                 done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if getter not in done:
                     break
-                message = getter.result()
-                if message is None:
+                messages = [getter.result()]
+                while batches and messages[-1] is not None and not queue.empty():
+                    messages.append(queue.get_nowait())
+                closed = messages[-1] is None
+                for message in _batched(messages[:-1] if closed else messages) if batches else messages[:1]:
+                    await context.write(message)
+                if closed:
                     break
-                await context.write(message)
         finally:
             reader.cancel()
             if getter is not None:
@@ -185,19 +190,55 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
         if kind == "heartbeat":
             self.reactor.heartbeat(replica_id, list(message.heartbeat.running_lease_ids))
         elif kind == "status":
-            status = message.status
-            outcome = _OUTCOMES.get(status.phase)
-            if outcome is None:
-                log.warning("replica %s sent a status with no phase for lease %s", loggable(replica_id),
-                            loggable(status.lease_id))
-                return
-            self.reactor.report(replica_id, status.lease_id, outcome,
-                                outputs=None if status.outputs_in_prefix else status.outputs,
-                                error=status.error or None, message=status.message, retryable=status.retryable,
-                                run_seconds=status.run_seconds, outputs_size=status.outputs_size,
-                                system_error=status.system_error)
+            self._status(replica_id, message.status)
+        elif kind == "statuses":
+            for status in message.statuses.statuses:
+                self._status(replica_id, status)
         else:
             log.warning("replica %s sent a %s message after Hello; ignored", loggable(replica_id), kind)
+
+    def _status(self, replica_id: str, status: lease_pb2.TaskStatus) -> None:
+        outcome = _OUTCOMES.get(status.phase)
+        if outcome is None:
+            log.warning("replica %s sent a status with no phase for lease %s", loggable(replica_id),
+                        loggable(status.lease_id))
+            return
+        self.reactor.report(replica_id, status.lease_id, outcome,
+                            outputs=None if status.outputs_in_prefix else status.outputs,
+                            error=status.error or None, message=status.message, retryable=status.retryable,
+                            run_seconds=status.run_seconds, outputs_size=status.outputs_size,
+                            system_error=status.system_error)
+
+
+def _batched(messages: List[lease_pb2.AgentMessage]) -> List[lease_pb2.AgentMessage]:
+    """``messages`` in fewer messages: every ack in one Ack (acks may pass anything), and each run of
+    assignments in one Assignments (the order of a lease's assignment and its cancel is kept)."""
+    acks = [m.ack.lease_id for m in messages if m.WhichOneof("body") == "ack"]
+    out: List[lease_pb2.AgentMessage] = []
+    if acks:
+        out.append(lease_pb2.AgentMessage(ack=lease_pb2.Ack(lease_id=acks[0], lease_ids=acks[1:])))
+    run: List[lease_pb2.Assignment] = []
+    for message in messages:
+        kind = message.WhichOneof("body")
+        if kind == "assignment":
+            run.append(message.assignment)
+            continue
+        if run:
+            out.append(_assignments(run))
+            run = []
+        if kind != "ack":
+            out.append(message)
+    if run:
+        out.append(_assignments(run))
+    return out
+
+
+def _assignments(run: List[lease_pb2.Assignment]) -> lease_pb2.AgentMessage:
+    if len(run) == 1:
+        return lease_pb2.AgentMessage(assignment=run[0])
+    message = lease_pb2.AgentMessage()
+    message.assignments.assignments.extend(run)
+    return message
 
 
 def loggable(value: str, limit: int = 120) -> str:

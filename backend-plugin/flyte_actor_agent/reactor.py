@@ -233,10 +233,10 @@ class Reactor:
     # ----------------------------------------------------------------------- loop side: from the lease service
 
     def replica_connected(self, replica_id: str, token: str, fleet_key: str, capacity: int,
-                          running: List[str]) -> List[str]:
+                          running: List[str], queue_depth: int = 0) -> List[str]:
         """A replica said Hello. Returns the leases among ``running`` it must drop; raises
         :class:`.scheduler.ReplicaRefused` if it is not one of ours."""
-        effects = self.scheduler.replica_connected(replica_id, token, fleet_key, capacity, running)
+        effects = self.scheduler.replica_connected(replica_id, token, fleet_key, capacity, running, queue_depth)
         abandoned = self.scheduler.abandoned_leases(replica_id, running)
         self.metrics.replica_event(self.fleet_name(replica_id), "connected")
         self._apply(effects)

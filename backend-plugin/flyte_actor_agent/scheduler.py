@@ -60,7 +60,16 @@ LEASE_GRACE_SECONDS = 30.0
 MAP_INLINE_BUDGET_BYTES = 32 * 1024 * 1024
 #: An actor map has at most this many elements queued or running per replica slot of its fleet (whatever its
 #: ``concurrency``), so a map of 100,000 elements holds a window of them in memory, not all.
-MAP_WINDOW_PER_SLOT = 4
+MAP_WINDOW_PER_SLOT = 8
+#: Elements of a quick map (see PREFETCH_BELOW_SECONDS) leased to a replica beyond its free slots, per slot, when
+#: the replica queues leases (Hello.queue_depth): the replica starts the next as soon as a slot frees, and runs
+#: the queued elements of one map in one executor session (a batch), instead of waiting a round trip per element.
+PREFETCH_PER_SLOT = MAP_WINDOW_PER_SLOT - 1
+#: A map's elements are prefetched only while they finish in less than this on average: behind a long element,
+#: a queued one would wait while another replica idles.
+PREFETCH_BELOW_SECONDS = 1.0
+#: A task given back unstarted (see Outcome.CANCELLED) this many times counts as lost from then on.
+GIVE_BACK_LIMIT = 20
 #: An actor map keeps the messages of its first this many failed elements (for its message and progress page).
 MAP_ERRORS_KEPT = 100
 #: How an element's outputs are held when they are not in memory: in ``<map output prefix>/<index>/outputs.pb``
@@ -211,11 +220,14 @@ class TaskState:
     leases: int = 0  # how many times it was leased
     system_failures: int = 0  # leases lost or failed by the system (replica lost, RECOVERABLE system error)
     user_failures: int = 0  # retryable user failures (RECOVERABLE user error, timeout) of a map element
+    given_back: int = 0  # leases a replica returned unstarted (CANCELLED): queued when it stopped, or it was full
     #: The replica of the last failed try of a map element, avoided for the next when another one is free.
     avoid_replica: Optional[str] = None
     lease_id: Optional[str] = None
     replica_id: Optional[str] = None
     started_at: Optional[float] = None
+    #: When its current (or last) lease was given.
+    leased_at: Optional[float] = None
     finished_at: Optional[float] = None
     deadline: Optional[float] = None
     parent: Optional["MapJob"] = None
@@ -253,6 +265,8 @@ class Replica:
     disconnected_at: float = 0.0
     #: Leases it holds that its heartbeats have not listed, and since when.
     unreported: Dict[str, float] = field(default_factory=dict)
+    #: Leases it queues beyond ``capacity`` (its Hello's queue_depth; 0 for replicas that predate queueing).
+    queue_depth: int = 0
 
 
 @dataclass(frozen=True)
@@ -317,6 +331,13 @@ class MapJob:
     finished_at: Optional[float] = None
     #: Elements a resumed map does not start: their outputs were stored, or an adopted replica still runs them.
     resumed: Set[int] = field(default_factory=set)
+    #: Seconds from lease to result of its recent elements (a moving average; None until one finished).
+    element_seconds: Optional[float] = None
+
+    @property
+    def quick(self) -> bool:
+        """Whether its elements may be leased beyond free slots (see PREFETCH_BELOW_SECONDS)."""
+        return self.element_seconds is not None and self.element_seconds < PREFETCH_BELOW_SECONDS
 
     @property
     def required(self) -> int:
@@ -478,18 +499,20 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------- replicas
 
     def replica_connected(
-        self, replica_id: str, token: str, fleet_key: str, capacity: int, running: List[str] = ()
+        self, replica_id: str, token: str, fleet_key: str, capacity: int, running: List[str] = (), queue_depth: int = 0
     ) -> List[Effect]:
         """A replica opened its lease stream; raises :class:`ReplicaRefused` if it is not one of ours.
 
-        ``running`` is every lease the replica still holds (running, or reported and not acked yet): a lease we
-        hold for it that it does not list never reached it, and is leased again at once."""
+        ``running`` is every lease the replica still holds (running, queued, or reported and not acked yet): a
+        lease we hold for it that it does not list never reached it, and is leased again at once. ``queue_depth``:
+        leases it takes beyond ``capacity`` (see PREFETCH_PER_SLOT)."""
         replica = self.authenticate(replica_id, token, fleet_key)
         now = self.clock()
         if replica.connected_at is None:
             replica.connected_at = now
         replica.state = ReplicaState.READY
         replica.capacity = max(1, capacity)
+        replica.queue_depth = min(queue_depth, replica.capacity * PREFETCH_PER_SLOT)
         replica.last_seen = now
         replica.idle_since = now
         replica.unreported.clear()
@@ -785,8 +808,15 @@ class Scheduler:
                 if replica is not None:
                     replica.last_failure = f"{task.name or task.key}: {message or 'its executor died'}"
                 self._lease_lost(task, message or f"the executor on replica {replica_id} died", effects)
-            else:  # cancelled by the replica on its own: only at shutdown, so lease it again
+            elif task.payload is None or task.given_back >= GIVE_BACK_LIMIT:
+                # Given back, but an agent restart lost what it needs to run again, or given back over and over
+                # (a replica that misbehaves): count it as lost.
                 self._lease_lost(task, message or f"replica {replica_id} gave the task back", effects)
+            else:  # given back unstarted (a queued lease the replica will not run): lease it again, no failure
+                task.given_back += 1
+                task.avoid_replica = replica_id
+                self._requeue(task)
+                self._enqueue(task, effects, front=True)
         if replica is not None and replica.state is ReplicaState.READY:
             fleet = self.fleets[replica.fleet_key]
             self._dispatch(fleet, effects)
@@ -926,23 +956,19 @@ class Scheduler:
 
     def _dispatch(self, fleet: Fleet, effects: List[Effect]) -> None:
         """Give queued tasks to the busiest ready replica with a free slot, so idle ones can expire; a map
-        element that failed goes to another replica than last time when one has a free slot."""
+        element that failed goes to another replica than last time when one has a free slot. When every slot is
+        taken, elements of a quick map are queued on the replicas that queue leases, the least loaded first."""
         while fleet.queue:
-            best: Optional[Replica] = None
-            other: Optional[Replica] = None
-            avoid = fleet.queue[0].avoid_replica
-            for replica in fleet.replicas.values():
-                if replica.state is ReplicaState.READY and len(replica.leases) < replica.capacity:
-                    if best is None or len(replica.leases) > len(best.leases):
-                        best = replica
-                    if replica.id != avoid and (other is None or len(replica.leases) > len(other.leases)):
-                        other = replica
+            task = fleet.queue[0]
+            if task.phase is not Phase.QUEUED:
+                fleet.queue.popleft()
+                continue
+            best = self._free_slot(fleet, task.avoid_replica)
+            if best is None and task.parent is not None and task.parent.quick:
+                best = self._queue_slot(fleet, task.avoid_replica)
             if best is None:
                 return
-            best = other or best
-            task = fleet.queue.popleft()
-            if task.phase is not Phase.QUEUED:
-                continue
+            fleet.queue.popleft()
             now = self.clock()
             lease_id = self.lease_ids.issue(self.new_id(), best.id, task.key)
             task.phase = Phase.RUNNING
@@ -950,10 +976,33 @@ class Scheduler:
             task.replica_id = best.id
             task.leases += 1
             task.started_at = task.started_at or now
+            task.leased_at = now
             task.deadline = now + task.timeout_seconds + self.lease_grace if task.timeout_seconds else None
             best.leases.add(lease_id)
             self.leases[lease_id] = task
             effects.append(Assign(best.id, lease_id, task))
+
+    @staticmethod
+    def _free_slot(fleet: Fleet, avoid: Optional[str]) -> Optional[Replica]:
+        best: Optional[Replica] = None
+        other: Optional[Replica] = None
+        for replica in fleet.replicas.values():
+            if replica.state is ReplicaState.READY and len(replica.leases) < replica.capacity:
+                if best is None or len(replica.leases) > len(best.leases):
+                    best = replica
+                if replica.id != avoid and (other is None or len(replica.leases) > len(other.leases)):
+                    other = replica
+        return other or best
+
+    @staticmethod
+    def _queue_slot(fleet: Fleet, avoid: Optional[str]) -> Optional[Replica]:
+        best: Optional[Replica] = None
+        for replica in fleet.replicas.values():
+            if (replica.state is ReplicaState.READY and replica.id != avoid
+                    and len(replica.leases) < replica.capacity + replica.queue_depth
+                    and (best is None or len(replica.leases) < len(best.leases))):
+                best = replica
+        return best
 
     def _scale(self, fleet: Fleet, effects: List[Effect]) -> None:
         """Launch replicas for the work at hand, up to ``replica_count``; never scale down (TTL does)."""
@@ -969,12 +1018,16 @@ class Scheduler:
             self.replicas[replica.id] = replica
             effects.append(Launch(replica.id, replica.token, fleet.config))
 
-    def _lease_lost(self, task: TaskState, cause: str, effects: List[Effect]) -> None:
-        """A system failure (replica or executor lost): lease again, up to ``max_leases`` system failures."""
-        task.avoid_replica = task.replica_id
+    @staticmethod
+    def _requeue(task: TaskState) -> None:
         task.lease_id = None
         task.replica_id = None
         task.deadline = None
+
+    def _lease_lost(self, task: TaskState, cause: str, effects: List[Effect]) -> None:
+        """A system failure (replica or executor lost): lease again, up to ``max_leases`` system failures."""
+        task.avoid_replica = task.replica_id
+        self._requeue(task)
         task.system_failures += 1
         if task.payload is None:
             self._finish_task(task, Phase.RETRYABLE_FAILED, f"Task {task.key} was lost after an agent restart: {cause}", effects)
@@ -1007,9 +1060,7 @@ class Scheduler:
                 return False
             task.user_failures += 1
         task.avoid_replica = replica_id
-        task.lease_id = None
-        task.replica_id = None
-        task.deadline = None
+        self._requeue(task)
         task.message = message
         job.retried += 1
         self._enqueue(task, effects, front=True)
@@ -1081,6 +1132,9 @@ class Scheduler:
         job.in_flight.pop(task.index, None)
         if job.phase.terminal:
             return
+        if task.leased_at is not None and task.finished_at is not None:
+            seconds = task.finished_at - task.leased_at
+            job.element_seconds = seconds if job.element_seconds is None else 0.8 * job.element_seconds + 0.2 * seconds
         if task.phase is Phase.SUCCEEDED:
             job.succeeded += 1
             outputs = task.outputs

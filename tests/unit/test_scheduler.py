@@ -257,8 +257,23 @@ def test_a_task_lost_max_leases_times_fails_retryably_naming_the_replica_and_cau
     assert assign.replica_id in task.message and "pod evicted (3)" in task.message
 
 
-@pytest.mark.parametrize("outcome", [Outcome.LOST, Outcome.CANCELLED])
-def test_a_lease_reported_lost_is_leased_again_until_max_leases(clock, outcome):
+def test_a_lease_given_back_unstarted_is_leased_again_without_counting_a_failure(clock):
+    sched = make_scheduler(clock, max_leases=3)
+    assign = start_one(sched, fleet_spec())
+    for _ in range(scheduler_module.GIVE_BACK_LIMIT):
+        (assign,) = only(report(sched, assign, Outcome.CANCELLED), Assign)
+    task = sched.tasks["t1"]
+    assert task.phase is Phase.RUNNING and task.system_failures == 0
+    # A replica that gives the same task back over and over is misbehaving: from then on it counts as lost.
+    for _ in range(2):
+        (assign,) = only(report(sched, assign, Outcome.CANCELLED), Assign)
+    assert task.system_failures == 2
+    assert only(report(sched, assign, Outcome.CANCELLED), Finished)
+    assert task.phase is Phase.RETRYABLE_FAILED and "lost 3 times" in task.message
+
+
+def test_a_lease_reported_lost_is_leased_again_until_max_leases(clock):
+    outcome = Outcome.LOST
     sched = make_scheduler(clock, max_leases=3)
     assign = start_one(sched, fleet_spec())
     leases = [assign.lease_id]

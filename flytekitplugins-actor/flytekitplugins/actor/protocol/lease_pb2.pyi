@@ -20,17 +20,25 @@ LOST: TaskPhase
 CANCELLED: TaskPhase
 
 class ReplicaMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "status")
+    __slots__ = ("hello", "heartbeat", "status", "statuses")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
     status: TaskStatus
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., status: _Optional[_Union[TaskStatus, _Mapping]] = ...) -> None: ...
+    statuses: StatusBatch
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., status: _Optional[_Union[TaskStatus, _Mapping]] = ..., statuses: _Optional[_Union[StatusBatch, _Mapping]] = ...) -> None: ...
+
+class StatusBatch(_message.Message):
+    __slots__ = ("statuses",)
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    statuses: _containers.RepeatedCompositeFieldContainer[TaskStatus]
+    def __init__(self, statuses: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "environment_key", "replica_id", "token", "capacity", "running_lease_ids", "worker_version")
+    __slots__ = ("protocol_version", "environment_key", "replica_id", "token", "capacity", "running_lease_ids", "worker_version", "queue_depth")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_KEY_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +46,7 @@ class Hello(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     RUNNING_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
     WORKER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     environment_key: str
     replica_id: str
@@ -45,7 +54,8 @@ class Hello(_message.Message):
     capacity: int
     running_lease_ids: _containers.RepeatedScalarFieldContainer[str]
     worker_version: str
-    def __init__(self, protocol_version: _Optional[int] = ..., environment_key: _Optional[str] = ..., replica_id: _Optional[str] = ..., token: _Optional[str] = ..., capacity: _Optional[int] = ..., running_lease_ids: _Optional[_Iterable[str]] = ..., worker_version: _Optional[str] = ...) -> None: ...
+    queue_depth: int
+    def __init__(self, protocol_version: _Optional[int] = ..., environment_key: _Optional[str] = ..., replica_id: _Optional[str] = ..., token: _Optional[str] = ..., capacity: _Optional[int] = ..., running_lease_ids: _Optional[_Iterable[str]] = ..., worker_version: _Optional[str] = ..., queue_depth: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("running_lease_ids",)
@@ -78,26 +88,36 @@ class TaskStatus(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., phase: _Optional[_Union[TaskPhase, str]] = ..., outputs: _Optional[bytes] = ..., error: _Optional[bytes] = ..., message: _Optional[str] = ..., retryable: bool = ..., run_seconds: _Optional[float] = ..., outputs_in_prefix: bool = ..., outputs_size: _Optional[int] = ..., system_error: bool = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("welcome", "assignment", "ack", "cancel", "drain")
+    __slots__ = ("welcome", "assignment", "ack", "cancel", "drain", "assignments")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     assignment: Assignment
     ack: Ack
     cancel: Cancel
     drain: Drain
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ...) -> None: ...
+    assignments: Assignments
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ..., assignments: _Optional[_Union[Assignments, _Mapping]] = ...) -> None: ...
+
+class Assignments(_message.Message):
+    __slots__ = ("assignments",)
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
+    def __init__(self, assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("heartbeat_interval_seconds", "abandoned_lease_ids")
+    __slots__ = ("heartbeat_interval_seconds", "abandoned_lease_ids", "batches")
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ABANDONED_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_seconds: float
     abandoned_lease_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., abandoned_lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    batches: bool
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., abandoned_lease_ids: _Optional[_Iterable[str]] = ..., batches: bool = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("lease_id", "task")
@@ -108,7 +128,7 @@ class Assignment(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., task: _Optional[_Union[TaskRun, _Mapping]] = ...) -> None: ...
 
 class TaskRun(_message.Message):
-    __slots__ = ("task_name", "resolver", "resolver_args", "inputs", "inputs_uri", "output_prefix", "raw_output_data_prefix", "checkpoint_path", "prev_checkpoint", "distribution", "dest_dir", "env", "timeout_seconds", "outputs_to_prefix")
+    __slots__ = ("task_name", "resolver", "resolver_args", "inputs", "inputs_uri", "output_prefix", "raw_output_data_prefix", "checkpoint_path", "prev_checkpoint", "distribution", "dest_dir", "env", "timeout_seconds", "outputs_to_prefix", "batch_key")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +150,7 @@ class TaskRun(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_TO_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    BATCH_KEY_FIELD_NUMBER: _ClassVar[int]
     task_name: str
     resolver: str
     resolver_args: _containers.RepeatedScalarFieldContainer[str]
@@ -144,13 +165,16 @@ class TaskRun(_message.Message):
     env: _containers.ScalarMap[str, str]
     timeout_seconds: float
     outputs_to_prefix: bool
-    def __init__(self, task_name: _Optional[str] = ..., resolver: _Optional[str] = ..., resolver_args: _Optional[_Iterable[str]] = ..., inputs: _Optional[bytes] = ..., inputs_uri: _Optional[str] = ..., output_prefix: _Optional[str] = ..., raw_output_data_prefix: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., prev_checkpoint: _Optional[str] = ..., distribution: _Optional[str] = ..., dest_dir: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., outputs_to_prefix: bool = ...) -> None: ...
+    batch_key: str
+    def __init__(self, task_name: _Optional[str] = ..., resolver: _Optional[str] = ..., resolver_args: _Optional[_Iterable[str]] = ..., inputs: _Optional[bytes] = ..., inputs_uri: _Optional[str] = ..., output_prefix: _Optional[str] = ..., raw_output_data_prefix: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., prev_checkpoint: _Optional[str] = ..., distribution: _Optional[str] = ..., dest_dir: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., outputs_to_prefix: bool = ..., batch_key: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("lease_id",)
+    __slots__ = ("lease_id", "lease_ids")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
-    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+    lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, lease_id: _Optional[str] = ..., lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("lease_id", "reason")

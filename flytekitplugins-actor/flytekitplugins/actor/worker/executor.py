@@ -9,7 +9,9 @@ the inputs, uploading what goes back in-band, re-reading configuration, re-impor
 :class:`TaskSandbox` puts the process back as it was. A task that kills the process (signal, ``os._exit``, out of memory) takes only
 the executor with it: the replica reports the task lost and starts a fresh executor.
 
-The replica sends ``(lease_id, TaskRun bytes)`` over a pipe and gets ``(lease_id, result dict)`` back.
+The replica sends a list of ``(lease_id, TaskRun bytes)`` over a pipe: one task, or a batch of elements of one
+actor map (same ``batch_key``), which run one after another in one sandbox session (:func:`run_batch`). It gets
+lists of ``(lease_id, result dict)`` back, in the order sent.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 import time
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from flyteidl.core import errors_pb2, execution_pb2
 from flytekit import __version__ as _flytekit_version
@@ -67,15 +69,19 @@ def serve(conn: Connection, scratch_root: str) -> None:
     sandbox = TaskSandbox(scratch_root)
     while True:
         try:
-            lease_id, run_bytes = conn.recv()
+            runs = [(lease_id, lease_pb2.TaskRun.FromString(run_bytes)) for lease_id, run_bytes in conn.recv()]
         except (EOFError, OSError):
             return
-        task_run = lease_pb2.TaskRun.FromString(run_bytes)
-        # The result goes back before the sandbox resets the process: the reset still happens before the next
-        # task is read, but no longer delays this one's answer.
-        result = run_task(task_run, sandbox, scratch_root,
-                          report=lambda result, lease_id=lease_id: conn.send((lease_id, result)))
-        if result.get("retire"):
+        # Results go back before the sandbox resets the process: the reset still happens before the next task is
+        # read, but no longer delays the answer.
+        if len(runs) == 1:
+            lease_id, task_run = runs[0]
+            result = run_task(task_run, sandbox, scratch_root,
+                              report=lambda result, lease_id=lease_id: conn.send([(lease_id, result)]))
+            retire = result.get("retire")
+        else:
+            retire = run_batch(runs, sandbox, scratch_root, conn.send)
+        if retire:
             os._exit(0)  # the task left a thread running: the replica starts a clean executor in this one's place
 
 
@@ -106,21 +112,13 @@ def run_task(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, scratch_root: st
     fast = _fast_path_applies(task_run, env)
     sandbox.enter(env, code_root, keep_modules=fast)
     try:
-        if code_root not in sys.path:
-            sys.path.insert(0, code_root)
-        if task_run.distribution:
-            os.chdir(code_root)
+        _enter_code_root(task_run, code_root)
         if fast:
             result = _run_fast(task_run, sandbox)
         else:
             result = _run(task_run, sandbox)
-    except SystemExit as e:
-        result = _failure(f"Task {task_run.task_name} called sys.exit({e.code!r}); return or raise instead.", False)
-    except ImportError as e:  # the resolver (or a storage plugin) is not in the image: no replica of it can run this
-        result = _failure(f"Task {task_run.task_name} cannot run on this environment's image: {e!r}; install the "
-                          "missing package into the image, or fix the task's resolver", False)
-    except BaseException as e:  # noqa: BLE001 - anything flytekit did not catch is a system error of this replica
-        result = _failure(f"Task {task_run.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
+    except BaseException as e:  # noqa: BLE001 - see _uncaught
+        result = _uncaught(task_run, e)
     try:
         sandbox.end_task()
         result["run_seconds"] = time.monotonic() - started
@@ -133,6 +131,89 @@ def run_task(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, scratch_root: st
     if sandbox.guard.leaked:
         result["retire"] = sandbox.guard.leaked
     return result
+
+
+#: A batch sends the results it has at most this long after the first of them finished (and all at its end):
+#: fewer, larger messages between executor, replica and agent, at the cost of a few milliseconds per element.
+BATCH_FLUSH_SECONDS = 0.01
+
+
+def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, scratch_root: str,
+              send: Callable[[List[Tuple[str, Dict[str, Any]]]], None]) -> str:
+    """Run elements of one actor map (the same task, code and environment; inputs and output prefixes differ) one
+    after another in one sandbox session: the task is loaded once, and the state wipe happens after the last
+    element rather than between them, as in one pod that runs a map's elements in turn. Each element still goes
+    through flytekit's ``_dispatch_execute`` in a context of its own, so its outputs and errors are those of a
+    lone run. Elements that the fast path cannot take run as lone tasks. ``send`` gets lists of results, in
+    order. Returns why the executor must be replaced ("" if it need not)."""
+    first = runs[0][1]
+    if not all(_fast_path_applies(run, dict(run.env)) for _, run in runs):
+        retire = ""
+        for lease_id, run in runs:
+            retire = run_task(run, sandbox, scratch_root,
+                              report=lambda result, lease_id=lease_id: send([(lease_id, result)])).get("retire") or retire
+        return retire
+    started = time.monotonic()
+    pending: List[Tuple[str, Dict[str, Any]]] = []
+    since = 0.0
+    try:
+        code_root = _code_root(first, scratch_root)
+    except BaseException as e:  # noqa: BLE001 - as in run_task
+        failure = _failure(f"Task {first.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
+        send([(lease_id, dict(failure, run_seconds=time.monotonic() - started)) for lease_id, _ in runs])
+        return ""
+    sandbox.enter(dict(first.env), code_root, keep_modules=True)
+    try:
+        _enter_code_root(first, code_root)
+        loaded: List[Any] = []
+
+        def load_task():
+            if not loaded:
+                resolver = sandbox.snapshot_imports(lambda: load_object_from_module(first.resolver))
+                args = list(first.resolver_args)
+                loaded.append(sandbox.snapshot_imports(lambda: resolver.load_task(loader_args=args)))
+            return loaded[0]
+
+        for lease_id, run in runs:
+            began = time.monotonic()
+            try:
+                result = _run_fast(run, sandbox, load_task)
+            except BaseException as e:  # noqa: BLE001 - see _uncaught
+                result = _uncaught(run, e)
+            now = time.monotonic()
+            result["run_seconds"] = now - began
+            pending.append((lease_id, result))
+            since = since or now
+            if now - since >= BATCH_FLUSH_SECONDS:
+                send(pending)
+                pending, since = [], 0.0
+        sandbox.end_task()
+        if pending:
+            send(pending)
+    finally:
+        sandbox.exit()
+    if sandbox.restored:
+        print(f"after a batch of {len(runs)} elements of {first.task_name}: {'; '.join(sandbox.restored)}",
+              file=sys.stderr, flush=True)
+    return sandbox.guard.leaked or ""
+
+
+def _enter_code_root(task_run: lease_pb2.TaskRun, code_root: str) -> None:
+    if code_root not in sys.path:
+        sys.path.insert(0, code_root)
+    if task_run.distribution:
+        os.chdir(code_root)
+
+
+def _uncaught(task_run: lease_pb2.TaskRun, e: BaseException) -> Dict[str, Any]:
+    """The result of a task that raised past flytekit: its exit, a missing package, or a system error of this
+    replica (anything else flytekit did not catch)."""
+    if isinstance(e, SystemExit):
+        return _failure(f"Task {task_run.task_name} called sys.exit({e.code!r}); return or raise instead.", False)
+    if isinstance(e, ImportError):  # the resolver (or a storage plugin) is not in the image: no replica can run it
+        return _failure(f"Task {task_run.task_name} cannot run on this environment's image: {e!r}; install the "
+                        "missing package into the image, or fix the task's resolver", False)
+    return _failure(f"Task {task_run.task_name} failed in the actor replica: {e!r}\n{traceback.format_exc()}", True)
 
 
 def _code_root(task_run: lease_pb2.TaskRun, scratch_root: str) -> str:
@@ -173,7 +254,8 @@ def _run(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox) -> Dict[str, Any]:
         return _result_from(ctx.execution_state.engine_dir, task_run.task_name)
 
 
-def _run_fast(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox) -> Dict[str, Any]:
+def _run_fast(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox,
+              load_task: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
     """The fast path: flytekit's own ``_dispatch_execute`` (so outputs, errors, offloading, decks and checkpoints are
     flytekit's), in a context made like ``setup_execution`` makes it but in directories that stay between tasks,
     with the inputs handed over in place and the outputs and errors returned in-band instead of uploaded: propeller
@@ -183,14 +265,20 @@ def _run_fast(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox) -> Dict[str, An
         inputs_path = os.path.join(ctx.execution_state.working_dir, "inputs.pb")
         with open(inputs_path, "wb") as f:
             f.write(task_run.inputs)
-        resolver = sandbox.snapshot_imports(lambda: load_object_from_module(task_run.resolver))
-        args = list(task_run.resolver_args)
+        if load_task is None:
+            resolver = sandbox.snapshot_imports(lambda: load_object_from_module(task_run.resolver))
+            args = list(task_run.resolver_args)
 
-        def load_task():
-            return sandbox.snapshot_imports(lambda: resolver.load_task(loader_args=args))
+            def load_task():
+                return sandbox.snapshot_imports(lambda: resolver.load_task(loader_args=args))
 
+        engine_dir = ctx.execution_state.engine_dir
         _dispatch_execute(ctx, load_task, inputs_path, task_run.output_prefix)
-        return _result_from(ctx.execution_state.engine_dir, task_run.task_name)
+        try:
+            return _result_from(engine_dir, task_run.task_name)
+        finally:
+            for name in os.listdir(engine_dir):  # the next element of a batch writes its own
+                os.remove(os.path.join(engine_dir, name))
 
 
 class _InPlaceFileAccess(FileAccessProvider):

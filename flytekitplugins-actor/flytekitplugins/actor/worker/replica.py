@@ -14,6 +14,7 @@ Configured by environment variables (set by the agent's launcher):
                                     (the local launcher's way); or ``..._TOKEN_FILE``: a file, deleted once read
 ``FLYTE_ACTOR_AGENT_CA``            PEM of the CA of the lease service's TLS certificate (unset: plain gRPC)
 ``FLYTE_ACTOR_PARALLELISM``         tasks run at once (default 1)
+``FLYTE_ACTOR_QUEUE_DEPTH``         leases taken beyond the free slots and queued (default 7 per slot; 0: none)
 ``FLYTE_ACTOR_SCRATCH_DIR``         where task temp dirs and code bundles go (default: a temp dir)
 ``FLYTE_ACTOR_RECONNECT_SECONDS``   how long to keep trying to reach a lost agent before exiting (default 60)
 ``FLYTE_ACTOR_MEMORY_LIMIT_BYTES``  data memory each executor may use (RLIMIT_DATA; set by the local launcher)
@@ -30,11 +31,13 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import math
 import signal
 import sys
 import tempfile
+from collections import deque
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Deque, Dict, List, Optional
 
 import grpc
 
@@ -42,6 +45,8 @@ from ..protocol import GRPC_OPTIONS, PROTOCOL_VERSION, lease_pb2, lease_pb2_grpc
 
 #: Exit code of a replica the agent refused (wrong token, unknown replica): restarting it cannot help.
 EXIT_REFUSED = 3
+#: Leases a replica takes beyond its free slots, per slot (the agent leases that many only of quick maps).
+QUEUE_DEPTH_PER_SLOT = 7
 log = logging.getLogger("flyte-actor-replica")
 
 
@@ -55,6 +60,7 @@ class Config:
     scratch_dir: str = ""
     reconnect_seconds: float = 60.0
     agent_ca: str = ""
+    queue_depth: int = 0
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Config":
@@ -77,6 +83,8 @@ class Config:
             replica_id=env["FLYTE_ACTOR_REPLICA_ID"],
             token=token,
             parallelism=int(env.get("FLYTE_ACTOR_PARALLELISM", "1")),
+            queue_depth=int(env.get("FLYTE_ACTOR_QUEUE_DEPTH",
+                                    QUEUE_DEPTH_PER_SLOT * int(env.get("FLYTE_ACTOR_PARALLELISM", "1")))),
             scratch_dir=env.get("FLYTE_ACTOR_SCRATCH_DIR") or tempfile.mkdtemp(prefix="flyte-actor-"),
             reconnect_seconds=float(env.get("FLYTE_ACTOR_RECONNECT_SECONDS", "60")),
             agent_ca=env.get("FLYTE_ACTOR_AGENT_CA", ""),
@@ -115,7 +123,8 @@ class Refused(Exception):
 
 
 class Slot:
-    """One executor process and the lease it runs, if any."""
+    """One executor process and the leases it runs: one task, or a batch of one map's elements, which it runs in
+    order (the first is running)."""
 
     def __init__(self, index: int, mp: multiprocessing.context.BaseContext, scratch_dir: str):
         self.index = index
@@ -123,7 +132,9 @@ class Slot:
         self._scratch = os.path.join(scratch_dir, f"executor-{index}")
         self.process: Optional[multiprocessing.process.BaseProcess] = None
         self.conn = None
-        self.lease_id: Optional[str] = None
+        self.leases: List[lease_pb2.Assignment] = []
+        #: Leases of the batch nobody wants a result of any more (cancelled or abandoned before they started).
+        self.dropped: set = set()
         self.kill_reason: Optional[lease_pb2.TaskStatus] = None
         self.timer: Optional[asyncio.TimerHandle] = None
 
@@ -139,8 +150,17 @@ class Slot:
             self.process.kill()
 
     @property
+    def lease_id(self) -> Optional[str]:
+        """The running lease."""
+        return self.leases[0].lease_id if self.leases else None
+
+    @property
+    def lease_ids(self) -> List[str]:
+        return [a.lease_id for a in self.leases if a.lease_id not in self.dropped]
+
+    @property
     def free(self) -> bool:
-        return self.lease_id is None
+        return not self.leases
 
 
 def _executor_main(conn, scratch_dir: str) -> None:
@@ -161,7 +181,11 @@ class ReplicaWorker:
         if EXECUTOR_MODULE in sys.modules:
             start_forkserver()  # forked from a warm parent (the local launcher's zygote): fork the server too
         self.slots = [Slot(i, mp, config.scratch_dir) for i in range(config.parallelism)]
+        #: Leases taken beyond the free slots, in the order they came.
+        self.queued: Deque[lease_pb2.Assignment] = deque()
         self.unacked: Dict[str, lease_pb2.TaskStatus] = {}
+        #: The agent takes StatusBatch and sends batches (its Welcome said so).
+        self.batches = False
         self.outbox: Optional[asyncio.Queue] = None
         self.draining = False
         self.stopped = asyncio.Event()
@@ -204,6 +228,8 @@ class ReplicaWorker:
     def _drain(self, reason: str) -> None:
         log.info("draining: %s", reason)
         self.draining = True
+        while self.queued:
+            self._give_back(self.queued.popleft(), f"replica {self.config.replica_id} is stopping: {reason}")
         if all(slot.free for slot in self.slots) and not self.unacked:
             self.stopped.set()
 
@@ -219,7 +245,7 @@ class ReplicaWorker:
         async with self._channel() as channel:
             call = lease_pb2_grpc.LeaseServiceStub(channel).Connect()
             # Every lease still held, reported-but-unacked ones too: the agent re-leases those we do not list.
-            running = [s.lease_id for s in self.slots if s.lease_id] + [l for l in self.unacked if l]
+            running = self._held() + [l for l in self.unacked if l]
             await call.write(
                 lease_pb2.ReplicaMessage(
                     hello=lease_pb2.Hello(
@@ -230,6 +256,7 @@ class ReplicaWorker:
                         capacity=len(self.slots),
                         running_lease_ids=running,
                         worker_version=_worker_version(),
+                        queue_depth=self.config.queue_depth,
                     )
                 )
             )
@@ -241,6 +268,7 @@ class ReplicaWorker:
                 raise
             if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
                 raise Refused("the agent closed the stream without a welcome")
+            self.batches = first.welcome.batches
             for lease_id in first.welcome.abandoned_lease_ids:
                 self._stop_lease(lease_id, report=None)
             self.outbox = asyncio.Queue()
@@ -263,13 +291,29 @@ class ReplicaWorker:
 
     async def _write(self, call) -> None:
         while True:
-            await call.write(await self.outbox.get())
+            message = await self.outbox.get()
+            if self.batches and message.WhichOneof("body") == "status" and not self.outbox.empty():
+                statuses = [message.status]
+                rest = []
+                while not self.outbox.empty():
+                    more = self.outbox.get_nowait()
+                    (statuses.append(more.status) if more.WhichOneof("body") == "status" else rest.append(more))
+                message = lease_pb2.ReplicaMessage()
+                message.statuses.statuses.extend(statuses)
+                await call.write(message)
+                for message in rest:
+                    await call.write(message)
+                continue
+            await call.write(message)
 
     async def _heartbeat(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            self._send(lease_pb2.ReplicaMessage(heartbeat=lease_pb2.Heartbeat(
-                running_lease_ids=[s.lease_id for s in self.slots if s.lease_id])))
+            self._send(lease_pb2.ReplicaMessage(heartbeat=lease_pb2.Heartbeat(running_lease_ids=self._held())))
+
+    def _held(self) -> List[str]:
+        """Every lease this replica runs or will run: in its slots and queued."""
+        return [l for s in self.slots for l in s.lease_ids] + [a.lease_id for a in self.queued]
 
     async def _read(self, call) -> None:
         while True:
@@ -280,18 +324,26 @@ class ReplicaWorker:
                 self._handle(msg)
             except Exception as e:  # noqa: BLE001 - one bad message must not take the replica down
                 log.exception("could not handle a %s message from the agent", msg.WhichOneof("body"))
-                lease_id = msg.assignment.lease_id if msg.WhichOneof("body") == "assignment" else ""
-                if lease_id and not any(s.lease_id == lease_id for s in self.slots):
-                    self._report(lease_pb2.TaskStatus(
-                        lease_id=lease_id, phase=lease_pb2.LOST,
-                        message=f"replica {self.config.replica_id} could not start the task: {e!r}"))
+                kind = msg.WhichOneof("body")
+                leases = ([msg.assignment.lease_id] if kind == "assignment" else
+                          [a.lease_id for a in msg.assignments.assignments] if kind == "assignments" else [])
+                held = self._held()
+                for lease_id in leases:
+                    if lease_id not in held:
+                        self._report(lease_pb2.TaskStatus(
+                            lease_id=lease_id, phase=lease_pb2.LOST,
+                            message=f"replica {self.config.replica_id} could not start the task: {e!r}"))
 
     def _handle(self, msg: lease_pb2.AgentMessage) -> None:
         kind = msg.WhichOneof("body")
         if kind == "assignment":
-            self._assign(msg.assignment)
+            self._assign([msg.assignment])
+        elif kind == "assignments":
+            self._assign(msg.assignments.assignments)
         elif kind == "ack":
             self.unacked.pop(msg.ack.lease_id, None)
+            for lease_id in msg.ack.lease_ids:
+                self.unacked.pop(lease_id, None)
             if self.draining:
                 self._drain("drain requested")
         elif kind == "cancel":
@@ -321,93 +373,144 @@ class ReplicaWorker:
         slot.start()
         self.loop.add_reader(slot.conn.fileno(), self._on_executor_readable, slot)
 
-    def _assign(self, assignment: lease_pb2.Assignment) -> None:
-        slot = next((s for s in self.slots if s.free), None)
-        if slot is None or self.draining:
-            # The agent never over-assigns; if it did, give the lease straight back so it is leased elsewhere.
-            self._report(lease_pb2.TaskStatus(
-                lease_id=assignment.lease_id, phase=lease_pb2.CANCELLED, message="replica has no free slot"))
-            return
-        log.info("task start: %s %s (lease %s)", _task_key(assignment.lease_id), assignment.task.task_name,
-                 assignment.lease_id)
-        slot.lease_id = assignment.lease_id
+    def _assign(self, assignments) -> None:
+        """Queue new leases, then start what free slots can take."""
+        for assignment in assignments:
+            if self.draining or len(self._held()) >= len(self.slots) + self.config.queue_depth:
+                # The agent never over-assigns; if it did, give the lease straight back so it is leased elsewhere.
+                reason = "replica is stopping" if self.draining else "replica has no free slot"
+                self._give_back(assignment, reason)
+                continue
+            self.queued.append(assignment)
+        self._start_queued()
+
+    def _start_queued(self) -> None:
+        """Give queued leases to free slots: a lone task, or the first lease and the queued elements of the same
+        map after it (``batch_key``), shared out among the free slots."""
+        free = [s for s in self.slots if s.free]
+        while free and self.queued:
+            slot = free.pop()
+            head = self.queued.popleft()
+            batch = [head]
+            key = head.task.batch_key
+            if key:
+                share = math.ceil(sum(1 for a in self.queued if a.task.batch_key == key) / (len(free) + 1))
+                rest = deque()
+                while self.queued and len(batch) <= share:
+                    nxt = self.queued.popleft()
+                    (batch if nxt.task.batch_key == key else rest).append(nxt)
+                rest.extend(self.queued)
+                self.queued = rest
+            self._run(slot, batch)
+
+    def _run(self, slot: Slot, batch: List[lease_pb2.Assignment]) -> None:
+        for assignment in batch:
+            log.info("task start: %s %s (lease %s)", _task_key(assignment.lease_id), assignment.task.task_name,
+                     assignment.lease_id)
+        slot.leases = list(batch)
+        slot.dropped = set()
         slot.kill_reason = None
-        slot.conn.send((assignment.lease_id, assignment.task.SerializeToString()))
-        if assignment.task.timeout_seconds > 0:
-            slot.timer = self.loop.call_later(
-                assignment.task.timeout_seconds,
-                self._stop_lease,
-                assignment.lease_id,
-                lease_pb2.TaskStatus(
-                    lease_id=assignment.lease_id,
-                    phase=lease_pb2.FAILED,
-                    retryable=True,
-                    message=f"Task {assignment.task.task_name} exceeded its timeout of "
-                    f"{assignment.task.timeout_seconds:g}s and was stopped on replica {self.config.replica_id}.",
-                ),
-            )
+        slot.conn.send([(a.lease_id, a.task.SerializeToString()) for a in batch])
+        self._arm_timeout(slot)
+
+    def _arm_timeout(self, slot: Slot) -> None:
+        """Time the running lease of ``slot`` (the next one of a batch from when the previous one finished)."""
+        if slot.timer is not None:
+            slot.timer.cancel()
+            slot.timer = None
+        if not slot.leases or slot.leases[0].task.timeout_seconds <= 0:
+            return
+        assignment = slot.leases[0]
+        slot.timer = self.loop.call_later(
+            assignment.task.timeout_seconds,
+            self._stop_lease,
+            assignment.lease_id,
+            lease_pb2.TaskStatus(
+                lease_id=assignment.lease_id,
+                phase=lease_pb2.FAILED,
+                retryable=True,
+                message=f"Task {assignment.task.task_name} exceeded its timeout of "
+                f"{assignment.task.timeout_seconds:g}s and was stopped on replica {self.config.replica_id}.",
+            ),
+        )
+
+    def _give_back(self, assignment: lease_pb2.Assignment, reason: str) -> None:
+        """Return a lease that was never started (CANCELLED): the agent leases it again and counts no failure."""
+        self._report(lease_pb2.TaskStatus(lease_id=assignment.lease_id, phase=lease_pb2.CANCELLED, message=reason))
 
     def _stop_lease(self, lease_id: str, report: Optional[lease_pb2.TaskStatus]) -> None:
-        """Kill the executor running ``lease_id``; the death handler reports ``report`` and starts a new one."""
+        """Stop ``lease_id``, reporting ``report`` for it (None: nobody wants a report). A queued lease is just
+        dropped; a running one's executor is killed (the death handler reports and starts a new one)."""
+        for assignment in self.queued:
+            if assignment.lease_id == lease_id:
+                self.queued.remove(assignment)
+                if report is not None:
+                    self._report(report)
+                return
         for slot in self.slots:
             if slot.lease_id == lease_id:
                 slot.kill_reason = report
                 if report is None:
-                    slot.lease_id = None  # abandoned: nobody wants a report
+                    slot.dropped.add(lease_id)  # abandoned: nobody wants a report
                 slot.kill()
+                return
+            if lease_id in slot.lease_ids:  # later in a batch: not started yet, its result will be thrown away
+                slot.dropped.add(lease_id)
+                if report is not None:
+                    self._report(report)
                 return
 
     def _on_executor_readable(self, slot: Slot) -> None:
         try:
-            lease_id, result = slot.conn.recv()
+            results = slot.conn.recv()
         except (EOFError, OSError):
             self._on_executor_died(slot)
             return
-        expected = slot.lease_id
-        self._finish_slot(slot)
-        if result.get("retire"):
-            log.info("replacing executor %d: %s", slot.index, result["retire"])
-            self._replace_executor(slot)
-        if lease_id != expected:
-            return  # abandoned while it ran
-        self._report(_status_of(lease_id, result))
-        self._after_slot_freed()
+        for lease_id, result in results:
+            if not slot.leases or slot.leases[0].lease_id != lease_id:
+                log.warning("executor %d sent a result for lease %s, which it was not running", slot.index, lease_id)
+                continue
+            slot.leases.pop(0)
+            if lease_id in slot.dropped:
+                slot.dropped.discard(lease_id)
+            else:
+                self._report(_status_of(lease_id, result))
+        self._arm_timeout(slot)
+        if slot.free:
+            self._finish_slot(slot)
+            self._after_slot_freed()
 
     def _on_executor_died(self, slot: Slot) -> None:
         self.loop.remove_reader(slot.conn.fileno())
         slot.process.join(timeout=5)
         code = slot.process.exitcode
-        lease_id, reason = slot.lease_id, slot.kill_reason
+        batch, reason, dropped = slot.leases, slot.kill_reason, slot.dropped
         self._finish_slot(slot)
         slot.conn.close()
-        if reason is not None:
-            self._report(reason)
-        elif lease_id is not None:
-            self._report(lease_pb2.TaskStatus(
-                lease_id=lease_id, phase=lease_pb2.LOST, message=_death_message(code, self.config.replica_id)))
+        if batch and batch[0].lease_id not in dropped:
+            self._report(reason if reason is not None else lease_pb2.TaskStatus(
+                lease_id=batch[0].lease_id, phase=lease_pb2.LOST, message=_death_message(code, self.config.replica_id)))
+        for assignment in batch[1:]:
+            if assignment.lease_id not in dropped:
+                self._give_back(assignment, f"the executor on replica {self.config.replica_id} stopped before the task "
+                                "started")
         if not self.stopped.is_set():
             self._start_slot(slot)
         self._after_slot_freed()
-
-    def _replace_executor(self, slot: Slot) -> None:
-        """Start a clean executor in ``slot`` before anything else is assigned to it."""
-        self.loop.remove_reader(slot.conn.fileno())
-        slot.kill()
-        slot.process.join(timeout=5)
-        slot.conn.close()
-        if not self.stopped.is_set():
-            self._start_slot(slot)
 
     def _finish_slot(self, slot: Slot) -> None:
         if slot.timer is not None:
             slot.timer.cancel()
             slot.timer = None
-        slot.lease_id = None
+        slot.leases = []
+        slot.dropped = set()
         slot.kill_reason = None
 
     def _after_slot_freed(self) -> None:
         if self.draining:
             self._drain("drain requested")
+        else:
+            self._start_queued()
 
 
 def _task_key(lease_id: str) -> str:
