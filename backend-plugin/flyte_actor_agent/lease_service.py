@@ -222,11 +222,10 @@ def _batched(messages: List[lease_pb2.AgentMessage]) -> List[lease_pb2.AgentMess
         kind = message.WhichOneof("body")
         if kind == "assignment":
             run.append(message.assignment)
-            continue
-        if run:
-            out.append(_assignments(run))
-            run = []
-        if kind != "ack":
+        elif kind != "ack":
+            if run:
+                out.append(_assignments(run))
+                run = []
             out.append(message)
     if run:
         out.append(_assignments(run))

@@ -96,6 +96,21 @@ def test_fast_path_gives_the_bytes_of_the_full_path(cases, tmp_path):
     assert "o0_offloaded_metadata.pb" in results[18]["output_files"], "nothing was offloaded"
 
 
+def test_a_batch_of_elements_gives_the_bytes_of_lone_runs(cases, tmp_path):
+    # Per case: a lone fast-path run, then the same task three times in one batch (as one map's elements queued on
+    # one executor; with the lone run's prefixes, so that file names and references compare equal).
+    runs = [dict(case, path=path) for case in cases for path in ("fast", "batch", "batch", "batch")]
+    results = _run(runs, tmp_path)
+    for i, case in enumerate(cases):
+        lone, *batch = results[4 * i : 4 * i + 4]
+        what = f"{case['task']} {case['env']}"
+        for result in batch:
+            for field in ("phase", "outputs", "error", "message", "retryable", "raw_files", "output_files"):
+                assert result[field] == lone[field], (what, field)
+    phases = [r["phase"] for r in results]
+    assert phases.count("failed") == 4 * 2 and phases.count("succeeded") == 4 * (len(cases) - 2)
+
+
 def test_fast_path_gives_the_bytes_of_pyflyte_execute(cases, tmp_path):
     results = _run([dict(case, path="fast") for case in cases], tmp_path)
     for case, fast in zip(cases, results):

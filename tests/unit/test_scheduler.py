@@ -980,3 +980,55 @@ def test_a_replica_killed_on_every_start_fails_the_queue_after_the_killed_start_
         (launch,) = only(sched.replica_gone(launch.replica_id, killed), Launch)
     assert sched.replica_gone(launch.replica_id, killed) == [Finished("t1")]
     assert sched.tasks["t1"].phase is Phase.FAILED and "killed by signal 9" in sched.tasks["t1"].message
+
+
+# ------------------------------------------------------------------------------------------- queued leases (prefetch)
+
+
+def connect_queueing(sched: Scheduler, launch: Launch, queue_depth: int) -> list:
+    return sched.replica_connected(launch.replica_id, launch.token, launch.fleet.key,
+                                   capacity=launch.fleet.parallelism, queue_depth=queue_depth)
+
+
+def test_a_quick_maps_elements_are_queued_on_replicas_that_queue_them_up_to_their_queue_depth(clock):
+    sched = make_scheduler(clock)
+    fleet = fleet_spec(replica_count=2)
+    launches = only(sched.submit_map("m", fleet, 40, elements(fleet)), Launch)
+    first = assigned(connect_queueing(sched, launches[0], queue_depth=3))
+    assert list(first) == ["m[0]"], "no element has finished yet: the map is not known to be quick"
+    clock.now = 0.05
+    effects = report(sched, first["m[0]"], outputs=b"0")
+    # Quick (0.05 s an element): the free slot takes one, the queue three more, and nothing beyond.
+    assert sorted(assigned(effects)) == ["m[1]", "m[2]", "m[3]", "m[4]"]
+    replica = sched.replicas[launches[0].replica_id]
+    assert len(replica.leases) == replica.capacity + 3
+    second = assigned(connect_queueing(sched, launches[1], queue_depth=3))
+    assert len(second) == 4 and len(sched.replicas[launches[1].replica_id].leases) == 4
+
+
+def test_elements_of_a_slow_map_plain_tasks_and_replicas_that_do_not_queue_get_no_queued_lease(clock):
+    sched = make_scheduler(clock)
+    fleet = fleet_spec(replica_count=1)
+    (launch,) = only(sched.submit_map("m", fleet, 10, elements(fleet)), Launch)
+    (assign,) = only(connect_queueing(sched, launch, queue_depth=3), Assign)
+    clock.now = scheduler_module.PREFETCH_BELOW_SECONDS + 1
+    (assign,) = only(report(sched, assign, outputs=b"0"), Assign)  # slow: one element at a time
+    assert sched.maps["m"].element_seconds > scheduler_module.PREFETCH_BELOW_SECONDS
+
+    plain = fleet_spec(name="plain")
+    (launch,) = submit_all(sched, plain, "t1", "t2", "t3")
+    assert list(assigned(connect_queueing(sched, launch, queue_depth=3))) == ["t1"]
+
+    old = fleet_spec(name="old")
+    (launch,) = only(sched.submit_map("o", old, 10, elements(old, "o")), Launch)
+    (assign,) = only(connect_queueing(sched, launch, queue_depth=0), Assign)
+    clock.now += 0.01
+    assert len(only(report(sched, assign, outputs=b"0"), Assign)) == 1, "a replica that did not say queue_depth"
+
+
+def test_the_queue_a_replica_asks_for_is_capped_per_slot(clock):
+    sched = make_scheduler(clock)
+    fleet = fleet_spec(replica_count=1, parallelism=2)
+    (launch,) = only(sched.submit_map("m", fleet, 100, elements(fleet)), Launch)
+    connect_queueing(sched, launch, queue_depth=1000)
+    assert sched.replicas[launch.replica_id].queue_depth == 2 * scheduler_module.PREFETCH_PER_SLOT

@@ -64,6 +64,7 @@ MEMORY_LIMIT_VARIABLE = "FLYTE_ACTOR_MEMORY_LIMIT_BYTES"
 def serve(conn: Connection, scratch_root: str) -> None:
     """Executor process main loop: run tasks until the pipe closes."""
     _die_with_parent()
+    run_flytekit_coroutines_inline()
     os.makedirs(scratch_root, exist_ok=True)
     limit_memory(int(os.environ.get(MEMORY_LIMIT_VARIABLE) or 0))
     sandbox = TaskSandbox(scratch_root)
@@ -83,6 +84,59 @@ def serve(conn: Connection, scratch_root: str) -> None:
             retire = run_batch(runs, sandbox, scratch_root, conn.send)
         if retire:
             os._exit(0)  # the task left a thread running: the replica starts a clean executor in this one's place
+
+
+class _InlineRunner:
+    """Runs flytekit's coroutines for this thread on a loop of its own, in this thread, instead of on a loop thread
+    it hands each one to (flytekit's ``_TaskRunner``). The result is the same; the cost is not: each hand-over is
+    two thread switches, three per task, which on a busy machine wait for a core (1-3 ms a task measured under
+    load, see docs/performance.md). A coroutine that calls back into synchronous flytekit (nesting) goes to
+    flytekit's own runner, as it would have."""
+
+    def __init__(self, fallback: Any):
+        import asyncio
+
+        self.loop = asyncio.new_event_loop()
+        self.fallback = fallback
+
+    def run(self, coro: Any) -> Any:
+        if self.loop.is_running():
+            return self.fallback.run(coro)
+        return self.loop.run_until_complete(coro)
+
+
+def run_flytekit_coroutines_inline() -> bool:
+    """In this process (an executor, which runs tasks on its main thread only): flytekit's coroutines run on the
+    calling thread (:class:`_InlineRunner`), and the label flytekit gives each context it pushes is taken without
+    reading source files (``traceback.extract_stack`` stats every file on the stack; the label is only printed by
+    flytekit's debug logs, and reads the same). Returns False, changing nothing, where flytekit's internals are not
+    the ones this was written against."""
+    import threading
+
+    from flytekit.core.context_manager import FlyteContextManager
+    from flytekit.utils import asyn
+
+    manager = getattr(asyn, "loop_manager", None)
+    runners = getattr(manager, "_runner_map", None)
+    runner_type = getattr(asyn, "_TaskRunner", None)
+    if not isinstance(runners, dict) or runner_type is None or not hasattr(FlyteContextManager, "get_origin_stackframe"):
+        return False
+    key = threading.current_thread().name + f"PID:{os.getpid()}"  # flytekit's key: one runner per thread
+    if not isinstance(runners.get(key), _InlineRunner):
+        runners[key] = _InlineRunner(runners.get(key) or runner_type())
+    FlyteContextManager.get_origin_stackframe = staticmethod(_origin_stackframe)
+    return True
+
+
+def _origin_stackframe(limit: int = 2) -> traceback.FrameSummary:
+    """``FlyteContextManager.get_origin_stackframe``'s frame (``limit`` frames above its caller's caller, or the
+    outermost), without looking up the source line until someone reads it."""
+    frame = sys._getframe(1)
+    for _ in range(limit):
+        if frame.f_back is None:
+            break
+        frame = frame.f_back
+    return traceback.FrameSummary(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, lookup_line=False)
 
 
 def _die_with_parent() -> None:
@@ -408,7 +462,8 @@ _config_cache: Dict[frozenset, Tuple[Any, Any, Any]] = {}
 def _configs() -> Tuple[DataConfig, ImageConfig, StatsConfig]:
     """flytekit's data, image and stats configuration as ``setup_execution`` reads it (``X.auto()``: environment
     variables and the config file they name), read once per distinct environment rather than for every task."""
-    key = frozenset(os.environ.items())
+    environ = getattr(os.environ, "_data", None)  # the raw bytes: hashed without decoding every variable
+    key = frozenset((environ if isinstance(environ, dict) else os.environ).items())
     found = _config_cache.get(key)
     if found is None:
         if len(_config_cache) >= 16:

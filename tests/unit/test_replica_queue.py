@@ -1,0 +1,137 @@
+"""The replica's queue of leases and its batches (``worker/replica.py``), with the executor replaced by a pipe
+that records what it is sent, and the agent's side of batched messages (``lease_service._batched``)."""
+
+import asyncio
+from typing import List
+
+import pytest
+
+from flyte_actor_agent.lease_service import _batched
+from flytekitplugins.actor.protocol import lease_pb2
+from flytekitplugins.actor.worker import replica as replica_module
+from flytekitplugins.actor.worker.replica import Config, ReplicaWorker
+
+
+class FakeConn:
+    def __init__(self):
+        self.sent: List[list] = []
+        self.results: List[list] = []
+
+    def send(self, batch):
+        self.sent.append([lease_id for lease_id, _ in batch])
+
+    def recv(self):
+        if not self.results:
+            raise EOFError
+        return self.results.pop(0)
+
+    def fileno(self):
+        return -1
+
+    def close(self):
+        pass
+
+
+class FakeProcess:
+    exitcode = -9
+
+    def join(self, timeout=None):
+        pass
+
+    def is_alive(self):
+        return False
+
+
+def assignment(lease_id: str, batch_key: str = "m") -> lease_pb2.Assignment:
+    return lease_pb2.Assignment(lease_id=lease_id, task=lease_pb2.TaskRun(task_name="t", batch_key=batch_key))
+
+
+def succeeded(*lease_ids: str) -> list:
+    return [(lease_id, {"phase": "succeeded", "outputs": b"", "outputs_size": 0}) for lease_id in lease_ids]
+
+
+@pytest.fixture
+def worker(monkeypatch):
+    monkeypatch.setattr(replica_module, "start_forkserver", lambda: False)
+    loop = asyncio.new_event_loop()
+
+    async def make():
+        w = ReplicaWorker(Config(agent_address="agent:1", environment_key="e", replica_id="r", token="t",
+                                 parallelism=1, queue_depth=3, scratch_dir="/tmp"))
+        w.loop.remove_reader = lambda fd: None
+        w._start_slot = lambda slot: None
+        for slot in w.slots:
+            slot.conn, slot.process = FakeConn(), FakeProcess()
+        return w
+
+    w = loop.run_until_complete(make())
+    yield w
+    loop.close()
+
+
+def reported(worker: ReplicaWorker) -> dict:
+    return {lease_id: lease_pb2.TaskPhase.Name(s.phase) for lease_id, s in worker.unacked.items()}
+
+
+def test_one_maps_queued_elements_go_to_the_executor_as_one_batch_and_a_lone_task_alone(worker):
+    slot = worker.slots[0]
+    worker._assign([assignment("a"), assignment("b"), assignment("c"), assignment("x", batch_key="")])
+    assert slot.conn.sent == [["a", "b", "c"]]
+    assert worker._held() == ["a", "b", "c", "x"]
+    slot.conn.results = [succeeded("a", "b")]
+    worker._on_executor_readable(slot)
+    assert reported(worker) == {"a": "SUCCEEDED", "b": "SUCCEEDED"} and slot.lease_ids == ["c"]
+    slot.conn.results = [succeeded("c")]
+    worker._on_executor_readable(slot)
+    assert slot.conn.sent[-1] == ["x"], "the slot freed: the queued lone task starts"
+
+
+def test_leases_beyond_the_slots_and_the_queue_depth_are_given_back(worker):
+    worker._assign([assignment(f"l{i}") for i in range(5)])
+    assert reported(worker) == {"l4": "CANCELLED"}
+
+
+def test_an_executor_dying_mid_batch_loses_the_running_element_and_gives_back_the_rest(worker):
+    slot = worker.slots[0]
+    worker._assign([assignment("a"), assignment("b"), assignment("c")])
+    slot.conn.results = [succeeded("a")]
+    worker._on_executor_readable(slot)
+    worker._on_executor_readable(slot)  # EOF: the executor died running b
+    assert reported(worker) == {"a": "SUCCEEDED", "b": "LOST", "c": "CANCELLED"}
+    assert "killed by SIGKILL" in worker.unacked["b"].message and slot.free
+
+
+def test_a_cancel_of_a_batch_element_not_started_reports_it_once_and_drops_its_result(worker):
+    slot = worker.slots[0]
+    worker._assign([assignment("a"), assignment("b")])
+    cancelled = lease_pb2.TaskStatus(lease_id="b", phase=lease_pb2.CANCELLED, message="aborted")
+    worker._stop_lease("b", cancelled)
+    assert reported(worker) == {"b": "CANCELLED"} and worker._held() == ["a"]
+    worker.unacked.clear()
+    slot.conn.results = [succeeded("a", "b")]
+    worker._on_executor_readable(slot)
+    assert reported(worker) == {"a": "SUCCEEDED"} and slot.free
+
+
+def test_a_drain_gives_back_what_is_queued(worker):
+    worker._assign([assignment("a", batch_key=""), assignment("b", batch_key="")])
+    worker._drain("signal SIGTERM")
+    assert reported(worker) == {"b": "CANCELLED"} and worker._held() == ["a"]
+
+
+def agent(kind: str, lease_id: str) -> lease_pb2.AgentMessage:
+    if kind == "assignment":
+        return lease_pb2.AgentMessage(assignment=lease_pb2.Assignment(lease_id=lease_id))
+    if kind == "ack":
+        return lease_pb2.AgentMessage(ack=lease_pb2.Ack(lease_id=lease_id))
+    return lease_pb2.AgentMessage(cancel=lease_pb2.Cancel(lease_id=lease_id))
+
+
+def test_the_agent_merges_acks_and_runs_of_assignments_and_keeps_a_cancel_after_its_assignment():
+    messages = [agent("ack", "1"), agent("assignment", "a"), agent("ack", "2"), agent("assignment", "b"),
+                agent("cancel", "b"), agent("assignment", "c")]
+    out = _batched(messages)
+    assert [m.WhichOneof("body") for m in out] == ["ack", "assignments", "cancel", "assignment"]
+    assert [out[0].ack.lease_id, *out[0].ack.lease_ids] == ["1", "2"]
+    assert [a.lease_id for a in out[1].assignments.assignments] == ["a", "b"]
+    assert (out[2].cancel.lease_id, out[3].assignment.lease_id) == ("b", "c")
