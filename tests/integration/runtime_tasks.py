@@ -128,3 +128,25 @@ def rendezvous(directory: str, me: str, other: str) -> int:
 @broken.task
 def never_runs() -> int:
     return 0
+
+
+# Elements that count how many elements this executor session has seen (a module global, reset between tasks).
+batched = ActorEnvironment(name="runtime-batched", replica_count=1, ttl_seconds=60)
+unbatched = ActorEnvironment(name="runtime-unbatched", replica_count=1, ttl_seconds=60,
+                             environment={"FLYTE_ACTOR_QUEUE_DEPTH": "0"})
+SEEN = []
+
+
+def _seen(i: int) -> int:
+    SEEN.append(i)
+    return len(SEEN)
+
+
+@batched.task
+def seen_batched(i: int) -> int:
+    return _seen(i)
+
+
+@unbatched.task
+def seen_unbatched(i: int) -> int:
+    return _seen(i)

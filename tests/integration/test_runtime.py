@@ -254,3 +254,17 @@ def test_fast_registered_code_bundle_is_downloaded_once_and_run(tmp_path):
         assert first[1] == second[1] and "bundles" in first[1], "the bundle was not unpacked once into the cache"
     finally:
         fleet.stop()
+
+
+def test_a_quick_maps_queued_elements_share_a_session_unless_the_environment_turns_queueing_off(fleet):
+    def counts(task) -> list:
+        resource = fleet.wait(fleet.submit(actor_map(task), i=list(range(40))))
+        assert resource.phase == TaskExecution.SUCCEEDED, resource.message
+        return [lit.scalar.primitive.value for lit in resource.outputs.literals["o0"].collection.literals]
+
+    # One replica: once the first element has finished quickly, the rest are queued on it and run in batches,
+    # whose elements see what earlier elements of the same batch left in module globals.
+    batched = counts(rt.seen_batched)
+    assert max(batched) > 1 and batched.count(1) < 40
+    # FLYTE_ACTOR_QUEUE_DEPTH=0 in the environment: one element per session, each starts from a fresh module.
+    assert counts(rt.seen_unbatched) == [1] * 40
