@@ -22,7 +22,7 @@ test: install
 	bash scripts/run-tests.sh
 
 test-scale: install
-	FLYTE_ACTORS_SCALE=1 $(PY) -m pytest tests/integration/test_map_scale.py -p no:cacheprovider -q -rs -k 100_000
+	FLYTE_ACTORS_SCALE=1 $(PY) -m pytest tests/integration/test_map_scale.py -p no:cacheprovider -q -rs -k large_map
 
 bench: install
 	$(PY) -m pip install -q -e ".[dev,bench]"

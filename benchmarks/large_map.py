@@ -56,10 +56,19 @@ def run(results: Results, quick: bool) -> None:
         created = time.monotonic() - started
         category = agent_pb2.TaskCategory(name=request.template.type, version=request.template.task_type_version)
         reported = started
+        gets: list = []
         while True:
             time.sleep(1.0)
-            resource = stub.GetTask(agent_pb2.GetTaskRequest(task_category=category, resource_meta=meta),
-                                    timeout=3).resource
+            asked = time.monotonic()
+            try:
+                resource = stub.GetTask(agent_pb2.GetTaskRequest(task_category=category, resource_meta=meta),
+                                        timeout=3).resource
+            except grpc.RpcError as e:
+                raise RuntimeError(f"GetTask failed after {time.monotonic() - asked:.1f} s (propeller's deadline is "
+                                   f"3 s): {e.code().name}; the agent's log ends:\n{_tail(work)}") from None
+            gets.append(time.monotonic() - asked)
+            if gets[-1] > 1.0:
+                log(f"[7] GetTask took {gets[-1]:.2f} s at {asked - started:.0f} s: {resource.message}")
             if resource.phase in TERMINAL:
                 break
             if time.monotonic() - reported >= 60:
@@ -90,6 +99,8 @@ def run(results: Results, quick: bool) -> None:
                 f"{n / total:.0f} elements/s; {note}")
     results.add(bench, "  agent RSS: idle | peak (VmHWM) | at the end",
                 f"{idle / 2**20:.0f} | {peak / 2**20:.0f} | {end / 2**20:.0f} MiB", "the agent process alone")
+    results.add(bench, "  GetTask while it ran: median | slowest", f"{ms(sorted(gets)[len(gets) // 2])} | {ms(max(gets))}",
+                f"{len(gets)} calls; propeller's deadline is 3 s")
     results.add(bench, "  final GetTask answer", f"{resource.ByteSize():,} B",
                 "outputs in outputs.pb" if not resource.HasField("outputs") else "outputs inline")
     results.data["7"] = {"n": n, "create": created, "total": total, "rss_idle": idle, "rss_peak": peak,
@@ -124,6 +135,11 @@ def _request(work: str, n: int) -> agent_pb2.CreateTaskRequest:
     return agent_pb2.CreateTaskRequest(inputs=inputs, template=template, output_prefix=output_prefix,
                                        task_execution_metadata=agent_pb2.TaskExecutionMetadata(
                                            task_execution_id=task_id, namespace="bench"))
+
+
+def _tail(work: str) -> str:
+    with open(os.path.join(work, "agent.log"), errors="replace") as f:
+        return f.read()[-3000:]
 
 
 def _status(pid: int, field: str) -> int:

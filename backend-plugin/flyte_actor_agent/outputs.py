@@ -32,6 +32,10 @@ OUTPUTS_FILE = "outputs.pb"
 #: A map's outputs up to this size are also answered inline in GetTask (propeller's client receives 4 MiB at
 #: most); larger ones only through ``outputs.pb``.
 INLINE_RESULT_BYTES = 1024 * 1024
+#: ... and only when the map has at most this many elements: an answer inline goes through flytekit's models on
+#: both sides of the connector (tens of microseconds a literal), and 100,000 literals under 1 MiB took GetTask past
+#: propeller's 3 s deadline (benchmark 7). A larger map's outputs are only in ``outputs.pb``.
+INLINE_RESULT_ELEMENTS = 10_000
 #: Element outputs read from the blob store at once while a map's outputs are assembled.
 READ_AHEAD = 16
 
@@ -195,7 +199,7 @@ def publish_map_outputs(
         local = os.path.join(tmp, OUTPUTS_FILE)
         size = write_map_outputs(names, element_outputs(outputs, prefix, recovered), local)
         upload(local, f"{prefix.rstrip('/')}/{OUTPUTS_FILE}")
-        if size <= INLINE_RESULT_BYTES:
+        if size <= INLINE_RESULT_BYTES and len(outputs) <= INLINE_RESULT_ELEMENTS:
             with open(local, "rb") as f:
                 return f.read()
     return None

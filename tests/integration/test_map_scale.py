@@ -6,7 +6,8 @@ Covered: 8 MB and 200 MB of map outputs, a 100 MB input (a map's bound input, an
 per-element retries (one element fails twice and succeeds with retries=2; the others run once), min_successes,
 offloaded element outputs (flytekit literal offloading), a new attempt of a map that runs only the elements
 earlier attempts did not finish,
-and a map of 100,000 elements whose CreateTask answers within propeller's 3 s deadline.
+and a map of 100,000 elements (20,000 outside the scale tier) whose CreateTask answers within propeller's 3 s
+deadline.
 """
 
 from __future__ import annotations
@@ -223,18 +224,25 @@ def test_min_successes_not_reached_fails_the_map_naming_it(driver):
     assert failed.value.phase == TaskExecution.FAILED and "min_successes=3" in failed.value.message
 
 
-@pytest.mark.skipif(not os.environ.get("FLYTE_ACTORS_SCALE"), reason=(
-    "the scale tier (a map of 100,000 elements: up to an hour on 2 cores) runs with FLYTE_ACTORS_SCALE=1 "
-    "(make test-scale)"))
-@pytest.mark.timeout(7200)  # minutes on a quiet machine; over an hour on 2 shared cores (see docs/performance.md)
-def test_100_000_elements_complete_with_create_task_within_propellers_deadline(driver, agent):
-    n = 100_000
+#: The scale tier (``make test-scale``, FLYTE_ACTORS_SCALE=1) maps over 100,000 elements (7 to 8 minutes on 2
+#: quiet cores, see docs/performance.md); ``make test`` over 20,000, which crosses the same paths (the map's window,
+#: queued leases, outputs spooled to outputs.pb) in a CI-sized time.
+LARGE_MAP = 100_000 if os.environ.get("FLYTE_ACTORS_SCALE") else 20_000
+
+
+@pytest.mark.timeout(7200)
+def test_a_large_map_completes_with_create_task_within_propellers_deadline_in_bounded_agent_memory(driver, agent):
+    n = LARGE_MAP
     template = driver.package.tasks["tiny_map"]
     request = driver.create_task_request(template, literals_pb2.LiteralMap(literals={"i": ints(range(n))}),
                                          propeller.new_execution_name(), "n0")
     # Propeller's deadline for every agent call.
     meta = driver.agent.CreateTask(request, timeout=3).resource_meta
-    resource = driver.wait(template, meta, "n0")
+    saved, driver.timeout = driver.timeout, 7000  # minutes, not seconds, on a loaded machine
+    try:
+        resource = driver.wait(template, meta, "n0")
+    finally:
+        driver.timeout = saved
     outputs = driver.outputs(template, request.output_prefix, "n0", resource)
     assert ints_of(outputs) == [i + 1 for i in range(n)]
     assert agent.rss_bytes("VmHWM") < 300 * 2**20

@@ -59,6 +59,11 @@ def test_publishing_writes_outputs_pb_and_answers_inline_only_when_small(tmp_pat
     assert inline == on_disk and literals_pb2.LiteralMap.FromString(on_disk).literals["a"].collection.literals
     monkeypatch.setattr(blob, "INLINE_RESULT_BYTES", 10)
     assert blob.publish_map_outputs(["a"], held, prefix, {}) is None
+    monkeypatch.undo()
+    # Small in bytes but many elements: only in outputs.pb (converting that many literals for GetTask takes seconds).
+    many = [element(a="") for _ in range(blob.INLINE_RESULT_ELEMENTS + 1)]
+    assert blob.publish_map_outputs(["a"], many, prefix, {}) is None
+    assert blob.publish_map_outputs(["a"], many[:-1], prefix, {}) is not None
 
 
 def test_finished_elements_are_those_with_outputs_pb_directly_under_the_prefix(tmp_path):
