@@ -42,10 +42,12 @@ RUN = textwrap.dedent(
     from flyteidl.core import literals_pb2
 
     from flytekitplugins.actor.protocol import lease_pb2
-    from flytekitplugins.actor.worker.executor import run_task
+    from flytekitplugins.actor.worker.executor import run_flytekit_coroutines_inline, run_task
     from flytekitplugins.actor.worker.sandbox import TaskSandbox
 
     code_dir, scratch = sys.argv[1:]
+    # As executor.serve does: flytekit's coroutines on this thread (with this flytekit's internals).
+    assert run_flytekit_coroutines_inline()
     ctx = FlyteContextManager.current_context()
     x = TypeEngine.to_literal(ctx, 3, int, TypeEngine.to_literal_type(int))
     inputs = LiteralMap(literals={"x": x}).to_flyte_idl().SerializeToString()
@@ -68,6 +70,9 @@ RUN = textwrap.dedent(
             outputs = literals_pb2.LiteralMap.FromString(result["outputs"])
             result["o0"] = outputs.literals["o0"].scalar.primitive.integer
         results[name] = {k: result.get(k) for k in ("phase", "message", "retryable", "o0")}
+    import threading
+
+    results["threads"] = sorted(t.name for t in threading.enumerate())
     print(json.dumps(results))
     """
 )
@@ -87,3 +92,5 @@ def test_executor_runs_a_task_and_reports_a_user_error_with_the_installed_flytek
     assert results["plus_one"]["phase"] == "succeeded" and results["plus_one"]["o0"] == 4
     boom = results["boom"]
     assert boom["phase"] == "failed" and "boom 3" in boom["message"] and boom["retryable"] is False, boom
+    # flytekit's coroutines ran on the executor's thread: flytekit never started its loop thread.
+    assert results["threads"] == ["MainThread"], results["threads"]

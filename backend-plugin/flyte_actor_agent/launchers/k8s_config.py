@@ -30,7 +30,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from kubernetes.utils import parse_quantity
 
 log = logging.getLogger("flyte-actor-agent.k8s-config")
 
@@ -242,6 +241,10 @@ class AgentPodConfig:
 
 def check_quantity(value: Any, where: str) -> str:
     """A Kubernetes quantity as a string, or an error naming the setting."""
+    # Imported here: kubernetes.utils loads the whole client (~50 MB, 0.7 s), which an agent with local replicas
+    # never needs.
+    from kubernetes.utils import parse_quantity
+
     text = str(value)
     try:
         parse_quantity(text)
