@@ -1,4 +1,4 @@
-"""Benchmark 8: time to recover when the leading agent pod is killed (SIGKILL) halfway through an actor map, with two
+"""Benchmark 10: time to recover when the leading agent pod is killed (SIGKILL) halfway through an actor map, with two
 agent pods electing their leader through a Lease on a real kube-apiserver (replica pods run as local processes by
 the test-side kubelet; see tests/integration/kube/agent_pods.py). Measured from the kill: until the new leader
 serves (the Service routes to it), and until the map makes progress again; and how many elements ran twice.
@@ -27,7 +27,7 @@ def run(results: Results, quick: bool) -> None:
 
     binaries = find_binaries()
     if isinstance(binaries, str):
-        results.add("8", "failover time to recover", "skipped", binaries)
+        results.add("10", "failover time to recover", "skipped", binaries)
         return
     from kubernetes import client
 
@@ -66,7 +66,7 @@ def run(results: Results, quick: bool) -> None:
 
             wait_for(lambda: succeeded() >= size // 2, 600, "half the map")
             done = succeeded()
-            log(f"[8] killing the leader {first} with {int(done)} of {size} elements done")
+            log(f"[10] killing the leader {first} with {int(done)} of {size} elements done")
             killed_at = time.monotonic()
             pods[first].stop(signal.SIGKILL)
             wait_for(lambda: service.leader not in (None, first), 120, "a new leader")
@@ -77,11 +77,11 @@ def run(results: Results, quick: bool) -> None:
             resource = poller.resource("map")
             twice = sum(1 for n in Counter(open(map_log).read().split()).values() if n > 1)
             ok = resource.phase == 3  # SUCCEEDED
-            results.add("8", "failover: leader SIGKILLed mid-map -> new leader serving", f"{serving:.1f} s",
+            results.add("10", "failover: leader SIGKILLed mid-map -> new leader serving", f"{serving:.1f} s",
                         "lease 10 s, retry 2 s; 1 run (a shared 2-core machine)")
-            results.add("8", "  -> the map progressing again", f"{progressing:.1f} s",
+            results.add("10", "  -> the map progressing again", f"{progressing:.1f} s",
                         f"map of {size}; {twice} elements ran twice; map {'SUCCEEDED' if ok else 'FAILED'}")
-            results.data["8"] = {"size": size, "serving": serving, "progressing": progressing, "twice": twice}
+            results.data["10"] = {"size": size, "serving": serving, "progressing": progressing, "twice": twice}
         finally:
             poller.close()
             service.close()

@@ -1,4 +1,4 @@
-"""Benchmark 7: the hello-world map of benchmark 1 on actors, on a Ray ``ActorPool`` and on Dask actors, timed in
+"""Benchmark 8: the hello-world map of benchmark 1 on actors, on a Ray ``ActorPool`` and on Dask actors, timed in
 the same process one after another, so that the three see the same machine and load.
 
 Each does 2,000 calls of ``hello(name) -> "hello {name}"`` over 25 actors and collects the results in order.
@@ -36,8 +36,8 @@ def run(results: Results, quick: bool) -> None:
     warm_runs = 1 if quick else 3
     names = [f"world-{j}" for j in range(elements)]
     expected = [f"hello {n}" for n in names]
-    _check_installed()
-    bench = "7"
+    missing = _missing()
+    bench = "8"
     timings: Dict[str, Dict[str, List[float]]] = {}
     contenders = (("actors", _actors, warm_runs), ("before", _actors_before, 1), ("ray", _ray, warm_runs),
                   ("dask", _dask, warm_runs))
@@ -45,7 +45,11 @@ def run(results: Results, quick: bool) -> None:
     names_of = {"actors": "flyte actors (actor map)", "ray": "Ray ActorPool", "dask": "Dask actors",
                 "before": "  flyte actors without the fast path and the zygote (as before issue 13)"}
     for label, runner, runs in contenders:
-        log(f"[7] {label}: map of {elements} over {actors}, cold then {runs} warm")
+        if missing.get(label):
+            results.add(bench, f"{names_of[label]}, {what}: cold | warm", "not installed",
+                        f"{', '.join(missing[label])}: .venv/bin/pip install -e '.[dev,bench]' (make bench does)")
+            continue
+        log(f"[8] {label}: map of {elements} over {actors}, cold then {runs} warm")
         try:
             cold, warm = runner(names, expected, actors, runs)
         except PeerDidNotStart as e:
@@ -67,20 +71,24 @@ def run(results: Results, quick: bool) -> None:
     if RAY_RETRIES:
         results.add(bench, "  ray.init timed out and was started again", f"{len(RAY_RETRIES)}x",
                     "the machine was loaded; Ray's cold time is its last, successful start")
-    results.data["7"] = {"elements": elements, "actors": actors, "timings": timings, "ray_retries": len(RAY_RETRIES)}
+    results.data["8"] = {"elements": elements, "actors": actors, "timings": timings, "ray_retries": len(RAY_RETRIES)}
 
 
 class PeerDidNotStart(Exception):
     pass
 
 
-def _check_installed() -> None:
+def _missing() -> Dict[str, List[str]]:
+    """The peers' packages that are not installed (the ``bench`` extra), by contender; all of them with
+    ``BENCH_PEERS=0`` (time the actors only)."""
     import importlib.util
 
-    missing = [m for m in ("ray", "dask", "distributed") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise SystemExit(f"benchmark 7 needs {', '.join(missing)}: install the bench extra: "
-                         f".venv/bin/pip install -e '.[dev,bench]'")
+    def absent(*modules: str) -> List[str]:
+        if os.environ.get("BENCH_PEERS") == "0":
+            return list(modules)
+        return [m for m in modules if importlib.util.find_spec(m) is None]
+
+    return {"ray": absent("ray"), "dask": absent("dask", "distributed")}
 
 
 def _timed(fn: Callable[[], List[str]], expected: List[str], what: str) -> float:
@@ -157,7 +165,7 @@ def _ray(names, expected, actors, warm_runs):
             if attempt == 2:
                 ray.shutdown()
                 raise PeerDidNotStart(f"ray.init timed out 3 times: {e}") from e
-            log(f"[7] ray.init timed out ({e}); starting Ray again")
+            log(f"[8] ray.init timed out ({e}); starting Ray again")
             ray.shutdown()
             state.clear()
             RAY_RETRIES.append(1)

@@ -1,4 +1,4 @@
-"""Benchmark 7: what one agent sustains, with simulated replicas that speak the lease protocol (no flytekit, tasks
+"""Benchmark 9: what one agent sustains, with simulated replicas that speak the lease protocol (no flytekit, tasks
 that take no time or a set time): replicas connected, dispatches per second, GetTask latency with 10,000 tasks in
 flight, and the agent's memory.
 
@@ -154,7 +154,7 @@ def run(results: Results, quick: bool) -> None:
     in_flight = 1000 if quick else 10_000
     instant = 2000 if quick else 20_000
     window = 60.0 if quick else 90.0
-    bench = "7"
+    bench = "9"
     context = multiprocessing.get_context("spawn")
     launches = context.Queue()
     sim = context.Process(target=simulator, args=(launches,), daemon=True)
@@ -167,7 +167,7 @@ def run(results: Results, quick: bool) -> None:
     # Held tasks keep every replica busy until they are cancelled, so all replicas connect and stay leased.
     hold = 3600.0
     try:
-        log(f"[7] {replicas:,} simulated replicas: submitting {replicas:,} held tasks to start them")
+        log(f"[9] {replicas:,} simulated replicas: submitting {replicas:,} held tasks to start them")
         started = time.monotonic()
         for i in range(replicas):
             request = core.TaskRequest(f"hold-{i}", fleets[i % ENVIRONMENTS], _payload(hold), name="hold")
@@ -180,7 +180,7 @@ def run(results: Results, quick: bool) -> None:
         results.add(bench, f"simulated replicas connected to one agent, {ENVIRONMENTS} environments", f"{ready:,}",
                     f"all connected and leased in {connected:.1f} s")
 
-        log(f"[7] queueing {in_flight - replicas:,} more: {in_flight:,} tasks in flight")
+        log(f"[9] queueing {in_flight - replicas:,} more: {in_flight:,} tasks in flight")
         for i in range(in_flight - replicas):
             request = core.TaskRequest(f"queued-{i}", fleets[i % ENVIRONMENTS], _payload(0.0), name="queued")
             agent.call(agent.submit, request).result()
@@ -201,7 +201,7 @@ def run(results: Results, quick: bool) -> None:
             agent.call(agent.cancel, f"queued-{i}", "benchmark phase over")
         wait_until(lambda: agent.call(lambda: not any(
             not t.phase.terminal for t in agent.scheduler.tasks.values())).result(), 600, "the queue to empty")
-        log(f"[7] {instant:,} instant tasks on {replicas:,} replicas, for {window:g} s at most")
+        log(f"[9] {instant:,} instant tasks on {replicas:,} replicas, for {window:g} s at most")
         started = time.monotonic()
         for i in range(instant):
             request = core.TaskRequest(f"instant-{i}", fleets[i % ENVIRONMENTS], _payload(0.0), name="instant")
@@ -217,7 +217,7 @@ def run(results: Results, quick: bool) -> None:
         timer = agent.call(lambda: _timed(sched.next_deadline)).result()
         results.add(bench, "  scheduler.next_deadline(), O(replicas + leases)", f"{timer * 1000:.1f} ms",
                     "the reactor re-arms its timer with it at most every 50 ms")
-        results.data["7"] = {"replicas": ready, "connect_seconds": connected, "get_latencies": latencies,
+        results.data["9"] = {"replicas": ready, "connect_seconds": connected, "get_latencies": latencies,
                              "rss_growth": rss - baseline, "dispatch_rate": done / took, "next_deadline": timer}
     finally:
         agent.stop()
