@@ -43,7 +43,8 @@ def run(results: Results, quick: bool) -> None:
     with open(os.path.join(work, "agent.log"), "wb") as agent_log:
         agent = subprocess.Popen(
             [os.path.join(os.path.dirname(sys.executable), "flyte-actor-agent"), "serve", "--host", "127.0.0.1",
-             "--port", str(port), "--lease-port", str(lease_port), "--metrics-port", "0", "--launcher", "local"],
+             "--port", str(port), "--lease-port", str(lease_port), "--metrics-port", "0", "--status-port", "0",
+             "--launcher", "local"],
             cwd=ROOT, env=python_env(), stdout=agent_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")  # default limits, as propeller's client
