@@ -70,3 +70,10 @@ def executor_pid() -> int:
 def allocate(mib: int) -> int:
     block = bytearray(mib * 1024 * 1024)
     return len(block) // (1024 * 1024)
+
+
+@actor.task
+def leak_in_map(i: int) -> int:
+    """A map element that leaves a thread running: its executor retires after the batch."""
+    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
+    return i

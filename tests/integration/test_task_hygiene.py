@@ -8,6 +8,7 @@ import pytest
 from flyteidl.core.execution_pb2 import TaskExecution
 
 import hygiene_tasks as ht
+from flytekitplugins.actor import map as actor_map
 from harness import LocalFleet, output
 
 pytestmark = pytest.mark.timeout(300)
@@ -59,3 +60,12 @@ def test_limits_mem_caps_a_local_executor():
         assert output(fleet.run(ht.allocate, mib=64)) == 64  # the executor lives on
     finally:
         fleet.stop()
+
+
+def test_a_map_whose_elements_leave_threads_running_loses_and_repeats_no_element(fleet):
+    # Elements queue on the replica; each batch's executor retires after it, and hands back what it was sent
+    # meanwhile: given back, not lost, so no element is retried.
+    resource = fleet.wait(fleet.submit(actor_map(ht.leak_in_map), i=list(range(16))))
+    assert resource.phase == TaskExecution.SUCCEEDED, resource.message
+    assert [lit.scalar.primitive.value for lit in resource.outputs.literals["o0"].collection.literals] == list(range(16))
+    assert resource.custom_info["retries"] == 0, resource.custom_info

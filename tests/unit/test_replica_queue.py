@@ -116,3 +116,26 @@ def test_a_drain_gives_back_what_is_queued(worker):
     worker._assign([assignment("a", batch_key=""), assignment("b", batch_key="")])
     worker._drain("signal SIGTERM")
     assert reported(worker) == {"b": "CANCELLED"} and worker._held() == ["a"]
+
+
+def test_a_retiring_executor_gets_nothing_more_and_what_it_hands_back_is_given_back(worker):
+    slot = worker.slots[0]
+    worker._assign([assignment("a", batch_key=""), assignment("b", batch_key="")])  # b waits in the queue
+    assert slot.conn.sent == [["a"]]
+    # Its task left a thread running: the result, then the notice, and the executor waits for our goodbye.
+    slot.conn.results = [succeeded("a") + [("", {"retire": "the task left threads running: t"})]]
+    worker._on_executor_readable(slot)
+    assert reported(worker) == {"a": "SUCCEEDED"}
+    assert slot.conn.sent == [["a"], []], "b went to the retiring executor, or no goodbye was said"
+    assert worker._held() == ["b"] and not slot.free
+    worker._on_executor_died(slot)  # it exits; a clean executor takes the slot and gets b
+    assert slot.conn.sent[-1] == ["b"]
+
+
+def test_what_a_retiring_executor_was_sent_before_it_said_so_is_given_back(worker):
+    slot = worker.slots[0]
+    worker._assign([assignment("a"), assignment("b"), assignment("c")])
+    slot.conn.results = [succeeded("a") + [("", {"retire": "threads"}), ("b", {"not_started": "threads"}),
+                                           ("c", {"not_started": "threads"})]]
+    worker._on_executor_readable(slot)
+    assert reported(worker) == {"a": "SUCCEEDED", "b": "CANCELLED", "c": "CANCELLED"}

@@ -94,3 +94,25 @@ def test_executor_runs_a_task_and_reports_a_user_error_with_the_installed_flytek
     assert boom["phase"] == "failed" and "boom 3" in boom["message"] and boom["retryable"] is False, boom
     # flytekit's coroutines ran on the executor's thread: flytekit never started its loop thread.
     assert results["threads"] == ["MainThread"], results["threads"]
+
+
+def _retiring_executor(conn) -> None:
+    from flytekitplugins.actor.worker.executor import _retire
+
+    _retire(conn, "the task left threads running: t")
+
+
+def test_a_retiring_executor_hands_back_what_it_was_sent_and_exits_on_the_goodbye():
+    import multiprocessing
+
+    mp = multiprocessing.get_context("fork")
+    parent, child = mp.Pipe()
+    process = mp.Process(target=_retiring_executor, args=(child,))
+    process.start()
+    assert parent.recv() == [("", {"retire": "the task left threads running: t"})]
+    parent.send([("l1", b"run bytes"), ("l2", b"run bytes")])  # sent before the replica read the notice
+    assert parent.recv() == [("l1", {"not_started": "the task left threads running: t"}),
+                             ("l2", {"not_started": "the task left threads running: t"})]
+    parent.send([])  # the goodbye
+    process.join(timeout=30)
+    assert process.exitcode == 0

@@ -83,7 +83,27 @@ def serve(conn: Connection, scratch_root: str) -> None:
         else:
             retire = run_batch(runs, sandbox, scratch_root, conn.send)
         if retire:
-            os._exit(0)  # the task left a thread running: the replica starts a clean executor in this one's place
+            _retire(conn, retire)
+
+
+#: How long a retiring executor waits for the replica's goodbye (it comes at once from a live replica).
+RETIRE_WAIT_SECONDS = 10.0
+
+
+def _retire(conn: Connection, reason: str) -> None:
+    """The task left a thread running: tell the replica (which then sends nothing more and says goodbye), hand
+    back what it sent before it knew (never started), and exit; the replica starts a clean executor in this one's
+    place. Nothing sent to this executor is lost on the way."""
+    conn.send([("", {"retire": reason})])
+    while conn.poll(RETIRE_WAIT_SECONDS):
+        try:
+            runs = conn.recv()
+        except (EOFError, OSError):
+            break
+        if not runs:  # the goodbye
+            break
+        conn.send([(lease_id, {"not_started": reason}) for lease_id, _ in runs])
+    os._exit(0)
 
 
 class _InlineRunner:

@@ -137,6 +137,8 @@ class Slot:
         self.dropped: set = set()
         self.kill_reason: Optional[lease_pb2.TaskStatus] = None
         self.timer: Optional[asyncio.TimerHandle] = None
+        #: Its executor said it retires (a task left a thread running): nothing more goes to it.
+        self.retiring = False
 
     def start(self) -> None:
         parent, child = self._mp.Pipe()
@@ -160,7 +162,7 @@ class Slot:
 
     @property
     def free(self) -> bool:
-        return not self.leases
+        return not self.leases and not self.retiring
 
 
 def _executor_main(conn, scratch_dir: str) -> None:
@@ -467,16 +469,26 @@ class ReplicaWorker:
             self._on_executor_died(slot)
             return
         for lease_id, result in results:
+            if not lease_id and "retire" in result:
+                # Its task left a thread running: it hands back what it was sent and exits once we say goodbye;
+                # the slot gets a clean executor when it has (_on_executor_died).
+                log.info("replacing executor %d: %s", slot.index, result["retire"])
+                slot.retiring = True
+                slot.conn.send([])
+                continue
             if not slot.leases or slot.leases[0].lease_id != lease_id:
                 log.warning("executor %d sent a result for lease %s, which it was not running", slot.index, lease_id)
                 continue
-            slot.leases.pop(0)
+            assignment = slot.leases.pop(0)
             if lease_id in slot.dropped:
                 slot.dropped.discard(lease_id)
+            elif "not_started" in result:
+                self._give_back(assignment, f"executor {slot.index} of replica {self.config.replica_id} was replaced "
+                                "before it started the task")
             else:
                 self._report(_status_of(lease_id, result))
         self._arm_timeout(slot)
-        if slot.free:
+        if not slot.leases and not slot.retiring:
             self._finish_slot(slot)
             self._after_slot_freed()
 
@@ -505,6 +517,7 @@ class ReplicaWorker:
         slot.leases = []
         slot.dropped = set()
         slot.kill_reason = None
+        slot.retiring = False
 
     def _after_slot_freed(self) -> None:
         if self.draining:
