@@ -160,8 +160,10 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
                 messages = [getter.result()]
                 while batches and messages[-1] is not None and not queue.empty():
                     messages.append(queue.get_nowait())
-                closed = messages[-1] is None
-                for message in _batched(messages[:-1] if closed else messages) if batches else messages[:1]:
+                closed = messages[-1] is None  # close(): what came before it still goes out
+                if closed:
+                    messages.pop()
+                for message in _batched(messages) if batches else messages:
                     await context.write(message)
                 if closed:
                     break

@@ -202,6 +202,29 @@ def test_a_report_for_a_lease_another_replica_holds_is_refused():
         fleet.stop()
 
 
+def test_a_replica_without_batches_whose_stream_the_agent_closes_sees_it_end_cleanly():
+    """A replica that predates queued leases (its Hello has no queue_depth) gets one message at a time; when the
+    agent closes its stream (here: a second Hello for it), the stream ends with OK, not a server error."""
+    fleet = LocalFleet(launcher_factory=OneRealReplica)
+    try:
+        leased(fleet, fleet.submit(st.sleep_then, seconds=2.0, value="real"))
+        fleet.submit(st.sleep_then, seconds=0.0, value="second")
+        launch = fleet.wait_until(lambda: fleet.launcher.recorded and fleet.launcher.recorded[0], what="a 2nd launch")
+        old = FakeReplica(fleet.agent.lease_address, launch.replica_id, launch.token, launch.fleet_key)
+        assert not old.receive("welcome").batches
+        second = FakeReplica(fleet.agent.lease_address, launch.replica_id, launch.token, launch.fleet_key)
+        with pytest.raises(grpc.RpcError) as refused:
+            second.receive("welcome")
+        second.close()
+        assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        for _ in old.responses:  # the rest of the first stream, to its end
+            pass
+        assert old.responses.code() == grpc.StatusCode.OK, old.responses.details()
+        old.close()
+    finally:
+        fleet.stop()
+
+
 def test_a_resolver_missing_from_the_image_fails_for_good_instead_of_being_retried():
     fleet = LocalFleet()
     try:
