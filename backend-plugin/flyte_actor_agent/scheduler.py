@@ -797,7 +797,7 @@ class Scheduler:
                     "FLYTE_ACTOR_MAX_OUTPUT_BYTES): return less, or raise the cap"), effects)
             elif outcome is Outcome.SUCCEEDED:
                 self._finish_task(task, Phase.SUCCEEDED, message, effects, outputs=IN_PREFIX if outputs is None else outputs)
-            elif outcome is Outcome.FAILED and retryable and self._retry_element(task, message, replica_id, system_error, effects):
+            elif outcome is Outcome.FAILED and retryable and self._retry_element(task, message, system_error, effects):
                 pass
             elif outcome is Outcome.FAILED:
                 if replica is not None:
@@ -814,7 +814,6 @@ class Scheduler:
                 self._lease_lost(task, message or f"replica {replica_id} gave the task back", effects)
             else:  # given back unstarted (a queued lease the replica will not run): lease it again, no failure
                 task.given_back += 1
-                task.avoid_replica = replica_id
                 self._requeue(task)
                 self._enqueue(task, effects, front=True)
         if replica is not None and replica.state is ReplicaState.READY:
@@ -839,7 +838,7 @@ class Scheduler:
             self.leases.pop(task.lease_id, None)
             message = (f"Task {task.name or task.key} did not finish within its timeout of {task.timeout_seconds:g}s "
                        f"(replica {task.replica_id} did not report it in time).")
-            if not self._retry_element(task, message, task.replica_id, False, effects):
+            if not self._retry_element(task, message, False, effects):
                 self._finish_task(task, Phase.RETRYABLE_FAILED, message, effects)
         for replica in list(self.replicas.values()):
             if replica.state is ReplicaState.STARTING and replica.waiting:
@@ -1020,13 +1019,14 @@ class Scheduler:
 
     @staticmethod
     def _requeue(task: TaskState) -> None:
+        """Take the task's lease back; its next lease goes to another replica when one has room."""
+        task.avoid_replica = task.replica_id
         task.lease_id = None
         task.replica_id = None
         task.deadline = None
 
     def _lease_lost(self, task: TaskState, cause: str, effects: List[Effect]) -> None:
         """A system failure (replica or executor lost): lease again, up to ``max_leases`` system failures."""
-        task.avoid_replica = task.replica_id
         self._requeue(task)
         task.system_failures += 1
         if task.payload is None:
@@ -1043,8 +1043,7 @@ class Scheduler:
                 task.parent.retried += 1
             self._enqueue(task, effects, front=True)
 
-    def _retry_element(self, task: TaskState, message: str, replica_id: Optional[str], system: bool,
-                       effects: List[Effect]) -> bool:
+    def _retry_element(self, task: TaskState, message: str, system: bool, effects: List[Effect]) -> bool:
         """A map element failed in a retryable way: run it again on its own, as Flyte's ArrayNode retries a
         sub-node. System errors count against ``max_leases`` (Flyte: max-node-retries-system-failures), user
         errors against the task's ``retries``. False when it is not an element or its budget is spent."""
@@ -1059,7 +1058,6 @@ class Scheduler:
             if task.user_failures >= job.retries:
                 return False
             task.user_failures += 1
-        task.avoid_replica = replica_id
         self._requeue(task)
         task.message = message
         job.retried += 1
