@@ -2,8 +2,9 @@
 does, each on the path the case names, and prints what each run produced as JSON (see test_fast_path.py).
 
 Usage: ``python fast_path_runner.py CASES.json`` where each case is ``{"task", "inputs" (hex LiteralMap),
-"path" ("fast" | "full" | "batch"), "output_prefix", "raw_prefix", "env"}``; consecutive "batch" cases run as one
-batch (``executor.run_batch``)."""
+"path" ("fast" | "full" | "element" | "batch"), "output_prefix", "raw_prefix", "env"}``; consecutive "batch" cases
+run as one batch (``executor.run_batch``). "element" and "batch" runs are actor map elements: they leave their
+outputs.pb in the output prefix as well."""
 
 import json
 import os
@@ -69,6 +70,7 @@ def main() -> None:
     scratch = tempfile.mkdtemp(prefix="fast-path-runner-")
     sandbox = TaskSandbox(scratch)
     assert executor.run_flytekit_coroutines_inline(), "as executor.serve does"
+    assert executor.keep_engine_files_in_memory(), "as executor.serve does"
     results = []
     i = 0
     while i < len(cases):
@@ -111,6 +113,7 @@ def _spec(case: dict) -> lease_pb2.TaskRun:
                                                                   case["task"]],
         inputs=bytes.fromhex(case["inputs"]), output_prefix=case["output_prefix"],
         raw_output_data_prefix=case["raw_prefix"], env=env, batch_key="map" if case["path"] == "batch" else "",
+        outputs_to_prefix=case["path"] in ("element", "batch"),
     )
 
 

@@ -97,9 +97,9 @@ def test_fast_path_gives_the_bytes_of_the_full_path(cases, tmp_path):
 
 
 def test_a_batch_of_elements_gives_the_bytes_of_lone_runs(cases, tmp_path):
-    # Per case: a lone fast-path run, then the same task three times in one batch (as one map's elements queued on
+    # Per case: a lone map element, then the same task three times in one batch (as one map's elements queued on
     # one executor; with the lone run's prefixes, so that file names and references compare equal).
-    runs = [dict(case, path=path) for case in cases for path in ("fast", "batch", "batch", "batch")]
+    runs = [dict(case, path=path) for case in cases for path in ("element", "batch", "batch", "batch")]
     results = _run(runs, tmp_path)
     for i, case in enumerate(cases):
         lone, *batch = results[4 * i : 4 * i + 4]
@@ -112,8 +112,10 @@ def test_a_batch_of_elements_gives_the_bytes_of_lone_runs(cases, tmp_path):
 
 
 def test_fast_path_gives_the_bytes_of_pyflyte_execute(cases, tmp_path):
-    results = _run([dict(case, path="fast") for case in cases], tmp_path)
-    for case, fast in zip(cases, results):
+    # Per case: a task (outputs.pb goes back in-band) and a map element (outputs.pb is left in the output prefix too).
+    results = _run([dict(case, path=path) for case in cases for path in ("fast", "element")], tmp_path)
+    for i, case in enumerate(cases):
+        fast, element = results[2 * i : 2 * i + 2]
         what = f"{case['task']} {case['env']}"
         for prefix in (case["output_prefix"], case["raw_prefix"]):
             subprocess.run(["rm", "-rf", prefix], check=True)
@@ -133,6 +135,10 @@ def test_fast_path_gives_the_bytes_of_pyflyte_execute(cases, tmp_path):
             assert without_timestamp(bytes.fromhex(written["error.pb"])) == fast["error"], what
         assert _without_in_band(written) == fast["output_files"], what
         assert files_under(case["raw_prefix"]) == fast["raw_files"], what
+        assert {k: v for k, v in written.items() if k != "error.pb"} == element["output_files"], what
+        assert (element["outputs"], element["error"]) == (fast["outputs"], fast["error"]), what
+        assert element["raw_files"] == fast["raw_files"], what
+    assert "outputs.pb" in results[3]["output_files"], "a map element left no outputs.pb in its prefix"
 
 
 def test_fast_path_resets_module_globals(cases, tmp_path):

@@ -42,12 +42,16 @@ RUN = textwrap.dedent(
     from flyteidl.core import literals_pb2
 
     from flytekitplugins.actor.protocol import lease_pb2
-    from flytekitplugins.actor.worker.executor import run_flytekit_coroutines_inline, run_task
+    from flytekitplugins.actor.worker.executor import (
+        keep_engine_files_in_memory, run_flytekit_coroutines_inline, run_task,
+    )
     from flytekitplugins.actor.worker.sandbox import TaskSandbox
 
     code_dir, scratch = sys.argv[1:]
-    # As executor.serve does: flytekit's coroutines on this thread (with this flytekit's internals).
+    # As executor.serve does: flytekit's coroutines on this thread and its engine files in memory (with this
+    # flytekit's internals).
     assert run_flytekit_coroutines_inline()
+    assert keep_engine_files_in_memory()
     ctx = FlyteContextManager.current_context()
     x = TypeEngine.to_literal(ctx, 3, int, TypeEngine.to_literal_type(int))
     inputs = LiteralMap(literals={"x": x}).to_flyte_idl().SerializeToString()
@@ -70,6 +74,23 @@ RUN = textwrap.dedent(
             outputs = literals_pb2.LiteralMap.FromString(result["outputs"])
             result["o0"] = outputs.literals["o0"].scalar.primitive.integer
         results[name] = {k: result.get(k) for k in ("phase", "message", "retryable", "o0")}
+    # Map elements leave their outputs.pb in their output prefix: a local one, and a remote one (fsspec's memory
+    # file system, through flytekit's put_data); the engine files never touch the disk.
+    import fsspec
+
+    for prefix in (os.path.join(scratch, "element"), "memory://elements/0"):
+        element = lease_pb2.TaskRun(
+            task_name="plus_one", resolver="flytekit.core.python_auto_container.default_task_resolver",
+            resolver_args=["task-module", "executor_tasks", "task-name", "plus_one"], inputs=inputs,
+            output_prefix=prefix, raw_output_data_prefix=os.path.join(scratch, "raw"), dest_dir=code_dir,
+            outputs_to_prefix=True,
+        )
+        result = run_task(element, sandbox, scratch)
+        fs, path = fsspec.core.url_to_fs(prefix + "/outputs.pb")
+        results[prefix.split(":")[0] if "://" in prefix else "local"] = (
+            result["phase"], fs.cat(path) == result["outputs"] != b"", fs.ls(path.rsplit("/", 1)[0], detail=False))
+    engine_dir = os.path.join(sandbox.workdir, "sandbox", "local_flytekit", "engine_dir")
+    results["engine_dir"] = os.listdir(engine_dir) if os.path.isdir(engine_dir) else "missing"
     import threading
 
     results["threads"] = sorted(t.name for t in threading.enumerate())
@@ -92,6 +113,9 @@ def test_executor_runs_a_task_and_reports_a_user_error_with_the_installed_flytek
     assert results["plus_one"]["phase"] == "succeeded" and results["plus_one"]["o0"] == 4
     boom = results["boom"]
     assert boom["phase"] == "failed" and "boom 3" in boom["message"] and boom["retryable"] is False, boom
+    assert results["local"][:2] == results["memory"][:2] == ["succeeded", True], results
+    assert [p.rsplit("/", 1)[-1] for p in results["memory"][2]] == ["outputs.pb"], results["memory"]
+    assert results["engine_dir"] == [], results["engine_dir"]
     # flytekit's coroutines ran on the executor's thread: flytekit never started its loop thread.
     assert results["threads"] == ["MainThread"], results["threads"]
 

@@ -65,6 +65,7 @@ def serve(conn: Connection, scratch_root: str) -> None:
     """Executor process main loop: run tasks until the pipe closes."""
     _die_with_parent()
     run_flytekit_coroutines_inline()
+    keep_engine_files_in_memory()
     os.makedirs(scratch_root, exist_ok=True)
     limit_memory(int(os.environ.get(MEMORY_LIMIT_VARIABLE) or 0))
     sandbox = TaskSandbox(scratch_root)
@@ -159,6 +160,67 @@ def _origin_stackframe(limit: int = 2) -> traceback.FrameSummary:
     return traceback.FrameSummary(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, lookup_line=False)
 
 
+class _EngineFiles:
+    """The fast path's ``inputs.pb`` and engine-directory files, kept in memory instead of on disk.
+
+    ``_dispatch_execute`` reads the inputs and writes outputs.pb, error.pb and offloaded literals through
+    ``flytekit.core.utils.load_proto_from_file`` / ``write_proto_to_file``; in an executor those read and write this
+    store for the paths of the element running now (``expect``), and the files as before for any other path. What
+    must reach the output prefix is written there from memory (``_InPlaceFileAccess.put_data``), and the result is
+    read from memory (:func:`_result_from`): on this VM's disk each of the five files an element wrote, read back,
+    copied and removed cost about 0.1 ms to open, and writing through a directory made per element more."""
+
+    def __init__(self) -> None:
+        self.engine_dir = ""
+        self.files: Dict[str, bytes] = {}
+
+    def expect(self, engine_dir: str, inputs_path: str, inputs: bytes) -> None:
+        self.engine_dir = engine_dir
+        self.files = {inputs_path: inputs}
+
+    def done(self) -> None:
+        self.engine_dir = ""
+        self.files = {}
+
+    def in_engine_dir(self) -> Dict[str, bytes]:
+        """Name -> bytes of what was written into the engine directory."""
+        return {os.path.basename(path): data for path, data in self.files.items()
+                if self.engine_dir and os.path.dirname(path) == self.engine_dir}
+
+
+_engine_files = _EngineFiles()
+
+
+def keep_engine_files_in_memory() -> bool:
+    """In this process (an executor): the fast path's engine files live in :data:`_engine_files`. Returns False,
+    changing nothing, where flytekit has not the two functions this replaces."""
+    from flytekit.core import utils
+
+    load, write = getattr(utils, "load_proto_from_file", None), getattr(utils, "write_proto_to_file", None)
+    if load is None or write is None:
+        return False
+    if getattr(load, "_flyte_actor", False):
+        return True
+
+    def load_proto_from_file(pb2_type, path):
+        data = _engine_files.files.get(path)
+        if data is None:
+            return load(pb2_type, path)
+        message = pb2_type()
+        message.ParseFromString(data)
+        return message
+
+    def write_proto_to_file(proto, path):
+        if _engine_files.engine_dir and os.path.dirname(path) == _engine_files.engine_dir:
+            _engine_files.files[path] = proto.SerializeToString()
+        else:
+            write(proto, path)
+
+    load_proto_from_file._flyte_actor = True  # type: ignore[attr-defined]
+    utils.load_proto_from_file, utils.write_proto_to_file = load_proto_from_file, write_proto_to_file
+    return True
+
+
 def _die_with_parent() -> None:
     """Executors are forked by multiprocessing's fork server, which exits with the replica; follow it."""
     if sys.platform.startswith("linux"):
@@ -240,6 +302,7 @@ def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, s
     try:
         _enter_code_root(first, code_root)
         loaded: List[Any] = []
+        shared: Dict[Any, Any] = {}  # what the elements' contexts can share (see _task_context)
 
         def load_task():
             if not loaded:
@@ -251,7 +314,7 @@ def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, s
         for lease_id, run in runs:
             began = time.monotonic()
             try:
-                result = _run_fast(run, sandbox, load_task)
+                result = _run_fast(run, sandbox, load_task, shared)
             except BaseException as e:  # noqa: BLE001 - see _uncaught
                 result = _uncaught(run, e)
             now = time.monotonic()
@@ -328,17 +391,21 @@ def _run(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox) -> Dict[str, Any]:
         return _result_from(ctx.execution_state.engine_dir, task_run.task_name)
 
 
-def _run_fast(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox,
-              load_task: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
+def _run_fast(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, load_task: Optional[Callable[[], Any]] = None,
+              shared: Optional[Dict[Any, Any]] = None) -> Dict[str, Any]:
     """The fast path: flytekit's own ``_dispatch_execute`` (so outputs, errors, offloading, decks and checkpoints are
     flytekit's), in a context made like ``setup_execution`` makes it but in directories that stay between tasks,
     with the inputs handed over in place and the outputs and errors returned in-band instead of uploaded: propeller
     writes ``outputs.pb`` from the agent's answer itself. Files beside them (offloaded literals, a dynamic task's
     futures) are uploaded as usual. The task's modules are kept between tasks when the sandbox can reset them."""
-    with _task_context(task_run, sandbox.workdir) as ctx:
+    with _task_context(task_run, sandbox.workdir, shared) as ctx:
         inputs_path = os.path.join(ctx.execution_state.working_dir, "inputs.pb")
-        with open(inputs_path, "wb") as f:
-            f.write(task_run.inputs)
+        engine_dir = ctx.execution_state.engine_dir
+        if _engine_files_kept():
+            _engine_files.expect(engine_dir, inputs_path, task_run.inputs)
+        else:
+            with open(inputs_path, "wb") as f:
+                f.write(task_run.inputs)
         if load_task is None:
             resolver = sandbox.snapshot_imports(lambda: load_object_from_module(task_run.resolver))
             args = list(task_run.resolver_args)
@@ -346,13 +413,19 @@ def _run_fast(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox,
             def load_task():
                 return sandbox.snapshot_imports(lambda: resolver.load_task(loader_args=args))
 
-        engine_dir = ctx.execution_state.engine_dir
-        _dispatch_execute(ctx, load_task, inputs_path, task_run.output_prefix)
         try:
-            return _result_from(engine_dir, task_run.task_name)
+            _dispatch_execute(ctx, load_task, inputs_path, task_run.output_prefix)
+            return _result_from(engine_dir, task_run.task_name, _engine_files.in_engine_dir())
         finally:
+            _engine_files.done()
             for name in os.listdir(engine_dir):  # the next element of a batch writes its own
                 os.remove(os.path.join(engine_dir, name))
+
+
+def _engine_files_kept() -> bool:
+    from flytekit.core import utils
+
+    return getattr(utils.load_proto_from_file, "_flyte_actor", False)
 
 
 class _InPlaceFileAccess(FileAccessProvider):
@@ -372,33 +445,50 @@ class _InPlaceFileAccess(FileAccessProvider):
 
     def put_data(self, local_path, remote_path: str, is_multipart: bool = False, **kwargs):
         if is_multipart and os.fspath(local_path) == self._engine_dir:
-            rest = [n for n in os.listdir(self._engine_dir)
-                    if not _returned_in_band(os.path.join(self._engine_dir, n), self._outputs_to_prefix)]
-            if not rest:
-                return remote_path
-            for name in rest:
-                super().put_data(os.path.join(self._engine_dir, name), self.join(remote_path, name))
+            on_disk = os.listdir(self._engine_dir)
+            for name, data in _engine_files.in_engine_dir().items():
+                if not _returned_in_band(name, len(data), self._outputs_to_prefix):
+                    self._put_bytes(data, self.join(remote_path, name))
+            for name in on_disk:
+                path = os.path.join(self._engine_dir, name)
+                if not _returned_in_band(name, os.path.getsize(path), self._outputs_to_prefix):
+                    super().put_data(path, self.join(remote_path, name))
             return remote_path
         return super().put_data(local_path, remote_path, is_multipart, **kwargs)
 
+    def _put_bytes(self, data: bytes, remote_path: str) -> None:
+        """Write a file of the engine directory that lives in memory to the output prefix: straight to a local
+        prefix, through a file and flytekit's ``put_data`` to any other."""
+        if self.is_remote(remote_path):
+            path = os.path.join(self._engine_dir, os.path.basename(remote_path))
+            with open(path, "wb") as f:
+                f.write(data)
+            super().put_data(path, remote_path)
+            return
+        path = remote_path[len("file://"):] if remote_path.startswith("file://") else remote_path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
 
-def _returned_in_band(path: str, outputs_to_prefix: bool) -> bool:
+
+def _returned_in_band(name: str, size: int, outputs_to_prefix: bool) -> bool:
     """Whether the agent gets this engine-directory file in the executor's reply instead of from the output prefix:
     errors always; outputs when small enough to send inline, unless the task must leave them in the prefix (an
     actor map's element: a retried map or a restarted agent finds finished elements there)."""
-    name = os.path.basename(path)
     if name == "outputs.pb":
-        return not outputs_to_prefix and os.path.getsize(path) <= INLINE_OUTPUT_BYTES
+        return not outputs_to_prefix and size <= INLINE_OUTPUT_BYTES
     return name.startswith("error") and name.endswith(".pb")
 
 
 @contextlib.contextmanager
-def _task_context(task_run: lease_pb2.TaskRun, workdir: str):
+def _task_context(task_run: lease_pb2.TaskRun, workdir: str, shared: Optional[Dict[Any, Any]] = None):
     """``flytekit.bin.entrypoint.setup_execution`` (flytekit 1.16), for the fast path: the same execution parameters,
     file access, execution state and serialization settings, read from the same environment variables, but with
     the user workspace and flytekit's local sandbox in fixed directories (which the sandbox empties after the task)
     instead of fresh random ones (creating and removing directories costs milliseconds on some file systems, and
-    ``setup_execution`` never removes the workspace it makes)."""
+    ``setup_execution`` never removes the workspace it makes). Elements of one batch pass the same ``shared`` dict:
+    their file access is made once when it would be made the same (same raw output prefix, configuration and
+    execution metadata), as one pod's would be."""
     exe_project = _one_of("FLYTE_INTERNAL_EXECUTION_PROJECT", "_F_PRJ")
     exe_domain = _one_of("FLYTE_INTERNAL_EXECUTION_DOMAIN", "_F_DM")
     exe_name = _one_of("FLYTE_INTERNAL_EXECUTION_ID", "_F_NM")
@@ -445,9 +535,14 @@ def _task_context(task_run: lease_pb2.TaskRun, workdir: str):
         "flyte-execution-workflow": exe_wf,
         "flyte-execution-name": exe_name,
     }
-    file_access = _InPlaceFileAccess(local_sandbox_dir=local_sandbox, raw_output_prefix=raw_output_prefix,
-                                     data_config=data_config, execution_metadata=metadata, engine_dir=engine_dir,
-                                     outputs_to_prefix=task_run.outputs_to_prefix)
+    key = (raw_output_prefix, task_run.outputs_to_prefix, id(data_config), tuple(metadata.items()))
+    file_access = shared.get(key) if shared is not None else None
+    if file_access is None:
+        file_access = _InPlaceFileAccess(local_sandbox_dir=local_sandbox, raw_output_prefix=raw_output_prefix,
+                                         data_config=data_config, execution_metadata=metadata, engine_dir=engine_dir,
+                                         outputs_to_prefix=task_run.outputs_to_prefix)
+        if shared is not None:
+            shared[key] = file_access
     ctx = FlyteContextManager.current_context().new_builder().with_file_access(file_access).build()
     es = ctx.new_execution_state().with_params(mode=ExecutionState.Mode.TASK_EXECUTION,
                                                user_space_params=execution_parameters)
@@ -499,19 +594,29 @@ def _one_of(*names: str) -> str:
     return ""
 
 
-def _result_from(engine_dir: str, task_name: str) -> Dict[str, Any]:
-    """Read what ``_dispatch_execute`` wrote: outputs.pb on success, error*.pb on failure."""
-    names = os.listdir(engine_dir)
+def _result_from(engine_dir: str, task_name: str, in_memory: Optional[Dict[str, bytes]] = None) -> Dict[str, Any]:
+    """Read what ``_dispatch_execute`` wrote: outputs.pb on success, error*.pb on failure; from ``in_memory`` (name ->
+    bytes, see :class:`_EngineFiles`) where it is there, else from the engine directory."""
+    in_memory = in_memory or {}
+    names = list(in_memory) + os.listdir(engine_dir)
     errors = [n for n in names if n.startswith("error") and n.endswith(".pb")]
     if errors:
-        with open(os.path.join(engine_dir, errors[0]), "rb") as f:
-            raw = f.read()
+        raw = in_memory.get(errors[0])
+        if raw is None:
+            with open(os.path.join(engine_dir, errors[0]), "rb") as f:
+                raw = f.read()
         error = errors_pb2.ErrorDocument.FromString(raw).error
         retryable = error.kind == errors_pb2.ContainerError.RECOVERABLE
         system = error.origin == execution_pb2.ExecutionError.SYSTEM
         return {"phase": FAILED, "error": raw, "message": error.message, "retryable": retryable, "system_error": system}
     result = {"phase": SUCCEEDED, "outputs": b"", "message": f"{task_name} succeeded"}
-    if "outputs.pb" in names:
+    if "outputs.pb" in in_memory:
+        data = in_memory["outputs.pb"]
+        if len(data) > INLINE_OUTPUT_BYTES:
+            result.update(outputs_in_prefix=True, outputs_size=len(data))
+        else:
+            result.update(outputs=data, outputs_size=len(data))
+    elif "outputs.pb" in names:
         result.update(_outputs(os.path.join(engine_dir, "outputs.pb")))
     return result
 
