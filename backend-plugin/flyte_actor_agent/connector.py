@@ -37,7 +37,7 @@ from flyteidl.core.execution_pb2 import TaskExecution
 from flytekit.models.literals import Literal, LiteralCollection, LiteralMap, Scalar, Void
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
-from flytekitplugins.actor.protocol import lease_pb2
+from flytekitplugins.actor.protocol import element_groups, lease_pb2
 from flytekitplugins.actor.contract import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE, ActorCustom, TaskCommand
 
 from . import logs
@@ -138,7 +138,8 @@ class ActorConnector(AsyncConnectorBase):
         self._agent = agent
         self._records = records
         self.log_config = log_config or LogConfig()
-        #: Per actor map: elements recovered from earlier attempts (index -> that attempt's prefix).
+        #: Per actor map: elements finished before this agent ran it (recovered from earlier attempts, or done
+        #: before a restart): index -> the file that holds its outputs.
         self._recovered: Dict[str, Dict[int, str]] = {}
         #: Per finished actor map: when its outputs were first asked for, and their writing (which gives the
         #: serialized outputs when small, else None). Forgotten with the map, or after core.RETAIN_SECONDS.
@@ -192,7 +193,7 @@ class ActorConnector(AsyncConnectorBase):
         timeout = task_template.metadata.timeout.total_seconds() if task_template.metadata.timeout else 0.0
         name = task_template.id.name or "task"
 
-        def task_run(task_inputs: bytes, prefix: str, element: bool = False) -> bytes:
+        def task_run(task_inputs: bytes, prefix: str, element: Optional[int] = None) -> bytes:
             # Serialized: a queued task then costs a third of the memory of a live message.
             return lease_pb2.TaskRun(
                 task_name=name,
@@ -210,9 +211,13 @@ class ActorConnector(AsyncConnectorBase):
                 timeout_seconds=timeout,
                 # Map elements, and every task of an agent that keeps task records: a restarted agent finds the
                 # results nobody received in the blob store (the fast path otherwise returns them in-band only).
-                outputs_to_prefix=element or self._records is not None,
-                # A map's elements may run one after another in one executor session (lease.proto, TaskRun).
-                batch_key=key if element else "",
+                outputs_to_prefix=element is not None or self._records is not None,
+                # A map's elements may run one after another in one executor session (lease.proto, TaskRun), and
+                # those that finish together have their outputs stored in one file (element_groups.py).
+                batch_key=key if element is not None else "",
+                outputs_group_prefix=f"{output_prefix.rstrip('/')}/{element_groups.GROUP_DIR}" if element is not None
+                else "",
+                element_index=element or 0,
             ).SerializeToString()
 
         if custom.map is None:
@@ -258,7 +263,7 @@ class ActorConnector(AsyncConnectorBase):
             return core.TaskRequest(
                 key=core.element_key(key, index),
                 fleet=fleet,
-                payload=task_run(elements.inputs(index), f"{prefix}/{index}", element=True),
+                payload=task_run(elements.inputs(index), f"{prefix}/{index}", element=index),
                 timeout_seconds=timeout,
                 name=f"{name}[{index}]",
             )
@@ -348,8 +353,10 @@ class ActorConnector(AsyncConnectorBase):
         else:
             size = submission.map_args[1]
             done = await asyncio.to_thread(self._records.done_elements, submission.output_prefix, size)
+            if done:  # where their outputs are, for when the map's outputs are assembled
+                self._recovered[meta.key] = {**done, **self._recovered.get(meta.key, {})}
             await asyncio.wrap_future(agent.call(functools.partial(
-                agent.resume_map, meta.key, *submission.map_args, done=done, **submission.map_kwargs)))
+                agent.resume_map, meta.key, *submission.map_args, done=set(done), **submission.map_kwargs)))
         return ""
 
     async def delete(self, resource_meta: ActorMetadata, **kwargs) -> None:

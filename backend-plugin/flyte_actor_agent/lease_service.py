@@ -209,7 +209,7 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
                             outputs=None if status.outputs_in_prefix else status.outputs,
                             error=status.error or None, message=status.message, retryable=status.retryable,
                             run_seconds=status.run_seconds, outputs_size=status.outputs_size,
-                            system_error=status.system_error)
+                            system_error=status.system_error, stored_at=status.outputs_group)
 
 
 def _batched(messages: List[lease_pb2.AgentMessage]) -> List[lease_pb2.AgentMessage]:

@@ -4,8 +4,12 @@ credentials for the blob store, as flytekit configures them).
 Layout under a map's output prefix ``P`` (propeller gives attempt ``N`` of a node the prefix ``<node data dir>/N``):
 
 =============================  ==================================================================================
-``P/<i>/outputs.pb``           element ``i``'s outputs, written by flytekit in the replica: element ``i`` is done
-                               when this object exists (a failed try leaves ``P/<i>/error.pb`` instead)
+``P/_actor/elements/<n>.pb``   the outputs of the elements an executor finished together (an element group,
+                               ``flytekitplugins.actor.protocol.element_groups``), named by their indices
+                               (``3-9_12.pb``): these elements are done
+``P/<i>/outputs.pb``           element ``i``'s outputs, written by flytekit in the replica when they are too large
+                               for a group, or by a replica that predates groups: element ``i`` is done too
+                               (a failed try leaves ``P/<i>/error.pb`` instead)
 ``P/inputs/<name>.pb``         a large bound input, offloaded once for all elements (a flytekit offloaded literal)
 ``P/outputs.pb``               the map's outputs (one list per output), written by the agent when it succeeds
 ``P/progress.html``            a summary of the elements, written by the agent when the map ends
@@ -17,16 +21,21 @@ not grow with the size of the outputs.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import html
 import os
 import re
 import tempfile
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Union
+import threading
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 from flyteidl.core import literals_pb2
 from flytekit import FlyteContextManager
+from flytekitplugins.actor.protocol import element_groups
 from google.protobuf.internal.encoder import _VarintBytes
+
+from .scheduler import IN_PREFIX
 
 OUTPUTS_FILE = "outputs.pb"
 #: A map's outputs up to this size are also answered inline in GetTask (propeller's client receives 4 MiB at
@@ -39,7 +48,8 @@ INLINE_RESULT_ELEMENTS = 10_000
 #: Element outputs read from the blob store at once while a map's outputs are assembled.
 READ_AHEAD = 16
 
-#: An element's outputs: its bytes, or the prefix its ``outputs.pb`` is in, or None (it failed).
+#: An element's outputs: its bytes, ``scheduler.IN_PREFIX`` (in ``P/<i>/outputs.pb``, or where ``recovered`` says),
+#: the URI of the file that holds them (an element group), or None (it failed).
 ElementOutputs = Union[bytes, str, None]
 
 
@@ -71,19 +81,34 @@ def upload(local_path: str, uri: str) -> None:
 # ----------------------------------------------------------------------------------- finished elements
 
 
-def finished_elements(prefix: str) -> Set[int]:
-    """Indices of the elements of the map at ``prefix`` whose ``outputs.pb`` exists (one listing)."""
+def finished_elements(prefix: str) -> Dict[int, str]:
+    """The elements of the map at ``prefix`` whose outputs are stored, and where: index -> URI of the file that
+    holds them (their element group, or their own ``outputs.pb``). Two listings: the prefix, two levels deep, and
+    its element groups."""
     fs = _fs(prefix)
     base = fs._strip_protocol(prefix.rstrip("/")).rstrip("/")
+    uri_base = prefix.rstrip("/")
+    found: Dict[int, str] = {}
     try:
         paths = fs.find(base, maxdepth=2)
     except FileNotFoundError:
-        return set()
-    found = set()
+        paths = []
     for path in paths:
         match = _ELEMENT_OUTPUTS.fullmatch(path[len(base):]) if path.startswith(base) else None
         if match:
-            found.add(int(match.group(1)))
+            found[int(match.group(1))] = f"{uri_base}{match.group(0)}"
+    try:
+        groups = fs.ls(f"{base}/{element_groups.GROUP_DIR}", detail=False)
+    except FileNotFoundError:
+        groups = []
+    for path in groups:
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            indices = element_groups.indices_of(name)
+        except ValueError:
+            continue  # not a group (a partial write's temporary name, say)
+        for index in indices:
+            found.setdefault(index, f"{uri_base}/{element_groups.GROUP_DIR}/{name}")
     return found
 
 
@@ -100,12 +125,12 @@ def earlier_attempts(output_prefix: str, attempt: int) -> List[str]:
 
 
 def recover_elements(output_prefix: str, attempt: int, size: int) -> Dict[int, str]:
-    """Elements an earlier attempt of this map already finished: index -> that attempt's map prefix."""
+    """Elements an earlier attempt of this map already finished: index -> the file that holds its outputs."""
     recovered: Dict[int, str] = {}
     for prefix in earlier_attempts(output_prefix, attempt):
-        for index in finished_elements(prefix):
+        for index, uri in finished_elements(prefix).items():
             if index < size:
-                recovered.setdefault(index, prefix)
+                recovered.setdefault(index, uri)
     return recovered
 
 
@@ -125,11 +150,45 @@ def _field(field_number: int, length: int) -> bytes:
     return _tag(field_number) + _VarintBytes(length)
 
 
+class _ElementReader:
+    """Reads one element's outputs from the file that holds them: its own ``outputs.pb``, or an element group,
+    which is read once for all its elements (the last GROUPS_KEPT groups are kept)."""
+
+    GROUPS_KEPT = 64
+
+    def __init__(self, reader: Callable[[str], bytes]):
+        self.reader = reader
+        self.lock = threading.Lock()
+        self.groups: "collections.OrderedDict[str, concurrent.futures.Future]" = collections.OrderedDict()
+
+    def __call__(self, uri: str, index: int) -> bytes:
+        if f"/{element_groups.GROUP_DIR}/" not in uri:
+            return self.reader(uri)
+        with self.lock:
+            future = self.groups.get(uri)
+            mine = future is None
+            if mine:
+                future = self.groups[uri] = concurrent.futures.Future()
+                while len(self.groups) > self.GROUPS_KEPT:
+                    self.groups.popitem(last=False)
+        if mine:
+            try:
+                future.set_result(element_groups.unpack(self.reader(uri)))
+            except BaseException as e:  # noqa: BLE001 - every waiter sees it
+                future.set_exception(e)
+        elements = future.result()
+        if index not in elements:
+            raise ValueError(f"element {index} is not in {uri} (it holds {sorted(elements)[:20]})")
+        return elements[index]
+
+
 def element_outputs(
     outputs: List[ElementOutputs], prefix: str, recovered: Dict[int, str], reader: Callable[[str], bytes] = read
 ) -> Iterator[Optional[bytes]]:
     """Each element's serialized outputs in order (None where it failed), reading those not held in memory from
-    the blob store ``READ_AHEAD`` at a time."""
+    the blob store ``READ_AHEAD`` at a time. ``recovered``: index -> the file that holds the outputs of an element
+    finished before this agent ran the map (an earlier attempt's, or this one's before a restart)."""
+    read_element = _ElementReader(reader)
     with concurrent.futures.ThreadPoolExecutor(READ_AHEAD) as pool:
         pending: List[concurrent.futures.Future] = []
 
@@ -137,8 +196,11 @@ def element_outputs(
             value = outputs[index]
             if isinstance(value, bytes) or value is None:
                 return value
-            base = recovered.get(index, prefix)
-            return pool.submit(reader, f"{element_prefix(base, index)}/{OUTPUTS_FILE}")
+            if value == IN_PREFIX:
+                uri = recovered.get(index) or f"{element_prefix(prefix, index)}/{OUTPUTS_FILE}"
+            else:
+                uri = value
+            return pool.submit(read_element, uri, index)
 
         ahead = 0
         for index in range(len(outputs)):

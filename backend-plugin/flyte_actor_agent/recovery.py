@@ -15,14 +15,15 @@ CreateTask would have; what already ran is not run again:
   ``SUCCEEDED`` with those outputs;
 - a task an adopted replica still runs came back with the replica's lease (the lease id carries the key): it only
   gets its payload back, so a later loss queues it again;
-- an actor map's elements whose ``<prefix>/<i>/outputs.pb`` is stored are done (:func:`TaskRecords.done_elements`,
-  one listing of the prefix); elements adopted replicas still run join the map as they are; only the rest run.
+- an actor map's elements whose outputs are stored (in an element group under ``<prefix>/_actor/elements``, or as
+  ``<prefix>/<i>/outputs.pb``) are done (:func:`TaskRecords.done_elements`, two listings); elements adopted
+  replicas still run join the map as they are; only the rest run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Set, Union
+from typing import Dict, Optional, Union
 
 from flyteidl.admin import agent_pb2
 from flyteidl.core import literals_pb2
@@ -101,10 +102,11 @@ class TaskRecords:
             return None
 
     @staticmethod
-    def done_elements(map_prefix: str, size: int) -> Set[int]:
-        """Indices of the map's elements that finished: those with ``<map_prefix>/<index>/outputs.pb`` (one
-        listing; the outputs stay in the blob store until the map's outputs are assembled)."""
-        return {i for i in finished_elements(map_prefix) if i < size}
+    def done_elements(map_prefix: str, size: int) -> Dict[int, str]:
+        """The map's elements that finished, and the file that holds each one's outputs (its element group, or
+        ``<map_prefix>/<index>/outputs.pb``); the outputs stay in the blob store until the map's outputs are
+        assembled."""
+        return {i: uri for i, uri in finished_elements(map_prefix).items() if i < size}
 
     @staticmethod
     def _fs(uri: str):

@@ -73,7 +73,8 @@ GIVE_BACK_LIMIT = 20
 #: An actor map keeps the messages of its first this many failed elements (for its message and progress page).
 MAP_ERRORS_KEPT = 100
 #: How an element's outputs are held when they are not in memory: in ``<map output prefix>/<index>/outputs.pb``
-#: (or an earlier attempt's, for elements recovered from it).
+#: (or where the connector found them, for elements recovered from an earlier attempt or after a restart). An
+#: element whose outputs are in an element group file holds that file's URI instead.
 IN_PREFIX = "in-prefix"
 #: How long a replica whose lease stream dropped keeps its leases, waiting for it to reconnect (a TCP reset, an
 #: agent-side network blip), before it is stopped and its tasks are leased again.
@@ -321,7 +322,8 @@ class MapJob:
     message: str = ""
     next_index: int = 0
     in_flight: Dict[int, TaskState] = field(default_factory=dict)
-    #: Per element: its outputs (bytes), IN_PREFIX, or None (failed, or not finished yet).
+    #: Per element: its outputs (bytes), IN_PREFIX, the URI of the element group file holding them, or None
+    #: (failed, or not finished yet).
     outputs: List[Union[bytes, str, None]] = field(default_factory=list)
     inline_bytes: int = 0
     errors: Dict[int, str] = field(default_factory=dict)
@@ -766,10 +768,12 @@ class Scheduler:
         retryable: bool = False,
         outputs_size: int = 0,
         system_error: bool = False,
+        stored_at: str = "",
     ) -> List[Effect]:
         """A replica reports how a lease ended. Always acked; ignored unless the lease is still current and held
         by ``replica_id`` (no replica reports for another). ``outputs`` None on success: they are only in the
-        task's output prefix (too large to send)."""
+        task's output prefix (too large to send). ``stored_at``: a map element's outputs are stored in this file
+        (an element group, see element_groups.py) rather than in its output prefix."""
         effects: List[Effect] = [Ack(replica_id, lease_id)]
         replica = self.replicas.get(replica_id)
         now = self.clock()
@@ -796,7 +800,8 @@ class Scheduler:
                     f"agent's cap of {self.max_output_bytes} bytes (flyte-actor-agent --max-output-bytes, "
                     "FLYTE_ACTOR_MAX_OUTPUT_BYTES): return less, or raise the cap"), effects)
             elif outcome is Outcome.SUCCEEDED:
-                self._finish_task(task, Phase.SUCCEEDED, message, effects, outputs=IN_PREFIX if outputs is None else outputs)
+                self._finish_task(task, Phase.SUCCEEDED, message, effects,
+                                  outputs=IN_PREFIX if outputs is None else outputs, stored_at=stored_at)
             elif outcome is Outcome.FAILED and retryable and self._retry_element(task, message, system_error, effects):
                 pass
             elif outcome is Outcome.FAILED:
@@ -1098,6 +1103,7 @@ class Scheduler:
         effects: List[Effect],
         outputs: Optional[bytes] = None,
         error: Optional[bytes] = None,
+        stored_at: str = "",
     ) -> None:
         task.phase = phase
         task.message = message
@@ -1109,7 +1115,7 @@ class Scheduler:
         if task.parent is None:
             self._announce(task.key, task.finished_at, effects)
         else:
-            self._element_finished(task.parent, task, effects)
+            self._element_finished(task.parent, task, effects, stored_at)
 
     # ------------------------------------------------------------------------------------------- actor maps
 
@@ -1126,7 +1132,7 @@ class Scheduler:
             job.in_flight[index] = task
             self._enqueue(task, effects)
 
-    def _element_finished(self, job: MapJob, task: TaskState, effects: List[Effect]) -> None:
+    def _element_finished(self, job: MapJob, task: TaskState, effects: List[Effect], stored_at: str = "") -> None:
         job.in_flight.pop(task.index, None)
         if job.phase.terminal:
             return
@@ -1138,7 +1144,8 @@ class Scheduler:
             outputs = task.outputs
             if isinstance(outputs, bytes):
                 if job.inline_bytes + len(outputs) > self.map_inline_budget:
-                    outputs = IN_PREFIX  # flytekit wrote it to the element's prefix too
+                    # Stored as well: in an element group, or by flytekit in the element's prefix.
+                    outputs = stored_at or IN_PREFIX
                 else:
                     job.inline_bytes += len(outputs)
             job.outputs[task.index] = outputs

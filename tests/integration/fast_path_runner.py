@@ -3,7 +3,7 @@ does, each on the path the case names, and prints what each run produced as JSON
 
 Usage: ``python fast_path_runner.py CASES.json`` where each case is ``{"task", "inputs" (hex LiteralMap),
 "path" ("fast" | "full" | "element" | "batch"), "output_prefix", "raw_prefix", "env"}``; consecutive "batch" cases
-run as one batch (``executor.run_batch``). "element" and "batch" runs are actor map elements: they leave their
+of one task run as one batch (``executor.run_batch``). "element" and "batch" runs are actor map elements: they leave their
 outputs.pb in the output prefix as well."""
 
 import json
@@ -74,9 +74,11 @@ def main() -> None:
     results = []
     i = 0
     while i < len(cases):
-        # A run of "batch" cases goes through run_batch together, as one map's elements queued on one executor.
+        # A run of "batch" cases of one task goes through run_batch together, as one map's elements queued on one
+        # executor.
         group = [cases[i]]
-        while cases[i]["path"] == "batch" and i + len(group) < len(cases) and cases[i + len(group)]["path"] == "batch":
+        while (cases[i]["path"] == "batch" and i + len(group) < len(cases) and cases[i + len(group)]["path"] == "batch"
+               and cases[i + len(group)]["task"] == cases[i]["task"]):
             group.append(cases[i + len(group)])
         i += len(group)
         specs = [_spec(case) for case in group]
@@ -96,6 +98,7 @@ def main() -> None:
                 "retryable": result.get("retryable", False),
                 "output_files": files_under(case["output_prefix"]),
                 "raw_files": files_under(case["raw_prefix"]),
+                "outputs_group": result.get("outputs_group", ""),
                 "modules": sandbox.last_modules,
                 "not_kept": sandbox.not_kept,
             })
@@ -114,6 +117,7 @@ def _spec(case: dict) -> lease_pb2.TaskRun:
         inputs=bytes.fromhex(case["inputs"]), output_prefix=case["output_prefix"],
         raw_output_data_prefix=case["raw_prefix"], env=env, batch_key="map" if case["path"] == "batch" else "",
         outputs_to_prefix=case["path"] in ("element", "batch"),
+        outputs_group_prefix=case.get("group_prefix", ""), element_index=case.get("index", 0),
     )
 
 

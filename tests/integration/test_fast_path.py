@@ -12,6 +12,7 @@ from flytekit.core.type_engine import TypeEngine
 from flytekit.types.file import FlyteFile
 
 import fast_path_tasks as ft
+from flytekitplugins.actor.protocol import element_groups
 from fast_path_runner import files_under, without_timestamp
 
 pytestmark = pytest.mark.timeout(300)
@@ -109,6 +110,38 @@ def test_a_batch_of_elements_gives_the_bytes_of_lone_runs(cases, tmp_path):
                 assert result[field] == lone[field], (what, field)
     phases = [r["phase"] for r in results]
     assert phases.count("failed") == 4 * 2 and phases.count("succeeded") == 4 * (len(cases) - 2)
+
+
+def test_a_batch_stores_the_outputs_of_its_elements_in_group_files(cases, tmp_path):
+    # The same elements as lone map elements (outputs.pb each in its own prefix), then each task twice in a batch of
+    # a map whose elements are stored in groups: the same outputs, errors and other files, and the outputs of the
+    # successes in group files (a batch runs one task: the elements of one map).
+    groups = tmp_path / "map" / "_actor" / "elements"
+    picked = [c for c in cases if c["task"] in ("hello", "move", "user_error", "write_file")]
+    lone = _run([dict(c, path="element") for c in picked], tmp_path)
+    grouped = _run([dict(c, path="batch", group_prefix=str(groups), index=2 * i + k)
+                    for i, c in enumerate(picked) for k in range(2)], tmp_path)
+    stored = {}
+    for path in groups.iterdir():
+        stored.update({i: b.hex() for i, b in element_groups.unpack(path.read_bytes()).items()})
+    for index, in_group in enumerate(grouped):
+        case, alone = picked[index // 2], lone[index // 2]
+        what = case["task"]
+        for field in ("phase", "outputs", "error", "message", "retryable", "raw_files"):
+            assert in_group[field] == alone[field], (what, field)
+        assert in_group["output_files"] == {k: v for k, v in alone["output_files"].items() if k != "outputs.pb"}, what
+        if alone["phase"] == "succeeded":
+            assert stored[index] == alone["outputs"] == alone["output_files"]["outputs.pb"], what
+            group = in_group["outputs_group"]
+            assert os.path.dirname(group) == str(groups), what
+            assert index in element_groups.indices_of(os.path.basename(group)), what
+        else:
+            assert index not in stored and not in_group["outputs_group"], what
+    # Results sent together share a file (how many go together depends on time: BATCH_FLUSH_SECONDS).
+    names = sorted(p.name for p in groups.iterdir())
+    failed = [2 * i + k for i, c in enumerate(picked) if c["task"] == "user_error" for k in range(2)]
+    assert sorted(i for n in names for i in element_groups.indices_of(n)) == [
+        i for i in range(2 * len(picked)) if i not in failed], names
 
 
 def test_fast_path_gives_the_bytes_of_pyflyte_execute(cases, tmp_path):

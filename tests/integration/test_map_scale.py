@@ -25,6 +25,7 @@ from flyteidl.core import literals_pb2
 from flyteidl.core.execution_pb2 import TaskExecution
 from flytekit.configuration import ImageConfig, SerializationSettings
 from flytekit.tools.translator import get_serializable
+from flytekitplugins.actor.protocol import element_groups
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import map_tasks
@@ -192,13 +193,35 @@ def test_a_new_attempt_of_a_map_runs_only_the_elements_earlier_attempts_did_not_
     # Attempt 0 as if it had been cut short (propeller retried the node for a reason outside the elements):
     # elements 2 and 4 had not finished.
     attempt0 = f"{driver.workdir}/metadata/flytesnacks-development-{execution}/n0/data/0"
-    for i in (2, 4):
-        os.remove(f"{attempt0}/{i}/outputs.pb")
+    assert _forget_elements(attempt0, {2, 4}) == {2, 4}
     os.remove(f"{attempt0}/outputs.pb")
     resource, second = run_map(driver, "flaky_map", inputs, execution, attempt=1)
     assert ints_of(second) == ints_of(first) == list(range(n))
     counts = {i: len([f for f in os.listdir(runs) if f.startswith(f"{i}-")]) for i in range(n)}
     assert counts == {0: 1, 1: 1, 2: 2, 3: 1, 4: 2, 5: 1}
+
+
+def _forget_elements(map_prefix: str, forget: set) -> set:
+    """Make the map at ``map_prefix`` look as if elements ``forget`` never finished: remove their outputs, from
+    their own prefix or from the element group that holds them (rewritten without them). Returns those found."""
+    found = set()
+    for i in forget:
+        if os.path.exists(f"{map_prefix}/{i}/outputs.pb"):
+            os.remove(f"{map_prefix}/{i}/outputs.pb")
+            found.add(i)
+    groups = f"{map_prefix}/{element_groups.GROUP_DIR}"
+    for name in os.listdir(groups) if os.path.isdir(groups) else []:
+        with open(f"{groups}/{name}", "rb") as f:
+            elements = element_groups.unpack(f.read())
+        if not forget & set(elements):
+            continue
+        found |= forget & set(elements)
+        os.remove(f"{groups}/{name}")
+        kept = [(i, outputs) for i, outputs in elements.items() if i not in forget]
+        if kept:
+            with open(f"{groups}/{element_groups.name_of(i for i, _ in kept)}", "wb") as f:
+                f.write(element_groups.pack(kept))
+    return found
 
 
 def test_offloaded_element_outputs_pass_through_as_flytekits_references(driver):

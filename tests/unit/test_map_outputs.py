@@ -12,6 +12,7 @@ from flyteidl.core import literals_pb2
 from flyte_actor_agent import outputs as blob
 from flyte_actor_agent.connector import gather_map_outputs
 from flyte_actor_agent.scheduler import IN_PREFIX
+from flytekitplugins.actor.protocol import element_groups
 
 
 def element(**values) -> bytes:
@@ -47,8 +48,28 @@ def test_element_outputs_not_held_are_read_from_their_prefix_or_an_earlier_attem
     put(f"{prefix}/1/outputs.pb", element(a="from the prefix"))
     put(f"{earlier}/2/outputs.pb", element(a="from attempt 0"))
     held = [element(a="held"), IN_PREFIX, IN_PREFIX, None]
-    read = list(blob.element_outputs(held, prefix, {2: earlier}))
+    read = list(blob.element_outputs(held, prefix, {2: f"{earlier}/2/outputs.pb"}))
     assert read == [element(a="held"), element(a="from the prefix"), element(a="from attempt 0"), None]
+
+
+def test_element_outputs_in_groups_are_read_once_per_group(tmp_path):
+    prefix = str(tmp_path / "data" / "1")
+    groups = f"{prefix}/{element_groups.GROUP_DIR}"
+    put(f"{groups}/0-2.pb", element_groups.pack([(i, element(a=f"g{i}")) for i in range(3)]))
+    put(f"{groups}/5.pb", element_groups.pack([(5, element(a="g5"))]))
+    reads = []
+
+    def reader(uri):
+        reads.append(uri)
+        return blob.read(uri)
+
+    # Held in memory, in a group the scheduler named, in a group the connector found after a restart, failed.
+    held = [element(a="held"), f"{groups}/0-2.pb", f"{groups}/0-2.pb", None, None, IN_PREFIX]
+    read = list(blob.element_outputs(held, prefix, {5: f"{groups}/5.pb"}, reader))
+    assert read == [element(a="held"), element(a="g1"), element(a="g2"), None, None, element(a="g5")]
+    assert sorted(reads) == [f"{groups}/0-2.pb", f"{groups}/5.pb"], "a group was read once per element"
+    with pytest.raises(ValueError, match="element 4 is not in"):
+        list(blob.element_outputs([None] * 4 + [f"{groups}/0-2.pb"], prefix, {}))
 
 
 def test_publishing_writes_outputs_pb_and_answers_inline_only_when_small(tmp_path, monkeypatch):
@@ -74,8 +95,22 @@ def test_finished_elements_are_those_with_outputs_pb_directly_under_the_prefix(t
     put(str(prefix / "12" / "o0_offloaded_metadata.pb"), b"")
     put(str(prefix / "outputs.pb"), b"")  # the map's own
     put(str(prefix / "inputs" / "3" / "outputs.pb"), b"")  # not an element
-    assert blob.finished_elements(str(prefix)) == {0, 12}
-    assert blob.finished_elements(str(tmp_path / "nothing")) == set()
+    assert blob.finished_elements(str(prefix)) == {0: str(prefix / "0" / "outputs.pb"),
+                                                   12: str(prefix / "12" / "outputs.pb")}
+    assert blob.finished_elements(str(tmp_path / "nothing")) == {}
+
+
+def test_finished_elements_include_those_stored_in_groups(tmp_path):
+    prefix = tmp_path / "data" / "0"
+    groups = prefix / "_actor" / "elements"
+    put(str(prefix / "4" / "outputs.pb"), b"")  # too large for a group, or from a replica before groups
+    put(str(groups / "0-2_5.pb"), b"")
+    put(str(groups / "7.pb"), b"")
+    put(str(groups / "8.pb.123.partial"), b"")  # a write in progress
+    put(str(groups / "notes.txt"), b"")
+    found = blob.finished_elements(str(prefix))
+    assert found == {0: str(groups / "0-2_5.pb"), 1: str(groups / "0-2_5.pb"), 2: str(groups / "0-2_5.pb"),
+                     4: str(prefix / "4" / "outputs.pb"), 5: str(groups / "0-2_5.pb"), 7: str(groups / "7.pb")}
 
 
 def test_recovery_looks_at_earlier_attempts_newest_first(tmp_path):
@@ -84,8 +119,11 @@ def test_recovery_looks_at_earlier_attempts_newest_first(tmp_path):
     put(str(data / "0" / "1" / "outputs.pb"), b"")
     put(str(data / "1" / "1" / "outputs.pb"), b"")
     put(str(data / "1" / "9" / "outputs.pb"), b"")  # past the map's size
+    put(str(data / "0" / "_actor" / "elements" / "2-3_9.pb"), b"")
     recovered = blob.recover_elements(str(data / "2"), 2, size=5)
-    assert recovered == {0: str(data / "0"), 1: str(data / "1")}
+    assert recovered == {0: str(data / "0" / "0" / "outputs.pb"), 1: str(data / "1" / "1" / "outputs.pb"),
+                         2: str(data / "0" / "_actor" / "elements" / "2-3_9.pb"),
+                         3: str(data / "0" / "_actor" / "elements" / "2-3_9.pb")}
 
 
 @pytest.mark.parametrize("prefix, attempt", [("s3://b/x/data/3", 2), ("s3://b/x/data/0", 0), ("/x/y", 1)])

@@ -196,15 +196,19 @@ def test_a_meta_that_does_not_parse_decodes_into_a_problem(data):
 # ---------------------------------------------------------------------------------------------- blob store side
 
 
-def test_done_elements_finds_stored_outputs_with_one_listing(tmp_path):
+def test_done_elements_finds_stored_outputs_and_where_they_are(tmp_path):
     prefix = str(tmp_path / "map")
     for i in (0, 2, 11):
         (tmp_path / "map" / str(i)).mkdir(parents=True)
         (tmp_path / "map" / str(i) / "outputs.pb").write_bytes(f"out{i}".encode())
     (tmp_path / "map" / "3").mkdir()
     (tmp_path / "map" / "3" / "error.pb").write_bytes(b"err")
-    assert TaskRecords().done_elements(prefix, 11) == {0, 2}, "index 11 is past the map's size"
-    assert TaskRecords().done_elements(str(tmp_path / "nothing"), 5) == set()
+    (tmp_path / "map" / "_actor" / "elements").mkdir(parents=True)
+    (tmp_path / "map" / "_actor" / "elements" / "4-5_12.pb").write_bytes(b"")
+    assert TaskRecords().done_elements(prefix, 11) == {
+        0: f"{prefix}/0/outputs.pb", 2: f"{prefix}/2/outputs.pb", 4: f"{prefix}/_actor/elements/4-5_12.pb",
+        5: f"{prefix}/_actor/elements/4-5_12.pb"}, "indices 11 and 12 are past the map's size"
+    assert TaskRecords().done_elements(str(tmp_path / "nothing"), 5) == {}
 
 
 actor = ActorEnvironment(name="recovery-actor", replica_count=1)

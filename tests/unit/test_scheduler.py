@@ -840,6 +840,15 @@ def test_element_outputs_past_the_memory_budget_are_left_in_the_prefix(clock):
     assert sched.maps["m"].outputs == [b"abc", scheduler_module.IN_PREFIX, scheduler_module.IN_PREFIX]
 
 
+def test_element_outputs_past_the_memory_budget_are_read_from_their_group_file(clock):
+    sched = make_scheduler(clock, map_inline_budget=5)
+    _, running = start_elements(sched, 3, parallelism=3)
+    report(sched, running[0], outputs=b"abc", stored_at="s3://b/m/_actor/elements/0-1.pb")  # within the budget
+    report(sched, running[1], outputs=b"defg", stored_at="s3://b/m/_actor/elements/0-1.pb")
+    report(sched, running[2], outputs=b"hijk")  # stored in its own prefix (a replica before groups)
+    assert sched.maps["m"].outputs == [b"abc", "s3://b/m/_actor/elements/0-1.pb", scheduler_module.IN_PREFIX]
+
+
 def test_outputs_over_the_cap_fail_the_task_naming_the_cap_and_the_setting(clock):
     sched = make_scheduler(clock, max_output_bytes=100)
     assign = start_one(sched, fleet_spec())

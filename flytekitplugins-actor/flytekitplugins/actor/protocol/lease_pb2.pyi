@@ -64,7 +64,7 @@ class Heartbeat(_message.Message):
     def __init__(self, running_lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("lease_id", "phase", "outputs", "error", "message", "retryable", "run_seconds", "outputs_in_prefix", "outputs_size", "system_error")
+    __slots__ = ("lease_id", "phase", "outputs", "error", "message", "retryable", "run_seconds", "outputs_in_prefix", "outputs_size", "system_error", "outputs_group")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class TaskStatus(_message.Message):
     OUTPUTS_IN_PREFIX_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_SIZE_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_ERROR_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_GROUP_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     phase: TaskPhase
     outputs: bytes
@@ -85,7 +86,8 @@ class TaskStatus(_message.Message):
     outputs_in_prefix: bool
     outputs_size: int
     system_error: bool
-    def __init__(self, lease_id: _Optional[str] = ..., phase: _Optional[_Union[TaskPhase, str]] = ..., outputs: _Optional[bytes] = ..., error: _Optional[bytes] = ..., message: _Optional[str] = ..., retryable: bool = ..., run_seconds: _Optional[float] = ..., outputs_in_prefix: bool = ..., outputs_size: _Optional[int] = ..., system_error: bool = ...) -> None: ...
+    outputs_group: str
+    def __init__(self, lease_id: _Optional[str] = ..., phase: _Optional[_Union[TaskPhase, str]] = ..., outputs: _Optional[bytes] = ..., error: _Optional[bytes] = ..., message: _Optional[str] = ..., retryable: bool = ..., run_seconds: _Optional[float] = ..., outputs_in_prefix: bool = ..., outputs_size: _Optional[int] = ..., system_error: bool = ..., outputs_group: _Optional[str] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
     __slots__ = ("welcome", "assignment", "ack", "cancel", "drain", "assignments")
@@ -128,7 +130,7 @@ class Assignment(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., task: _Optional[_Union[TaskRun, _Mapping]] = ...) -> None: ...
 
 class TaskRun(_message.Message):
-    __slots__ = ("task_name", "resolver", "resolver_args", "inputs", "inputs_uri", "output_prefix", "raw_output_data_prefix", "checkpoint_path", "prev_checkpoint", "distribution", "dest_dir", "env", "timeout_seconds", "outputs_to_prefix", "batch_key")
+    __slots__ = ("task_name", "resolver", "resolver_args", "inputs", "inputs_uri", "output_prefix", "raw_output_data_prefix", "checkpoint_path", "prev_checkpoint", "distribution", "dest_dir", "env", "timeout_seconds", "outputs_to_prefix", "batch_key", "outputs_group_prefix", "element_index")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +153,8 @@ class TaskRun(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_TO_PREFIX_FIELD_NUMBER: _ClassVar[int]
     BATCH_KEY_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_GROUP_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    ELEMENT_INDEX_FIELD_NUMBER: _ClassVar[int]
     task_name: str
     resolver: str
     resolver_args: _containers.RepeatedScalarFieldContainer[str]
@@ -166,7 +170,23 @@ class TaskRun(_message.Message):
     timeout_seconds: float
     outputs_to_prefix: bool
     batch_key: str
-    def __init__(self, task_name: _Optional[str] = ..., resolver: _Optional[str] = ..., resolver_args: _Optional[_Iterable[str]] = ..., inputs: _Optional[bytes] = ..., inputs_uri: _Optional[str] = ..., output_prefix: _Optional[str] = ..., raw_output_data_prefix: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., prev_checkpoint: _Optional[str] = ..., distribution: _Optional[str] = ..., dest_dir: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., outputs_to_prefix: bool = ..., batch_key: _Optional[str] = ...) -> None: ...
+    outputs_group_prefix: str
+    element_index: int
+    def __init__(self, task_name: _Optional[str] = ..., resolver: _Optional[str] = ..., resolver_args: _Optional[_Iterable[str]] = ..., inputs: _Optional[bytes] = ..., inputs_uri: _Optional[str] = ..., output_prefix: _Optional[str] = ..., raw_output_data_prefix: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., prev_checkpoint: _Optional[str] = ..., distribution: _Optional[str] = ..., dest_dir: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., outputs_to_prefix: bool = ..., batch_key: _Optional[str] = ..., outputs_group_prefix: _Optional[str] = ..., element_index: _Optional[int] = ...) -> None: ...
+
+class ElementOutputsGroup(_message.Message):
+    __slots__ = ("elements",)
+    ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    elements: _containers.RepeatedCompositeFieldContainer[ElementOutputs]
+    def __init__(self, elements: _Optional[_Iterable[_Union[ElementOutputs, _Mapping]]] = ...) -> None: ...
+
+class ElementOutputs(_message.Message):
+    __slots__ = ("index", "outputs")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    outputs: bytes
+    def __init__(self, index: _Optional[int] = ..., outputs: _Optional[bytes] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("lease_id", "lease_ids")

@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import os
 import sys
+import tempfile
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -45,7 +46,7 @@ from flytekit.tools.module_loader import load_object_from_module
 # The fork server imports this module before forking executors, so the whole plugin is loaded (and counted as
 # state to keep, not task state to wipe) before any task runs: @actor_cache's store and the task type stay put.
 from .. import cache, contract, environment, local, map, task  # noqa: F401
-from ..protocol import INLINE_OUTPUT_BYTES, lease_pb2
+from ..protocol import INLINE_OUTPUT_BYTES, element_groups, lease_pb2
 from .sandbox import TaskSandbox, _installed_top_level_names, limit_memory
 
 SUCCEEDED, FAILED = "succeeded", "failed"
@@ -76,7 +77,7 @@ def serve(conn: Connection, scratch_root: str) -> None:
             return
         # Results go back before the sandbox resets the process: the reset still happens before the next task is
         # read, but no longer delays the answer.
-        if len(runs) == 1:
+        if len(runs) == 1 and not runs[0][1].outputs_group_prefix:
             lease_id, task_run = runs[0]
             result = run_task(task_run, sandbox, scratch_root,
                               report=lambda result, lease_id=lease_id: conn.send([(lease_id, result)]))
@@ -303,6 +304,7 @@ def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, s
         _enter_code_root(first, code_root)
         loaded: List[Any] = []
         shared: Dict[Any, Any] = {}  # what the elements' contexts can share (see _task_context)
+        by_lease = dict(runs)
 
         def load_task():
             if not loaded:
@@ -314,7 +316,7 @@ def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, s
         for lease_id, run in runs:
             began = time.monotonic()
             try:
-                result = _run_fast(run, sandbox, load_task, shared)
+                result = _run_fast(run, sandbox, load_task, shared, grouped=bool(run.outputs_group_prefix))
             except BaseException as e:  # noqa: BLE001 - see _uncaught
                 result = _uncaught(run, e)
             now = time.monotonic()
@@ -322,10 +324,12 @@ def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, s
             pending.append((lease_id, result))
             since = since or now
             if now - since >= BATCH_FLUSH_SECONDS:
+                _store_groups(pending, by_lease, sandbox)
                 send(pending)
                 pending, since = [], 0.0
         sandbox.end_task()
         if pending:
+            _store_groups(pending, by_lease, sandbox)
             send(pending)
     finally:
         sandbox.exit()
@@ -333,6 +337,52 @@ def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, s
         print(f"after a batch of {len(runs)} elements of {first.task_name}: {'; '.join(sandbox.restored)}",
               file=sys.stderr, flush=True)
     return sandbox.guard.leaked or ""
+
+
+def _store_groups(results: List[Tuple[str, Dict[str, Any]]], runs: Dict[str, lease_pb2.TaskRun],
+                  sandbox: TaskSandbox) -> None:
+    """Store the outputs of the map elements among ``results`` that ran grouped (``TaskRun.outputs_group_prefix``)
+    and succeeded with outputs in-band, as one ElementOutputsGroup file per group prefix (protocol/element_groups.py),
+    before their results are sent: an element reported done has its outputs stored. Each such result gets
+    ``outputs_group``, the file's URI; if the file cannot be written, its elements fail (retryable) instead."""
+    by_prefix: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {}
+    for lease_id, result in results:
+        run = runs.get(lease_id)
+        if (run is not None and run.outputs_group_prefix and result.get("phase") == SUCCEEDED
+                and "outputs_size" in result and not result.get("outputs_in_prefix")):
+            by_prefix.setdefault(run.outputs_group_prefix, []).append((run.element_index, result))
+    for prefix, elements in by_prefix.items():
+        results_of = {index: result for index, result in elements}
+        for group in element_groups.split([(index, result["outputs"]) for index, result in elements]):
+            uri = f"{prefix.rstrip('/')}/{element_groups.name_of(index for index, _ in group)}"
+            try:
+                _put_bytes(_group_file_access(sandbox, prefix), element_groups.pack(group), uri)
+            except Exception as e:  # noqa: BLE001 - the store refused: these elements run again elsewhere
+                for index, _ in group:
+                    result = results_of[index]
+                    seconds = result.get("run_seconds", 0.0)
+                    result.clear()
+                    result.update(_failure(f"element {index} succeeded but its outputs could not be stored at {uri}: "
+                                           f"{e!r}", True), run_seconds=seconds)
+                continue
+            for index, _ in group:
+                results_of[index]["outputs_group"] = uri
+
+
+_group_access: Dict[Tuple[str, int], FileAccessProvider] = {}
+
+
+def _group_file_access(sandbox: TaskSandbox, prefix: str) -> FileAccessProvider:
+    """flytekit's file access for writing element groups under ``prefix``, configured as the task's own is (made
+    once per prefix and configuration)."""
+    data_config = _configs()[0]
+    key = (prefix, id(data_config))
+    if key not in _group_access:
+        if len(_group_access) >= 16:
+            _group_access.clear()
+        _group_access[key] = FileAccessProvider(local_sandbox_dir=os.path.join(sandbox.workdir, "sandbox"),
+                                                raw_output_prefix=prefix, data_config=data_config)
+    return _group_access[key]
 
 
 def _enter_code_root(task_run: lease_pb2.TaskRun, code_root: str) -> None:
@@ -392,13 +442,15 @@ def _run(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox) -> Dict[str, Any]:
 
 
 def _run_fast(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, load_task: Optional[Callable[[], Any]] = None,
-              shared: Optional[Dict[Any, Any]] = None) -> Dict[str, Any]:
+              shared: Optional[Dict[Any, Any]] = None, grouped: bool = False) -> Dict[str, Any]:
     """The fast path: flytekit's own ``_dispatch_execute`` (so outputs, errors, offloading, decks and checkpoints are
     flytekit's), in a context made like ``setup_execution`` makes it but in directories that stay between tasks,
     with the inputs handed over in place and the outputs and errors returned in-band instead of uploaded: propeller
     writes ``outputs.pb`` from the agent's answer itself. Files beside them (offloaded literals, a dynamic task's
-    futures) are uploaded as usual. The task's modules are kept between tasks when the sandbox can reset them."""
-    with _task_context(task_run, sandbox.workdir, shared) as ctx:
+    futures) are uploaded as usual. The task's modules are kept between tasks when the sandbox can reset them.
+    ``grouped``: a map element whose outputs the caller stores with others (:func:`_store_groups`), so its
+    outputs.pb comes back in-band when small rather than going to its own prefix."""
+    with _task_context(task_run, sandbox.workdir, shared, grouped) as ctx:
         inputs_path = os.path.join(ctx.execution_state.working_dir, "inputs.pb")
         engine_dir = ctx.execution_state.engine_dir
         if _engine_files_kept():
@@ -448,7 +500,7 @@ class _InPlaceFileAccess(FileAccessProvider):
             on_disk = os.listdir(self._engine_dir)
             for name, data in _engine_files.in_engine_dir().items():
                 if not _returned_in_band(name, len(data), self._outputs_to_prefix):
-                    self._put_bytes(data, self.join(remote_path, name))
+                    _put_bytes(self, data, self.join(remote_path, name), os.path.join(self._engine_dir, name))
             for name in on_disk:
                 path = os.path.join(self._engine_dir, name)
                 if not _returned_in_band(name, os.path.getsize(path), self._outputs_to_prefix):
@@ -456,19 +508,25 @@ class _InPlaceFileAccess(FileAccessProvider):
             return remote_path
         return super().put_data(local_path, remote_path, is_multipart, **kwargs)
 
-    def _put_bytes(self, data: bytes, remote_path: str) -> None:
-        """Write a file of the engine directory that lives in memory to the output prefix: straight to a local
-        prefix, through a file and flytekit's ``put_data`` to any other."""
-        if self.is_remote(remote_path):
-            path = os.path.join(self._engine_dir, os.path.basename(remote_path))
-            with open(path, "wb") as f:
+
+
+def _put_bytes(file_access: FileAccessProvider, data: bytes, uri: str, spool: str = "") -> None:
+    """Write ``data`` to ``uri``: to a local path directly (through a temporary name, so that nobody reads half a
+    file), anywhere else through the file ``spool`` (default: a temporary file) and flytekit's ``put_data``."""
+    if file_access.is_remote(uri):
+        with contextlib.ExitStack() as stack:
+            if not spool:
+                spool = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(prefix="actor-put-")), "data")
+            with open(spool, "wb") as f:
                 f.write(data)
-            super().put_data(path, remote_path)
-            return
-        path = remote_path[len("file://"):] if remote_path.startswith("file://") else remote_path
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
+            file_access.put_data(spool, uri)
+        return
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = f"{path}.{os.getpid()}.partial"
+    with open(partial, "wb") as f:
+        f.write(data)
+    os.replace(partial, path)
 
 
 def _returned_in_band(name: str, size: int, outputs_to_prefix: bool) -> bool:
@@ -481,7 +539,8 @@ def _returned_in_band(name: str, size: int, outputs_to_prefix: bool) -> bool:
 
 
 @contextlib.contextmanager
-def _task_context(task_run: lease_pb2.TaskRun, workdir: str, shared: Optional[Dict[Any, Any]] = None):
+def _task_context(task_run: lease_pb2.TaskRun, workdir: str, shared: Optional[Dict[Any, Any]] = None,
+                  grouped: bool = False):
     """``flytekit.bin.entrypoint.setup_execution`` (flytekit 1.16), for the fast path: the same execution parameters,
     file access, execution state and serialization settings, read from the same environment variables, but with
     the user workspace and flytekit's local sandbox in fixed directories (which the sandbox empties after the task)
@@ -535,12 +594,13 @@ def _task_context(task_run: lease_pb2.TaskRun, workdir: str, shared: Optional[Di
         "flyte-execution-workflow": exe_wf,
         "flyte-execution-name": exe_name,
     }
-    key = (raw_output_prefix, task_run.outputs_to_prefix, id(data_config), tuple(metadata.items()))
+    outputs_to_prefix = task_run.outputs_to_prefix and not grouped
+    key = (raw_output_prefix, outputs_to_prefix, id(data_config), tuple(metadata.items()))
     file_access = shared.get(key) if shared is not None else None
     if file_access is None:
         file_access = _InPlaceFileAccess(local_sandbox_dir=local_sandbox, raw_output_prefix=raw_output_prefix,
                                          data_config=data_config, execution_metadata=metadata, engine_dir=engine_dir,
-                                         outputs_to_prefix=task_run.outputs_to_prefix)
+                                         outputs_to_prefix=outputs_to_prefix)
         if shared is not None:
             shared[key] = file_access
     ctx = FlyteContextManager.current_context().new_builder().with_file_access(file_access).build()

@@ -553,6 +553,7 @@ def _status_of(lease_id: str, result: dict) -> lease_pb2.TaskStatus:
         outputs_in_prefix=result.get("outputs_in_prefix", False),
         outputs_size=result.get("outputs_size", 0),
         system_error=result.get("system_error", False),
+        outputs_group=result.get("outputs_group", ""),
     )
 
 
