@@ -34,3 +34,16 @@ def test_the_executor_reads_small_outputs_and_only_sizes_large_ones(tmp_path):
     result = _result_from(str(tmp_path), "t")
     assert (result["outputs"], result["outputs_in_prefix"], result["outputs_size"]) == (
         b"", True, INLINE_OUTPUT_BYTES + 1)
+
+
+def test_the_replica_log_line_is_loggings_own_with_the_time_formatted_once_a_second():
+    import logging
+
+    from flytekitplugins.actor.worker.replica import _Formatter
+
+    fmt = "%(asctime)s %(name)s %(message)s"
+    ours, loggings = _Formatter(fmt), logging.Formatter(fmt)
+    for created in (1_780_000_000.125, 1_780_000_000.987, 1_780_000_001.004, 1_780_000_000.5):
+        record = logging.LogRecord("flyte-actor-replica", logging.INFO, __file__, 1, "task start: %s", ("k",), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.format(record) == loggings.format(record)

@@ -17,6 +17,7 @@ lists of ``(lease_id, result dict)`` back, in the order sent.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import fcntl
 import hashlib
@@ -546,79 +547,36 @@ def _task_context(task_run: lease_pb2.TaskRun, workdir: str, shared: Optional[Di
     the user workspace and flytekit's local sandbox in fixed directories (which the sandbox empties after the task)
     instead of fresh random ones (creating and removing directories costs milliseconds on some file systems, and
     ``setup_execution`` never removes the workspace it makes). Elements of one batch pass the same ``shared`` dict:
-    their file access is made once when it would be made the same (same raw output prefix, configuration and
-    execution metadata), as one pod's would be."""
-    exe_project = _one_of("FLYTE_INTERNAL_EXECUTION_PROJECT", "_F_PRJ")
-    exe_domain = _one_of("FLYTE_INTERNAL_EXECUTION_DOMAIN", "_F_DM")
-    exe_name = _one_of("FLYTE_INTERNAL_EXECUTION_ID", "_F_NM")
-    exe_wf = _one_of("FLYTE_INTERNAL_EXECUTION_WORKFLOW", "_F_WF")
-    exe_lp = _one_of("FLYTE_INTERNAL_EXECUTION_LAUNCHPLAN", "_F_LP")
-    tk_project = _one_of("FLYTE_INTERNAL_TASK_PROJECT", "_F_TK_PRJ")
-    tk_domain = _one_of("FLYTE_INTERNAL_TASK_DOMAIN", "_F_TK_DM")
-    tk_name = _one_of("FLYTE_INTERNAL_TASK_NAME", "_F_TK_NM")
-    tk_version = _one_of("FLYTE_INTERNAL_TASK_VERSION", "_F_TK_V")
-    raw_output_prefix = task_run.raw_output_data_prefix or None
-
-    workspace = os.path.join(workdir, "workspace")
-    local_sandbox = os.path.join(workdir, "sandbox")
-    engine_dir = os.path.join(local_sandbox, "local_flytekit", "engine_dir")
-    if not os.path.isdir(engine_dir):
-        os.makedirs(workspace, exist_ok=True)
-        os.makedirs(engine_dir, exist_ok=True)
-
-    data_config, image_config, stats_config = _configs()
+    what does not depend on the element (read from the batch's environment: identity, configuration, stats, file
+    access, serialization settings) is made once for all of them, as one pod's would be."""
+    outputs_to_prefix = task_run.outputs_to_prefix and not grouped
+    key = (task_run.raw_output_data_prefix, outputs_to_prefix, task_run.distribution, workdir)
+    base = shared.get(key) if shared is not None else None
+    if base is None:
+        base = _ContextBase(task_run, workdir, outputs_to_prefix)
+        if shared is not None:
+            shared[key] = base
     checkpointer = None
     if task_run.checkpoint_path:
         checkpointer = SyncCheckpoint(checkpoint_dest=task_run.checkpoint_path,
                                       checkpoint_src=task_run.prev_checkpoint or None)
     execution_parameters = ExecutionParameters(
-        execution_id=_identifier.WorkflowExecutionIdentifier(project=exe_project, domain=exe_domain, name=exe_name),
+        execution_id=base.execution_id,
         execution_date=datetime.datetime.now(datetime.timezone.utc),
-        stats=_get_stats(
-            cfg=stats_config,
-            prefix=f"{tk_project}.{tk_domain}.{tk_name}.user_stats",
-            tags={"exec_project": exe_project, "exec_domain": exe_domain, "exec_workflow": exe_wf,
-                  "exec_launchplan": exe_lp, "api_version": _flytekit_version},
-        ),
+        stats=base.stats,
         logging=user_space_logger,
-        tmp_dir=workspace,
-        raw_output_prefix=raw_output_prefix,
+        tmp_dir=base.workspace,
+        raw_output_prefix=base.raw_output_prefix,
         output_metadata_prefix=task_run.output_prefix,
         checkpoint=checkpointer,
-        task_id=_identifier.Identifier(_identifier.ResourceType.TASK, tk_project, tk_domain, tk_name, tk_version),
+        task_id=base.task_id,
     )
-    metadata = {
-        "flyte-execution-project": exe_project,
-        "flyte-execution-domain": exe_domain,
-        "flyte-execution-launchplan": exe_lp,
-        "flyte-execution-workflow": exe_wf,
-        "flyte-execution-name": exe_name,
-    }
-    outputs_to_prefix = task_run.outputs_to_prefix and not grouped
-    key = (raw_output_prefix, outputs_to_prefix, id(data_config), tuple(metadata.items()))
-    file_access = shared.get(key) if shared is not None else None
-    if file_access is None:
-        file_access = _InPlaceFileAccess(local_sandbox_dir=local_sandbox, raw_output_prefix=raw_output_prefix,
-                                         data_config=data_config, execution_metadata=metadata, engine_dir=engine_dir,
-                                         outputs_to_prefix=outputs_to_prefix)
-        if shared is not None:
-            shared[key] = file_access
-    ctx = FlyteContextManager.current_context().new_builder().with_file_access(file_access).build()
-    es = ctx.new_execution_state().with_params(mode=ExecutionState.Mode.TASK_EXECUTION,
-                                               user_space_params=execution_parameters)
-    cb = ctx.new_builder().with_execution_state(es).with_output_metadata_tracker(OutputMetadataTracker())
-    compressed = os.environ.get(SERIALIZED_CONTEXT_ENV_VAR, "")
-    if compressed:
-        ssb = SerializationSettings.from_transport(compressed).new_builder()
-    else:
-        ssb = SerializationSettings(image_config).new_builder()
-    ssb.project = ssb.project or exe_project
-    ssb.domain = ssb.domain or exe_domain
-    ssb.version = tk_version
-    if task_run.distribution:
-        ssb.fast_serialization_settings = FastSerializationSettings(
-            enabled=True, destination_dir=os.getcwd(), distribution_location=task_run.distribution)
-    cb = cb.with_serialization_settings(ssb.build())
+    # ctx.new_execution_state().with_params(mode=TASK_EXECUTION, user_space_params=...), without making the engine
+    # directory twice per element (it exists: _ContextBase made it).
+    es = copy.copy(base.execution_state)
+    object.__setattr__(es, "user_space_params", execution_parameters)
+    cb = base.ctx.new_builder().with_execution_state(es).with_output_metadata_tracker(OutputMetadataTracker())
+    cb = cb.with_serialization_settings(base.serialization_settings)
     # FlyteContextManager.with_context, without the stack walk it makes to label the context (about a millisecond).
     ctx = FlyteContextManager.push_context(cb.build(), _ORIGIN)
     depth = FlyteContextManager.size()
@@ -627,6 +585,65 @@ def _task_context(task_run: lease_pb2.TaskRun, workdir: str, shared: Optional[Di
     finally:
         while FlyteContextManager.size() >= depth:
             FlyteContextManager.pop_context()
+
+
+class _ContextBase:
+    """What :func:`_task_context` makes the same way for every task run in one environment (a batch's elements)."""
+
+    def __init__(self, task_run: lease_pb2.TaskRun, workdir: str, outputs_to_prefix: bool):
+        exe_project = _one_of("FLYTE_INTERNAL_EXECUTION_PROJECT", "_F_PRJ")
+        exe_domain = _one_of("FLYTE_INTERNAL_EXECUTION_DOMAIN", "_F_DM")
+        exe_name = _one_of("FLYTE_INTERNAL_EXECUTION_ID", "_F_NM")
+        exe_wf = _one_of("FLYTE_INTERNAL_EXECUTION_WORKFLOW", "_F_WF")
+        exe_lp = _one_of("FLYTE_INTERNAL_EXECUTION_LAUNCHPLAN", "_F_LP")
+        tk_project = _one_of("FLYTE_INTERNAL_TASK_PROJECT", "_F_TK_PRJ")
+        tk_domain = _one_of("FLYTE_INTERNAL_TASK_DOMAIN", "_F_TK_DM")
+        tk_name = _one_of("FLYTE_INTERNAL_TASK_NAME", "_F_TK_NM")
+        tk_version = _one_of("FLYTE_INTERNAL_TASK_VERSION", "_F_TK_V")
+        self.raw_output_prefix = task_run.raw_output_data_prefix or None
+
+        self.workspace = os.path.join(workdir, "workspace")
+        local_sandbox = os.path.join(workdir, "sandbox")
+        engine_dir = os.path.join(local_sandbox, "local_flytekit", "engine_dir")
+        if not os.path.isdir(engine_dir):
+            os.makedirs(self.workspace, exist_ok=True)
+            os.makedirs(engine_dir, exist_ok=True)
+
+        data_config, image_config, stats_config = _configs()
+        self.execution_id = _identifier.WorkflowExecutionIdentifier(project=exe_project, domain=exe_domain,
+                                                                    name=exe_name)
+        self.task_id = _identifier.Identifier(_identifier.ResourceType.TASK, tk_project, tk_domain, tk_name,
+                                              tk_version)
+        self.stats = _get_stats(
+            cfg=stats_config,
+            prefix=f"{tk_project}.{tk_domain}.{tk_name}.user_stats",
+            tags={"exec_project": exe_project, "exec_domain": exe_domain, "exec_workflow": exe_wf,
+                  "exec_launchplan": exe_lp, "api_version": _flytekit_version},
+        )
+        metadata = {
+            "flyte-execution-project": exe_project,
+            "flyte-execution-domain": exe_domain,
+            "flyte-execution-launchplan": exe_lp,
+            "flyte-execution-workflow": exe_wf,
+            "flyte-execution-name": exe_name,
+        }
+        file_access = _InPlaceFileAccess(local_sandbox_dir=local_sandbox, raw_output_prefix=self.raw_output_prefix,
+                                         data_config=data_config, execution_metadata=metadata, engine_dir=engine_dir,
+                                         outputs_to_prefix=outputs_to_prefix)
+        self.ctx = FlyteContextManager.current_context().new_builder().with_file_access(file_access).build()
+        self.execution_state = self.ctx.new_execution_state().with_params(mode=ExecutionState.Mode.TASK_EXECUTION)
+        compressed = os.environ.get(SERIALIZED_CONTEXT_ENV_VAR, "")
+        if compressed:
+            ssb = SerializationSettings.from_transport(compressed).new_builder()
+        else:
+            ssb = SerializationSettings(image_config).new_builder()
+        ssb.project = ssb.project or exe_project
+        ssb.domain = ssb.domain or exe_domain
+        ssb.version = tk_version
+        if task_run.distribution:
+            ssb.fast_serialization_settings = FastSerializationSettings(
+                enabled=True, destination_dir=os.getcwd(), distribution_location=task_run.distribution)
+        self.serialization_settings = ssb.build()
 
 
 #: The label of the fast path's context in flytekit's context stack (flytekit's debug logs print it).

@@ -35,6 +35,7 @@ import math
 import signal
 import sys
 import tempfile
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional
@@ -623,8 +624,27 @@ def _death_message(code: Optional[int], replica_id: str) -> str:
     return f"The executor running the task on replica {replica_id} exited with code {code} (os._exit?)."
 
 
+class _Formatter(logging.Formatter):
+    """logging's line (``%(asctime)s`` as logging writes it), with the date and time formatted once per second
+    instead of once per line: a replica writes two lines per task (see ``_run`` and ``_report``)."""
+
+    _second: Optional[int] = None
+    _text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: Optional[str] = None) -> str:
+        if datefmt:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._text = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = second
+        return self.default_msec_format % (self._text, record.msecs)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
-    logging.basicConfig(level=os.environ.get("FLYTE_ACTOR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Formatter("%(asctime)s %(name)s %(message)s"))
+    logging.basicConfig(level=os.environ.get("FLYTE_ACTOR_LOG_LEVEL", "INFO"), handlers=[handler])
     _not_dumpable()
     config = Config.from_env()
 
