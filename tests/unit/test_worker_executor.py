@@ -140,3 +140,31 @@ def test_a_retiring_executor_hands_back_what_it_was_sent_and_exits_on_the_goodby
     parent.send([])  # the goodbye
     process.join(timeout=30)
     assert process.exitcode == 0
+
+
+def test_elements_whose_group_cannot_be_stored_are_reported_failed_not_succeeded(tmp_path):
+    from types import SimpleNamespace
+
+    from flytekitplugins.actor.protocol import element_groups, lease_pb2
+    from flytekitplugins.actor.worker.executor import _store_groups
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    good, bad = str(tmp_path / "map" / "_actor" / "elements"), str(blocked / "_actor" / "elements")
+    runs = {"l0": lease_pb2.TaskRun(outputs_group_prefix=good, element_index=0),
+            "l1": lease_pb2.TaskRun(outputs_group_prefix=good, element_index=1),
+            "l2": lease_pb2.TaskRun(outputs_group_prefix=bad, element_index=2),
+            "l3": lease_pb2.TaskRun(outputs_group_prefix=good, element_index=3),
+            "l4": lease_pb2.TaskRun(element_index=4)}  # not grouped: its outputs.pb is its own
+    succeeded = {"phase": "succeeded", "outputs": b"o", "outputs_size": 1, "run_seconds": 0.5}
+    results = [("l0", dict(succeeded)), ("l1", dict(succeeded, outputs=b"")), ("l2", dict(succeeded)),
+               ("l3", {"phase": "failed", "message": "user error", "run_seconds": 0.5}), ("l4", dict(succeeded))]
+    _store_groups(results, runs, SimpleNamespace(workdir=str(tmp_path / "work")))
+    got = dict(results)
+    assert got["l0"]["outputs_group"] == got["l1"]["outputs_group"] == f"{good}/0-1.pb"
+    assert element_groups.unpack((tmp_path / "map" / "_actor" / "elements" / "0-1.pb").read_bytes()) == {
+        0: b"o", 1: b""}
+    assert got["l2"]["phase"] == "failed" and got["l2"]["retryable"] and got["l2"]["system_error"], got["l2"]
+    assert "could not be stored" in got["l2"]["message"] and bad in got["l2"]["message"]
+    assert got["l2"]["run_seconds"] == 0.5 and "outputs" not in got["l2"]
+    assert "outputs_group" not in got["l3"] and "outputs_group" not in got["l4"]

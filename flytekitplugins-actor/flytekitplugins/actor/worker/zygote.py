@@ -9,7 +9,8 @@ replica that exited (``CODE`` as ``subprocess`` gives it: negative for a signal)
 stdin closes (the launcher went away) the zygote kills its replicas' process groups and exits.
 
 The zygote never starts a thread or a gRPC channel, so forking it is safe; a replica forked from it starts its
-executors' fork server by forking too (see ``replica.start_forkserver``), inheriting flytekit from here.
+executors' fork server by forking too (see ``replica.start_forkserver``), inheriting flytekit from here, and uses
+the zygote's multiprocessing resource tracker instead of starting one.
 """
 
 from __future__ import annotations
@@ -20,12 +21,19 @@ import os
 import selectors
 import signal
 import sys
+from multiprocessing import resource_tracker
 from typing import Dict
 
 
 def main() -> None:
     worker = importlib.import_module(sys.argv[1])
     importlib.import_module("flytekitplugins.actor.worker.executor")  # flytekit and the plugin: what forks share
+    # One resource tracker for every replica forked from here (and their fork servers and executors): a replica
+    # would otherwise start its own when it starts its fork server, each a fresh interpreter (tens of ms of CPU, 25
+    # at once when a fleet of 25 starts). It runs until the last process holding its pipe has exited.
+    resource_tracker.ensure_running()
+    if hasattr(worker, "warm_up"):
+        worker.warm_up()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
