@@ -97,6 +97,12 @@ class _Link:
         for sock in (self.downstream, self.upstream):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # close with RST
+                # Wakes the pump thread blocked reading it: a close alone does not, and the kernel then keeps the
+                # socket (and the replica's end of the connection) open until data happens to arrive.
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
                 sock.close()
             except OSError:
                 pass

@@ -25,6 +25,7 @@ from flytekit.core.type_engine import TypeEngine
 import chaos_tasks as ct
 from chaos import Counts, Proxy, ScenarioProcesses, duplicates, wait_for
 from flyte_actor_agent import scheduler as core
+from flyte_actor_agent.launchers.local import LocalProcessLauncher
 from flyte_actor_agent.lease_service import LeaseService
 from flyte_actor_agent.local_fleet import LocalFleet
 from flytekitplugins.actor import map as actor_map
@@ -223,7 +224,9 @@ def test_lost_agent_to_replica_bytes_leave_no_ghost_lease(scenario):
 
 
 def test_replicas_killed_while_starting(scenario):
-    s = scenario()
+    # Replicas as fresh processes: their start (an interpreter importing flytekit, about a second) leaves time to
+    # kill them before they connect; one forked from the zygote connects within tens of milliseconds.
+    s = scenario(launcher_factory=functools.partial(LocalProcessLauncher, zygote=False))
     meta = s.submit_map(ct.starting_work, 10, 0.2)
     killed = 0
     for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGTERM):

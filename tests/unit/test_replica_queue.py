@@ -4,6 +4,7 @@ that records what it is sent (the agent's side of batched messages: ``test_lease
 import asyncio
 from typing import List
 
+import grpc
 import pytest
 
 from flytekitplugins.actor.protocol import lease_pb2
@@ -139,3 +140,41 @@ def test_what_a_retiring_executor_was_sent_before_it_said_so_is_given_back(worke
                                            ("c", {"not_started": "threads"})]]
     worker._on_executor_readable(slot)
     assert reported(worker) == {"a": "SUCCEEDED", "b": "CANCELLED", "c": "CANCELLED"}
+
+
+def test_a_replica_counts_the_agent_lost_from_the_last_stream_not_the_first(worker):
+    # Reconnect budget 0.8 s; the replica retries every 0.5 s. The stream drops once, comes back (a Welcome), stays
+    # up 0.6 s, drops again: the agent has been unreachable for no time at all, so the replica reconnects instead of
+    # exiting (it used to count from the first drop, 1.1 s before, and exit: a healthy replica was replaced after a
+    # second TCP reset in tests/chaos).
+    worker.config.reconnect_seconds = 0.8
+    calls = []
+
+    def dropped():
+        return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "Connection reset by peer")
+
+    async def session():
+        calls.append(worker.loop.time())
+        if len(calls) == 2:
+            worker.welcomed = True
+            await asyncio.sleep(0.6)
+        if len(calls) == 4:
+            worker.stopped.set()
+            return
+        raise dropped()
+
+    worker._session = session
+    assert worker.loop.run_until_complete(worker.run()) == 0
+    assert len(calls) == 4
+
+    # Never welcomed: unreachable from the first failure on, and it gives up after the budget.
+    calls.clear()
+    worker.stopped.clear()
+
+    async def never():
+        calls.append(worker.loop.time())
+        raise dropped()
+
+    worker._session = never
+    assert worker.loop.run_until_complete(worker.run()) == 1
+    assert len(calls) == 3 and calls[-1] - calls[0] >= 0.8

@@ -4,14 +4,15 @@ It runs each task through flytekit's own ``_dispatch_execute``, so outputs.pb / 
 errors are exactly as in a regular pod, and reads the result back from flytekit's engine directory to report it.
 Two paths lead there: the full path is ``pyflyte-execute``'s (``setup_execution``, files, the task's module imported
 afresh); the fast path, taken for inline inputs, skips what such a task does not need (fresh directories, copying
-the inputs, uploading what goes back in-band, re-reading configuration, re-importing unchanged modules), see
-:func:`_run_fast`. ``tests/integration/test_fast_path.py`` holds the two to the same bytes. Between tasks a
+the inputs, files for what never leaves the process (:class:`_EngineFiles`), uploading what goes back in-band,
+re-reading configuration, re-importing unchanged modules), see :func:`_run_fast`. ``tests/integration/test_fast_path.py`` holds the two to the same bytes. Between tasks a
 :class:`TaskSandbox` puts the process back as it was. A task that kills the process (signal, ``os._exit``, out of memory) takes only
 the executor with it: the replica reports the task lost and starts a fresh executor.
 
 The replica sends a list of ``(lease_id, TaskRun bytes)`` over a pipe: one task, or a batch of elements of one
 actor map (same ``batch_key``), which run one after another in one sandbox session (:func:`run_batch`). It gets
-lists of ``(lease_id, result dict)`` back, in the order sent.
+lists of ``(lease_id, result dict)`` back, in the order sent. The outputs of map elements that go back together are
+stored together, as one element group (:func:`_store_groups`), before they are sent.
 """
 
 from __future__ import annotations
@@ -508,7 +509,6 @@ class _InPlaceFileAccess(FileAccessProvider):
                     super().put_data(path, self.join(remote_path, name))
             return remote_path
         return super().put_data(local_path, remote_path, is_multipart, **kwargs)
-
 
 
 def _put_bytes(file_access: FileAccessProvider, data: bytes, uri: str, spool: str = "") -> None:

@@ -190,6 +190,8 @@ class ReplicaWorker:
         self.unacked: Dict[str, lease_pb2.TaskStatus] = {}
         #: The agent takes StatusBatch and sends batches (its Welcome said so).
         self.batches = False
+        #: A Welcome came on the current stream (the agent was reachable; see ``run``).
+        self.welcomed = False
         self.outbox: Optional[asyncio.Queue] = None
         self.draining = False
         self.stopped = asyncio.Event()
@@ -215,6 +217,8 @@ class ReplicaWorker:
                     return EXIT_REFUSED
                 except grpc.aio.AioRpcError as e:
                     now = self.loop.time()
+                    if self.welcomed:  # the stream was up until now: the agent is lost from now, not from before
+                        lost_since, self.welcomed = None, False
                     lost_since = lost_since or now
                     if now - lost_since > self.config.reconnect_seconds:
                         log.error("agent unreachable for %.0fs (%s); exiting", now - lost_since, e.details())
@@ -272,6 +276,7 @@ class ReplicaWorker:
                 raise
             if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
                 raise Refused("the agent closed the stream without a welcome")
+            self.welcomed = True
             self.batches = first.welcome.batches
             for lease_id in first.welcome.abandoned_lease_ids:
                 self._stop_lease(lease_id, report=None)
