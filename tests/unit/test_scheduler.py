@@ -806,11 +806,26 @@ def test_concurrency_zero_means_as_many_as_the_fleet_runs_with_a_bounded_window(
     while running:
         assign = running.pop()
         running += only(report(sched, assign, outputs=b""), Assign)
-        assert len(job.in_flight) <= window
+        # Elements that finish at once make the map very quick: its window grows to QUICK_MAP_WINDOW_PER_SLOT.
+        assert len(job.in_flight) <= 2 * 3 * scheduler_module.QUICK_MAP_WINDOW_PER_SLOT
         done += 1
         if done == 500:
             break
-    assert job.succeeded == 500 and job.next_index == 500 + window
+    assert job.very_quick and len(job.in_flight) > window
+    assert job.succeeded == 500 and job.next_index == 500 + len(job.in_flight)
+
+
+@pytest.mark.parametrize("seconds, per_slot", [(0.01, "QUICK_MAP_WINDOW_PER_SLOT"), (0.5, "MAP_WINDOW_PER_SLOT"),
+                                               (5.0, "MAP_WINDOW_PER_SLOT")])
+def test_a_maps_window_is_deeper_only_while_its_elements_take_milliseconds(clock, seconds, per_slot):
+    sched = make_scheduler(clock)
+    fleet = fleet_spec(replica_count=1, parallelism=1)
+    (launch,) = only(sched.submit_map("m", fleet, 1000, elements(fleet), concurrency=0), Launch)
+    running = only(connect(sched, launch), Assign)
+    for _ in range(20):
+        clock.now += seconds
+        running = running[1:] + only(report(sched, running[0], outputs=b""), Assign)
+    assert len(sched.maps["m"].in_flight) == getattr(scheduler_module, per_slot)
 
 
 def test_recovered_elements_are_not_run_again(sched):

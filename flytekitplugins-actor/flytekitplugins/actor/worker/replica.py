@@ -14,7 +14,7 @@ Configured by environment variables (set by the agent's launcher):
                                     (the local launcher's way); or ``..._TOKEN_FILE``: a file, deleted once read
 ``FLYTE_ACTOR_AGENT_CA``            PEM of the CA of the lease service's TLS certificate (unset: plain gRPC)
 ``FLYTE_ACTOR_PARALLELISM``         tasks run at once (default 1)
-``FLYTE_ACTOR_QUEUE_DEPTH``         leases taken beyond the free slots and queued (default 7 per slot; 0: none)
+``FLYTE_ACTOR_QUEUE_DEPTH``         leases taken beyond the free slots and queued (default 31 per slot; 0: none)
 ``FLYTE_ACTOR_SCRATCH_DIR``         where task temp dirs and code bundles go (default: a temp dir)
 ``FLYTE_ACTOR_RECONNECT_SECONDS``   how long to keep trying to reach a lost agent before exiting (default 60)
 ``FLYTE_ACTOR_MEMORY_LIMIT_BYTES``  data memory each executor may use (RLIMIT_DATA; set by the local launcher)
@@ -47,8 +47,9 @@ from ..protocol import GRPC_OPTIONS, PROTOCOL_VERSION, lease_pb2, lease_pb2_grpc
 
 #: Exit code of a replica the agent refused (wrong token, unknown replica): restarting it cannot help.
 EXIT_REFUSED = 3
-#: Leases a replica takes beyond its free slots, per slot (the agent leases that many only of quick maps).
-QUEUE_DEPTH_PER_SLOT = 7
+#: Leases a replica takes beyond its free slots, per slot (the agent leases that many only of quick maps, and
+#: bounds how many by each map's window: 7 for elements under 1 s, 31 for elements under 0.25 s).
+QUEUE_DEPTH_PER_SLOT = 31
 log = logging.getLogger("flyte-actor-replica")
 
 
