@@ -247,9 +247,9 @@ def test_min_successes_not_reached_fails_the_map_naming_it(driver):
     assert failed.value.phase == TaskExecution.FAILED and "min_successes=3" in failed.value.message
 
 
-#: The scale tier (``make test-scale``, FLYTE_ACTORS_SCALE=1) maps over 100,000 elements (7 to 8 minutes on 2
+#: The scale tier (``make test-scale``, FLYTE_ACTORS_SCALE=1) maps over 100,000 elements (about 1.5 minutes on 2
 #: quiet cores, see docs/performance.md); ``make test`` over 20,000, which crosses the same paths (the map's window,
-#: queued leases, outputs spooled to outputs.pb) in a CI-sized time.
+#: queued leases, element groups, outputs spooled to outputs.pb) in a CI-sized time.
 LARGE_MAP = 100_000 if os.environ.get("FLYTE_ACTORS_SCALE") else 20_000
 
 
