@@ -65,9 +65,11 @@ MAP_WINDOW_PER_SLOT = 8
 #: elements of a few milliseconds then go to an executor in batches of tens rather than a few, and every message
 #: between executor, replica and agent carries more of them (the warm 2,000-element map on 25 replicas of
 #: benchmark 8 took 2.4 s with 32 against 3.3 s with 8, same fleet, runs interleaved). A long element holds at
-#: most 31 queued behind it for under 8 s (31 x 0.25 s).
+#: most 31 queued behind it for under 8 s (31 x 0.25 s). Only for elements whose payload (the serialized TaskRun,
+#: inputs inline) is at most QUICK_WINDOW_ELEMENT_BYTES: the window is what the agent holds in memory per map.
 QUICK_MAP_WINDOW_PER_SLOT = 32
 VERY_QUICK_SECONDS = 0.25
+QUICK_WINDOW_ELEMENT_BYTES = 64 * 1024
 #: Elements of a quick map (see PREFETCH_BELOW_SECONDS) leased to a replica beyond its free slots, per slot, when
 #: the replica queues leases (Hello.queue_depth): the replica starts the next as soon as a slot frees, and runs
 #: the queued elements of one map in one executor session (a batch), instead of waiting a round trip per element.
@@ -343,6 +345,8 @@ class MapJob:
     resumed: Set[int] = field(default_factory=set)
     #: Seconds from lease to result of its recent elements (a moving average; None until one finished).
     element_seconds: Optional[float] = None
+    #: The largest payload of its elements made so far, in bytes.
+    largest_element_bytes: int = 0
 
     @property
     def quick(self) -> bool:
@@ -352,7 +356,8 @@ class MapJob:
     @property
     def very_quick(self) -> bool:
         """Whether it gets the larger window (see QUICK_MAP_WINDOW_PER_SLOT)."""
-        return self.element_seconds is not None and self.element_seconds < VERY_QUICK_SECONDS
+        return (self.element_seconds is not None and self.element_seconds < VERY_QUICK_SECONDS
+                and self.largest_element_bytes <= QUICK_WINDOW_ELEMENT_BYTES)
 
     @property
     def required(self) -> int:
@@ -1143,6 +1148,8 @@ class Scheduler:
             if index in job.recovered or index in job.resumed:
                 continue
             task = self._new_task(job.make_element(index), parent=job, index=index)
+            if isinstance(task.payload, (bytes, bytearray)):
+                job.largest_element_bytes = max(job.largest_element_bytes, len(task.payload))
             job.in_flight[index] = task
             self._enqueue(task, effects)
 

@@ -815,12 +815,20 @@ def test_concurrency_zero_means_as_many_as_the_fleet_runs_with_a_bounded_window(
     assert job.succeeded == 500 and job.next_index == 500 + len(job.in_flight)
 
 
-@pytest.mark.parametrize("seconds, per_slot", [(0.01, "QUICK_MAP_WINDOW_PER_SLOT"), (0.5, "MAP_WINDOW_PER_SLOT"),
-                                               (5.0, "MAP_WINDOW_PER_SLOT")])
-def test_a_maps_window_is_deeper_only_while_its_elements_take_milliseconds(clock, seconds, per_slot):
+@pytest.mark.parametrize("seconds, payload, per_slot", [
+    (0.01, 100, "QUICK_MAP_WINDOW_PER_SLOT"),
+    (0.01, scheduler_module.QUICK_WINDOW_ELEMENT_BYTES + 1, "MAP_WINDOW_PER_SLOT"),  # the window is held in memory
+    (0.5, 100, "MAP_WINDOW_PER_SLOT"),
+    (5.0, 100, "MAP_WINDOW_PER_SLOT"),
+])
+def test_a_maps_window_is_deeper_only_while_its_elements_take_milliseconds(clock, seconds, payload, per_slot):
     sched = make_scheduler(clock)
     fleet = fleet_spec(replica_count=1, parallelism=1)
-    (launch,) = only(sched.submit_map("m", fleet, 1000, elements(fleet), concurrency=0), Launch)
+
+    def make(i):
+        return TaskRequest(key=f"m[{i}]", fleet=fleet, payload=bytes(payload))
+
+    (launch,) = only(sched.submit_map("m", fleet, 1000, make, concurrency=0), Launch)
     running = only(connect(sched, launch), Assign)
     for _ in range(20):
         clock.now += seconds
