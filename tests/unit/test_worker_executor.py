@@ -91,6 +91,23 @@ RUN = textwrap.dedent(
             result["phase"], fs.cat(path) == result["outputs"] != b"", fs.ls(path.rsplit("/", 1)[0], detail=False))
     engine_dir = os.path.join(sandbox.workdir, "sandbox", "local_flytekit", "engine_dir")
     results["engine_dir"] = os.listdir(engine_dir) if os.path.isdir(engine_dir) else "missing"
+    # What a task's context is made from (environment, prefixes) is made once per distinct environment: three runs
+    # of the same task make one, a run with another variable in its environment makes its own.
+    from flytekitplugins.actor.worker import executor as executor_module
+
+    made = []
+    executor_module._bases.clear()
+    original_init = executor_module._ContextBase.__init__
+    executor_module._ContextBase.__init__ = lambda self, *a: (made.append(a[0].task_name), original_init(self, *a))[1]
+    for variable in ("", "", "", "other"):
+        task_run = lease_pb2.TaskRun(
+            task_name="plus_one" + variable, resolver="flytekit.core.python_auto_container.default_task_resolver",
+            resolver_args=["task-module", "executor_tasks", "task-name", "plus_one"], inputs=inputs,
+            output_prefix=os.path.join(scratch, "out-base"), raw_output_data_prefix=os.path.join(scratch, "raw"),
+            dest_dir=code_dir, env={"SOME_VARIABLE": variable} if variable else {},
+        )
+        assert run_task(task_run, sandbox, scratch)["phase"] == "succeeded"
+    results["bases"] = made
     import threading
 
     results["threads"] = sorted(t.name for t in threading.enumerate())
@@ -116,6 +133,7 @@ def test_executor_runs_a_task_and_reports_a_user_error_with_the_installed_flytek
     assert results["local"][:2] == results["memory"][:2] == ["succeeded", True], results
     assert [p.rsplit("/", 1)[-1] for p in results["memory"][2]] == ["outputs.pb"], results["memory"]
     assert results["engine_dir"] == [], results["engine_dir"]
+    assert results["bases"] == ["plus_one", "plus_oneother"], results["bases"]
     # flytekit's coroutines ran on the executor's thread: flytekit never started its loop thread.
     assert results["threads"] == ["MainThread"], results["threads"]
 

@@ -305,7 +305,6 @@ def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, s
     try:
         _enter_code_root(first, code_root)
         loaded: List[Any] = []
-        shared: Dict[Any, Any] = {}  # what the elements' contexts can share (see _task_context)
         by_lease = dict(runs)
 
         def load_task():
@@ -318,7 +317,7 @@ def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, s
         for lease_id, run in runs:
             began = time.monotonic()
             try:
-                result = _run_fast(run, sandbox, load_task, shared, grouped=bool(run.outputs_group_prefix))
+                result = _run_fast(run, sandbox, load_task, grouped=bool(run.outputs_group_prefix))
             except BaseException as e:  # noqa: BLE001 - see _uncaught
                 result = _uncaught(run, e)
             now = time.monotonic()
@@ -444,7 +443,7 @@ def _run(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox) -> Dict[str, Any]:
 
 
 def _run_fast(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, load_task: Optional[Callable[[], Any]] = None,
-              shared: Optional[Dict[Any, Any]] = None, grouped: bool = False) -> Dict[str, Any]:
+              grouped: bool = False) -> Dict[str, Any]:
     """The fast path: flytekit's own ``_dispatch_execute`` (so outputs, errors, offloading, decks and checkpoints are
     flytekit's), in a context made like ``setup_execution`` makes it but in directories that stay between tasks,
     with the inputs handed over in place and the outputs and errors returned in-band instead of uploaded: propeller
@@ -452,7 +451,7 @@ def _run_fast(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, load_task: Opti
     futures) are uploaded as usual. The task's modules are kept between tasks when the sandbox can reset them.
     ``grouped``: a map element whose outputs the caller stores with others (:func:`_store_groups`), so its
     outputs.pb comes back in-band when small rather than going to its own prefix."""
-    with _task_context(task_run, sandbox.workdir, shared, grouped) as ctx:
+    with _task_context(task_run, sandbox.workdir, grouped) as ctx:
         inputs_path = os.path.join(ctx.execution_state.working_dir, "inputs.pb")
         engine_dir = ctx.execution_state.engine_dir
         if _engine_files_kept():
@@ -540,22 +539,15 @@ def _returned_in_band(name: str, size: int, outputs_to_prefix: bool) -> bool:
 
 
 @contextlib.contextmanager
-def _task_context(task_run: lease_pb2.TaskRun, workdir: str, shared: Optional[Dict[Any, Any]] = None,
-                  grouped: bool = False):
+def _task_context(task_run: lease_pb2.TaskRun, workdir: str, grouped: bool = False):
     """``flytekit.bin.entrypoint.setup_execution`` (flytekit 1.16), for the fast path: the same execution parameters,
     file access, execution state and serialization settings, read from the same environment variables, but with
     the user workspace and flytekit's local sandbox in fixed directories (which the sandbox empties after the task)
     instead of fresh random ones (creating and removing directories costs milliseconds on some file systems, and
-    ``setup_execution`` never removes the workspace it makes). Elements of one batch pass the same ``shared`` dict:
-    what does not depend on the element (read from the batch's environment: identity, configuration, stats, file
-    access, serialization settings) is made once for all of them, as one pod's would be."""
-    outputs_to_prefix = task_run.outputs_to_prefix and not grouped
-    key = (task_run.raw_output_data_prefix, outputs_to_prefix, task_run.distribution, workdir)
-    base = shared.get(key) if shared is not None else None
-    if base is None:
-        base = _ContextBase(task_run, workdir, outputs_to_prefix)
-        if shared is not None:
-            shared[key] = base
+    ``setup_execution`` never removes the workspace it makes). What does not depend on the task itself but on its
+    environment (identity, configuration, stats, file access, serialization settings) is made once for all the
+    tasks and elements that run with the same environment variables, prefixes and code (:func:`_context_base`)."""
+    base = _context_base(task_run, workdir, task_run.outputs_to_prefix and not grouped)
     checkpointer = None
     if task_run.checkpoint_path:
         checkpointer = SyncCheckpoint(checkpoint_dest=task_run.checkpoint_path,
@@ -587,8 +579,27 @@ def _task_context(task_run: lease_pb2.TaskRun, workdir: str, shared: Optional[Di
             FlyteContextManager.pop_context()
 
 
+_bases: "Dict[Tuple[Any, ...], _ContextBase]" = {}
+
+
+def _context_base(task_run: lease_pb2.TaskRun, workdir: str, outputs_to_prefix: bool) -> "_ContextBase":
+    """The :class:`_ContextBase` for this task: made anew only when what it is made from changed. The environment
+    (which the sandbox set for the task) is identified by flytekit's configuration read from it (:func:`_configs`
+    returns the same objects for the same variables, and a base holds them, so their ids are not reused)."""
+    data_config = _configs()[0]
+    key = (id(data_config), task_run.raw_output_data_prefix, outputs_to_prefix, task_run.distribution,
+           os.getcwd() if task_run.distribution else "", workdir)
+    base = _bases.get(key)
+    if base is None:
+        if len(_bases) >= 16:
+            _bases.clear()
+        base = _bases[key] = _ContextBase(task_run, workdir, outputs_to_prefix)
+    return base
+
+
 class _ContextBase:
-    """What :func:`_task_context` makes the same way for every task run in one environment (a batch's elements)."""
+    """What :func:`_task_context` makes the same way for every task run in one environment (read from its variables
+    and its prefixes, never from the task's inputs or output prefix)."""
 
     def __init__(self, task_run: lease_pb2.TaskRun, workdir: str, outputs_to_prefix: bool):
         exe_project = _one_of("FLYTE_INTERNAL_EXECUTION_PROJECT", "_F_PRJ")
