@@ -169,11 +169,12 @@ def test_elements_whose_group_cannot_be_stored_are_reported_failed_not_succeeded
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     good, bad = str(tmp_path / "map" / "_actor" / "elements"), str(blocked / "_actor" / "elements")
-    runs = {"l0": lease_pb2.TaskRun(outputs_group_prefix=good, element_index=0),
-            "l1": lease_pb2.TaskRun(outputs_group_prefix=good, element_index=1),
-            "l2": lease_pb2.TaskRun(outputs_group_prefix=bad, element_index=2),
-            "l3": lease_pb2.TaskRun(outputs_group_prefix=good, element_index=3),
-            "l4": lease_pb2.TaskRun(element_index=4)}  # not grouped: its outputs.pb is its own
+    raw = str(tmp_path / "raw")  # as the connector sets it for every element
+    runs = {"l0": lease_pb2.TaskRun(outputs_group_prefix=good, element_index=0, raw_output_data_prefix=raw),
+            "l1": lease_pb2.TaskRun(outputs_group_prefix=good, element_index=1, raw_output_data_prefix=raw),
+            "l2": lease_pb2.TaskRun(outputs_group_prefix=bad, element_index=2, raw_output_data_prefix=raw),
+            "l3": lease_pb2.TaskRun(outputs_group_prefix=good, element_index=3, raw_output_data_prefix=raw),
+            "l4": lease_pb2.TaskRun(element_index=4, raw_output_data_prefix=raw)}  # not grouped: its own outputs.pb
     succeeded = {"phase": "succeeded", "outputs": b"o", "outputs_size": 1, "run_seconds": 0.5}
     results = [("l0", dict(succeeded)), ("l1", dict(succeeded, outputs=b"")), ("l2", dict(succeeded)),
                ("l3", {"phase": "failed", "message": "user error", "run_seconds": 0.5}), ("l4", dict(succeeded))]

@@ -347,17 +347,21 @@ def _store_groups(results: List[Tuple[str, Dict[str, Any]]], runs: Dict[str, lea
     before their results are sent: an element reported done has its outputs stored. Each such result gets
     ``outputs_group``, the file's URI; if the file cannot be written, its elements fail (retryable) instead."""
     by_prefix: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {}
+    first_run: Dict[str, lease_pb2.TaskRun] = {}
     for lease_id, result in results:
         run = runs.get(lease_id)
         if (run is not None and run.outputs_group_prefix and result.get("phase") == SUCCEEDED
                 and "outputs_size" in result and not result.get("outputs_in_prefix")):
             by_prefix.setdefault(run.outputs_group_prefix, []).append((run.element_index, result))
+            first_run.setdefault(run.outputs_group_prefix, run)
     for prefix, elements in by_prefix.items():
         results_of = {index: result for index, result in elements}
+        # The file access the elements ran with (their context base: the same credentials and configuration).
+        file_access = _context_base(first_run[prefix], sandbox.workdir, outputs_to_prefix=False).ctx.file_access
         for group in element_groups.split([(index, result["outputs"]) for index, result in elements]):
             uri = f"{prefix.rstrip('/')}/{element_groups.name_of(index for index, _ in group)}"
             try:
-                _put_bytes(_group_file_access(sandbox, prefix), element_groups.pack(group), uri)
+                _put_bytes(file_access, element_groups.pack(group), uri)
             except Exception as e:  # noqa: BLE001 - the store refused: these elements run again elsewhere
                 for index, _ in group:
                     result = results_of[index]
@@ -368,22 +372,6 @@ def _store_groups(results: List[Tuple[str, Dict[str, Any]]], runs: Dict[str, lea
                 continue
             for index, _ in group:
                 results_of[index]["outputs_group"] = uri
-
-
-_group_access: Dict[Tuple[str, int], FileAccessProvider] = {}
-
-
-def _group_file_access(sandbox: TaskSandbox, prefix: str) -> FileAccessProvider:
-    """flytekit's file access for writing element groups under ``prefix``, configured as the task's own is (made
-    once per prefix and configuration)."""
-    data_config = _configs()[0]
-    key = (prefix, id(data_config))
-    if key not in _group_access:
-        if len(_group_access) >= 16:
-            _group_access.clear()
-        _group_access[key] = FileAccessProvider(local_sandbox_dir=os.path.join(sandbox.workdir, "sandbox"),
-                                                raw_output_prefix=prefix, data_config=data_config)
-    return _group_access[key]
 
 
 def _enter_code_root(task_run: lease_pb2.TaskRun, code_root: str) -> None:
