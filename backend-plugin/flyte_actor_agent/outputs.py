@@ -182,6 +182,23 @@ class _ElementReader:
         return elements[index]
 
 
+def _own_group(uri: str, prefix: str, index: int) -> str:
+    """``uri``, a group file a replica reported element ``index``'s outputs stored in (``TaskStatus.outputs_group``),
+    if it is one of this map's element groups and lists that element; ValueError naming it otherwise. The agent
+    reads it with its own credentials, so a report (from task code that tampered with its executor, say) must not
+    make it read anything else."""
+    groups = f"{prefix.rstrip('/')}/{element_groups.GROUP_DIR}/"
+    name = uri[len(groups):] if uri.startswith(groups) else ""
+    try:
+        listed = "/" not in name and index in element_groups.indices_of(name)
+    except ValueError:
+        listed = False
+    if not listed:
+        raise ValueError(f"element {index}'s outputs were reported stored in {uri!r}, which is not one of this map's "
+                         f"element groups listing it (under {groups})")
+    return uri
+
+
 def element_outputs(
     outputs: List[ElementOutputs], prefix: str, recovered: Dict[int, str], reader: Callable[[str], bytes] = read
 ) -> Iterator[Optional[bytes]]:
@@ -199,7 +216,7 @@ def element_outputs(
             if value == IN_PREFIX:
                 uri = recovered.get(index) or f"{element_prefix(prefix, index)}/{OUTPUTS_FILE}"
             else:
-                uri = value
+                uri = _own_group(value, prefix, index)
             return pool.submit(read_element, uri, index)
 
         ahead = 0

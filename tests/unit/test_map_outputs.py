@@ -69,7 +69,24 @@ def test_element_outputs_in_groups_are_read_once_per_group(tmp_path):
     assert read == [element(a="held"), element(a="g1"), element(a="g2"), None, None, element(a="g5")]
     assert sorted(reads) == [f"{groups}/0-2.pb", f"{groups}/5.pb"], "a group was read once per element"
     with pytest.raises(ValueError, match="element 4 is not in"):
-        list(blob.element_outputs([None] * 4 + [f"{groups}/0-2.pb"], prefix, {}))
+        list(blob.element_outputs([None] * 4 + [f"{groups}/4.pb"], prefix, {}, lambda uri: blob.read(f"{groups}/0-2.pb")))
+
+
+@pytest.mark.parametrize("reported", [
+    "/etc/passwd",  # anything the agent can read
+    "{other}/_actor/elements/0.pb",  # another map's group
+    "{groups}/1-2.pb",  # this map's, but not listing the element
+    "{groups}/../../0/outputs.pb",
+    "{groups}/sub/0.pb",
+])
+def test_a_reported_group_outside_the_maps_own_groups_is_never_read(tmp_path, reported):
+    prefix, other = str(tmp_path / "data" / "1"), str(tmp_path / "other")
+    groups = f"{prefix}/{element_groups.GROUP_DIR}"
+    reads = []
+    uri = reported.format(groups=groups, other=other)
+    with pytest.raises(ValueError, match="not one of this map's element groups"):
+        list(blob.element_outputs([uri], prefix, {}, lambda u: reads.append(u) or b""))
+    assert reads == []
 
 
 def test_publishing_writes_outputs_pb_and_answers_inline_only_when_small(tmp_path, monkeypatch):
