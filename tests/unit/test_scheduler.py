@@ -1038,7 +1038,7 @@ def test_a_quick_maps_elements_are_queued_on_replicas_that_queue_them_up_to_thei
     assert len(second) == 4 and len(sched.replicas[launches[1].replica_id].leases) == 4
 
 
-def test_elements_of_a_slow_map_plain_tasks_and_replicas_that_do_not_queue_get_no_queued_lease(clock):
+def test_elements_of_a_slow_map_tasks_not_known_quick_and_replicas_that_do_not_queue_get_no_queued_lease(clock):
     sched = make_scheduler(clock)
     fleet = fleet_spec(replica_count=1)
     (launch,) = only(sched.submit_map("m", fleet, 10, elements(fleet)), Launch)
@@ -1056,6 +1056,49 @@ def test_elements_of_a_slow_map_plain_tasks_and_replicas_that_do_not_queue_get_n
     (assign,) = only(connect_queueing(sched, launch, queue_depth=0), Assign)
     clock.now += 0.01
     assert len(only(report(sched, assign, outputs=b"0"), Assign)) == 1, "a replica that did not say queue_depth"
+
+
+def named(key: str, fleet: FleetConfig, name: str = "noop") -> TaskRequest:
+    return TaskRequest(key=key, fleet=fleet, payload=f"payload of {key}", name=name)
+
+
+def test_tasks_of_a_task_that_finishes_quickly_are_queued_beyond_free_slots_and_topped_up_when_half_empty(clock):
+    sched = make_scheduler(clock)
+    fleet = fleet_spec(replica_count=1)
+    depth = scheduler_module.TASK_PREFETCH_PER_SLOT
+    (launch,) = only(sched.submit(named("t0", fleet)), Launch)
+    for i in range(1, 30):
+        assert not assigned(sched.submit(named(f"t{i}", fleet)))
+    (first,) = only(connect_queueing(sched, launch, queue_depth=31), Assign)
+    assert first.task.key == "t0", "how long noop takes is not known yet: one lease per free slot"
+    clock.now = 0.01
+    leased = assigned(report(sched, first, outputs=b""))
+    assert sorted(leased, key=lambda k: int(k[1:])) == [f"t{i}" for i in range(1, 2 + depth)], \
+        "known quick: the free slot and TASK_PREFETCH_PER_SLOT queued (not the replica's 31)"
+    replica = sched.replicas[launch.replica_id]
+    order = sorted(leased.values(), key=lambda a: int(a.task.key[1:]))
+    for done in order[:depth // 2]:
+        assert not assigned(report(sched, done, outputs=b"")), "not topped up before its queue is half empty"
+    left = depth + 1 - (depth // 2 + 1)
+    refill = assigned(report(sched, order[depth // 2], outputs=b""))
+    assert len(refill) == depth + 1 - left and len(replica.leases) == depth + 1, "half empty: filled up at once"
+
+
+def test_tasks_of_a_slow_task_wait_for_a_free_slot_and_finished_tasks_are_remembered_by_name_up_to_a_bound(clock):
+    sched = make_scheduler(clock)
+    fleet = fleet_spec(replica_count=1)
+    (launch,) = only(sched.submit(named("s0", fleet, name="slow")), Launch)
+    for i in range(1, 5):
+        sched.submit(named(f"s{i}", fleet, name="slow"))
+    (first,) = only(connect_queueing(sched, launch, queue_depth=31), Assign)
+    clock.now = scheduler_module.VERY_QUICK_SECONDS
+    assert list(assigned(report(sched, first, outputs=b""))) == ["s1"], "a task that takes 0.25 s is not queued"
+    state = sched.fleets[fleet.key]
+    assert not state.very_quick("slow") and not state.very_quick("never-ran")
+    for i in range(scheduler_module.TASK_SECONDS_KEPT + 10):
+        state.task_finished(f"other-{i}", 0.001)
+    assert len(state.task_seconds) == scheduler_module.TASK_SECONDS_KEPT
+    assert state.very_quick(f"other-{scheduler_module.TASK_SECONDS_KEPT + 9}") and "slow" not in state.task_seconds
 
 
 def test_the_queue_a_replica_asks_for_is_capped_per_slot(clock):
