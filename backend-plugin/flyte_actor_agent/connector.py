@@ -280,7 +280,9 @@ class ActorConnector(AsyncConnectorBase):
         """The task's state; a map that succeeded is reported SUCCEEDED once its outputs.pb is written (within
         ``wait`` seconds, else RUNNING until a later call; None: wait until it is)."""
         agent = self._agent()
-        view: Optional[TaskView] = await asyncio.wrap_future(agent.call(agent.known_view, resource_meta.key))
+        view: Optional[TaskView] = agent.final_view(resource_meta.key)
+        if view is None:
+            view = await asyncio.wrap_future(agent.call(agent.known_view, resource_meta.key))
         if view is None:
             if resource_meta.problem:
                 return Resource(phase=TaskExecution.FAILED, message=resource_meta.problem)

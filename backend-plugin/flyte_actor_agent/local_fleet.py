@@ -111,7 +111,8 @@ class LocalFleet:
         return await self.connector.create(template, prefix or self.prefix(), inputs)
 
     async def finished(self, key: str) -> None:
-        await asyncio.wrap_future(self.agent.call(self.agent.wait, key))
+        if self.agent.final_view(key, read=False) is None:
+            await asyncio.wrap_future(self.agent.call(self.agent.wait, key))
 
     async def run_template(self, template, inputs=None) -> Resource:
         meta = await self.create(template, inputs)

@@ -96,6 +96,11 @@ class Reactor:
         #: Finished tasks and maps whose result no GetTask has read yet: a draining agent waits for them.
         self._unread: set = set()
         self._unread_limit = 1024
+        #: The final view of each finished task and map the scheduler still knows, for :meth:`final_view`: set on
+        #: the loop, read from any thread (one dict lookup holds the GIL throughout; a view is never changed
+        #: once final). ``_read``: the keys read there, added from any thread, consulted and pruned on the loop.
+        self._final: Dict[str, TaskView] = {}
+        self._read: set = set()
 
     # -------------------------------------------------------------------------------------- thread-safe API
 
@@ -126,6 +131,15 @@ class Reactor:
 
         return asyncio.run_coroutine_threadsafe(run(), self.loop)
 
+    def final_view(self, key: str, read: bool = True) -> Optional[TaskView]:
+        """The view of ``key`` if it has finished, else None; from any thread, without a trip to the loop (a
+        GetTask of a finished task, the most common one, then waits for nothing). ``read``: the result counts as
+        delivered (see :meth:`view`)."""
+        view = self._final.get(key)
+        if view is not None and read:
+            self._read.add(key)
+        return view
+
     def shutdown(self, grace: float) -> None:
         """Graceful stop of a served agent: take no new work, let running tasks finish for up to ``grace``
         seconds, then stop. A launcher whose replicas outlive the agent (Kubernetes) leaves them running."""
@@ -137,7 +151,7 @@ class Reactor:
 
     def _drain_pending(self) -> bool:
         """Whether a draining agent still has work: running leases, or results that GetTask has not read."""
-        return bool(self.scheduler.leases) or any(self._known(key) for key in self._unread)
+        return bool(self.scheduler.leases) or any(self._known(key) for key in self._unread if key not in self._read)
 
     @property
     def lease_address(self) -> str:
@@ -148,6 +162,7 @@ class Reactor:
     def submit(self, request: core.TaskRequest) -> None:
         if self._known(request.key):
             return  # a retried CreateTask
+        self._final.pop(request.key, None)  # finished and forgotten by the scheduler since: runs again
         self.metrics.submitted(request.fleet.name)
         self._apply(self.scheduler.submit(request))
 
@@ -155,6 +170,7 @@ class Reactor:
                    **options: Any) -> None:
         if self._known(key):
             return
+        self._final.pop(key, None)
         self.metrics.submitted(fleet.name)
         self._apply(self.scheduler.submit_map(key, fleet, size, make_element, concurrency, ratio, **options))
 
@@ -184,6 +200,7 @@ class Reactor:
     def _take_back(self, key: str, take_back: Callable[[], List[core.Effect]]) -> None:
         """While adopted replicas have not reconnected yet (within the recovery grace), wait for them before
         handing a rebuilt task to the scheduler, so a task one of them still runs is not started twice."""
+        self._final.pop(key, None)
         if self._known(key):
             self._apply(take_back())  # it only completes what a reconnected replica brought back
         elif self._adoption_pending():
@@ -203,6 +220,7 @@ class Reactor:
 
     def forget(self, key: str) -> None:
         self.scheduler.forget(key)
+        self._final.pop(key, None)
 
     def view(self, key: str) -> Optional[TaskView]:
         """What GetTask answers; a terminal answer counts as delivered (a draining agent waits for that)."""
@@ -342,9 +360,12 @@ class Reactor:
             self.metrics.finished(view)
             if view.phase is not core.Phase.ABORTED:  # propeller stops asking about what it aborted
                 self._unread.add(key)
-                if len(self._unread) > self._unread_limit:  # results nobody reads, then forgotten: prune
-                    self._unread = {k for k in self._unread if self._known(k)}
-                    self._unread_limit = max(1024, 2 * len(self._unread))
+            self._final[key] = view
+            if len(self._final) > self._unread_limit:  # results the scheduler has forgotten since: prune
+                self._final = {k: v for k, v in list(self._final.items()) if self._known(k)}
+                self._unread = {k for k in self._unread if self._known(k) and k not in self._read}
+                self._read = {k for k in list(self._read) if k in self._final}
+                self._unread_limit = max(1024, 2 * len(self._final))
         for future in self._waiters.pop(key, []):
             if not future.done():
                 future.set_result(None)

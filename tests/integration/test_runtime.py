@@ -268,3 +268,37 @@ def test_a_quick_maps_queued_elements_share_a_session_unless_the_environment_tur
     assert max(batched) > 1 and batched.count(1) < 40
     # FLYTE_ACTOR_QUEUE_DEPTH=0 in the environment: one element per session, each starts from a fresh module.
     assert counts(rt.seen_unbatched) == [1] * 40
+
+
+def test_a_quick_tasks_leases_queue_on_the_replica_yet_each_task_runs_in_a_fresh_session(fleet):
+    assert output(fleet.run(rt.bump)) == 1  # from now on the agent knows bump to be quick
+    scheduler = fleet.agent.scheduler
+    beyond_free_slots = []
+    queue_slot = scheduler._queue_slot
+
+    def recording(*args):
+        replica = queue_slot(*args)
+        if replica is not None:
+            beyond_free_slots.append(len(replica.leases))
+        return replica
+
+    scheduler._queue_slot = recording
+    try:
+        metas = [fleet.submit(rt.bump) for _ in range(30)]
+        results = [fleet.wait(meta) for meta in metas]
+    finally:
+        del scheduler._queue_slot
+    assert beyond_free_slots, "no lease of a quick task was queued on the replica beyond its free slot"
+    assert [output(r) for r in results] == [1] * 30, "a queued task saw a module global of the one before it"
+
+    # Finished: GetTask answers from the final view, without a trip to the agent's loop, and counts as read (a
+    # draining agent no longer waits for these results).
+    calls = []
+    call = fleet.agent.call
+    fleet.agent.call = lambda fn, *args: calls.append(fn) or call(fn, *args)
+    try:
+        assert [output(fleet.get(meta)) for meta in metas] == [1] * 30
+    finally:
+        del fleet.agent.call
+    assert calls == []
+    assert not fleet.on_loop(fleet.agent._drain_pending)
