@@ -27,6 +27,10 @@ log = logging.getLogger("flyte-actor-agent")
 HELLO_TIMEOUT_SECONDS = 10.0
 #: Largest Hello accepted (ids, a token and the running lease ids of one replica take far less).
 MAX_HELLO_BYTES = 64 * 1024
+#: Acks to a replica that takes batched messages are sent together, this long after the first of them: one message
+#: per replica every so often instead of one per task. An ack only lets the replica forget a result it keeps to
+#: re-send after a reconnect (or finish a drain), so nothing waits for it but the replica's memory.
+ACK_DELAY_SECONDS = 0.05
 
 _OUTCOMES = {
     lease_pb2.SUCCEEDED: core.Outcome.SUCCEEDED,
@@ -54,6 +58,8 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
         self.address = ""
         self._server: Optional[grpc.aio.Server] = None
         self._streams: Dict[str, asyncio.Queue] = {}
+        #: Per replica that takes batched messages: the lease ids it is to be acked for (see ACK_DELAY_SECONDS).
+        self._acks: Dict[str, List[str]] = {}
 
     async def start(self) -> None:
         self._server = grpc.aio.server(options=GRPC_OPTIONS)
@@ -80,6 +86,12 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
             message.assignment.lease_id = effect.lease_id
             message.assignment.task.MergeFromString(effect.task.payload)  # the connector's TaskRun bytes
         elif isinstance(effect, core.Ack):
+            pending = self._acks.get(effect.replica_id)
+            if pending is not None:
+                if not pending:
+                    asyncio.get_running_loop().call_later(ACK_DELAY_SECONDS, self._send_acks, effect.replica_id)
+                pending.append(effect.lease_id)
+                return
             message = lease_pb2.AgentMessage(ack=lease_pb2.Ack(lease_id=effect.lease_id))
         elif isinstance(effect, core.CancelLease):
             message = lease_pb2.AgentMessage(cancel=lease_pb2.Cancel(lease_id=effect.lease_id, reason=effect.reason))
@@ -88,6 +100,15 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
         queue = self._streams.get(effect.replica_id)
         if queue is not None:
             queue.put_nowait(message)
+
+    def _send_acks(self, replica_id: str) -> None:
+        pending = self._acks.get(replica_id)
+        if not pending:
+            return
+        self._acks[replica_id] = []
+        queue = self._streams.get(replica_id)
+        if queue is not None:
+            queue.put_nowait(lease_pb2.AgentMessage(ack=lease_pb2.Ack(lease_id=pending[0], lease_ids=pending[1:])))
 
     def close(self, replica_id: str) -> None:
         queue = self._streams.pop(replica_id, None)
@@ -144,6 +165,8 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
             log.warning("refused replica %s: %s", loggable(replica_id), loggable(str(refused)))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(refused))
         batches = hello.queue_depth > 0  # a replica that queues leases takes batched messages (lease.proto)
+        if batches:
+            self._acks[replica_id] = []
         welcome = lease_pb2.AgentMessage(welcome=lease_pb2.Welcome(
             heartbeat_interval_seconds=self.reactor.heartbeat_interval, abandoned_lease_ids=abandoned, batches=batches))
         await context.write(welcome)
@@ -174,6 +197,7 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
             if self._streams.get(replica_id) is queue:
                 # The stream ended while the replica was still ours: treat it as lost.
                 del self._streams[replica_id]
+                self._acks.pop(replica_id, None)  # it re-sends what was not acked, and is acked then
                 self.reactor.stream_lost(replica_id)
 
     async def _read(self, context, replica_id: str) -> None:
