@@ -178,3 +178,36 @@ def test_a_replica_counts_the_agent_lost_from_the_last_stream_not_the_first(work
     worker._session = never
     assert worker.loop.run_until_complete(worker.run()) == 1
     assert len(calls) == 3 and calls[-1] - calls[0] >= 0.8
+
+
+def test_statuses_wait_briefly_for_the_next_while_leases_remain_and_the_last_one_goes_at_once(worker):
+    class Call:
+        def __init__(self):
+            self.written = []
+
+        async def write(self, message):
+            self.written.append(message)
+
+    async def scenario():
+        call = Call()
+        worker.batches = True  # the agent's Welcome said it takes StatusBatch
+        worker.outbox = asyncio.Queue()
+        writer = asyncio.ensure_future(worker._write(call))
+        try:
+            slot = worker.slots[0]
+            worker._assign([assignment("a"), assignment("b"), assignment("c")])
+            for lease in ("a", "b"):
+                slot.conn.results = [succeeded(lease)]
+                worker._on_executor_readable(slot)
+                await asyncio.sleep(0)
+            await asyncio.sleep(replica_module.STATUS_BATCH_SECONDS * 3)
+            assert [[s.lease_id for s in m.statuses.statuses] for m in call.written] == [["a", "b"]]
+            slot.conn.results = [succeeded("c")]  # the last lease it holds: nothing to wait for
+            worker._on_executor_readable(slot)
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert len(call.written) == 2 and call.written[-1].status.lease_id == "c"
+        finally:
+            writer.cancel()
+
+    worker.loop.run_until_complete(scenario())

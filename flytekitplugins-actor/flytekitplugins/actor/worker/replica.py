@@ -50,6 +50,10 @@ EXIT_REFUSED = 3
 #: Leases a replica takes beyond its free slots, per slot (the agent leases that many only of quick maps, and
 #: bounds how many by each map's window: 7 for elements under 1 s, 31 for elements under 0.25 s).
 QUEUE_DEPTH_PER_SLOT = 31
+#: While a replica still runs or queues other leases, a finished one's status waits this long for the statuses
+#: that follow it, and all go in one message (when the agent takes batches): one write per few tasks instead of
+#: per task. The status of the last lease it holds goes at once, so a lone task waits for nothing.
+STATUS_BATCH_SECONDS = 0.01
 log = logging.getLogger("flyte-actor-replica")
 
 
@@ -302,6 +306,8 @@ class ReplicaWorker:
     async def _write(self, call) -> None:
         while True:
             message = await self.outbox.get()
+            if self.batches and message.WhichOneof("body") == "status" and self._held():
+                await asyncio.sleep(STATUS_BATCH_SECONDS)
             if self.batches and message.WhichOneof("body") == "status" and not self.outbox.empty():
                 statuses = [message.status]
                 rest = []
