@@ -150,3 +150,11 @@ def seen_batched(i: int) -> int:
 @unbatched.task
 def seen_unbatched(i: int) -> int:
     return _seen(i)
+
+
+@batched.task(timeout=2)
+def hangs_at(i: int, at: int) -> int:
+    """Element ``at`` hangs past the timeout, after quick elements of the same batch whose results are not sent yet."""
+    if i == at:
+        time.sleep(60)
+    return i

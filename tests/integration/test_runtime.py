@@ -302,3 +302,13 @@ def test_a_quick_tasks_leases_queue_on_the_replica_yet_each_task_runs_in_a_fresh
         del fleet.agent.call
     assert calls == []
     assert not fleet.on_loop(fleet.agent._drain_pending)
+
+
+def test_a_timeout_in_a_batch_fails_the_element_that_hangs_not_one_finished_before_it(fleet):
+    resource = fleet.wait(fleet.submit(actor_map(functools.partial(rt.hangs_at, at=6), min_success_ratio=0.5),
+                                       i=list(range(12)), at=6))
+    assert resource.phase == TaskExecution.SUCCEEDED, resource.message
+    values = [None if lit.scalar.none_type is not None else lit.scalar.primitive.value
+              for lit in resource.outputs.literals["o0"].collection.literals]
+    assert values == [None if i == 6 else i for i in range(12)]
+    assert resource.custom_info["failed"] == 1

@@ -211,3 +211,28 @@ def test_statuses_wait_briefly_for_the_next_while_leases_remain_and_the_last_one
             writer.cancel()
 
     worker.loop.run_until_complete(scenario())
+
+
+def test_a_timeout_or_death_is_charged_to_the_running_element_not_to_finished_ones_whose_results_wait(worker):
+    from types import SimpleNamespace
+
+    slot = worker.slots[0]
+    worker._assign([assignment(lease) for lease in "abcd"])
+    slot.progress = SimpleNamespace(value=2)  # a and b finished, their results not sent yet; c runs
+    killed = []
+    slot.kill = lambda: killed.append(True)
+    worker._stop_lease("a", lease_pb2.TaskStatus(lease_id="a", phase=lease_pb2.CANCELLED, message="aborted"))
+    assert not killed and reported(worker) == {"a": "CANCELLED"}, "a finished: its result is dropped, no kill"
+    worker.unacked.clear()
+    worker._time_out(slot)
+    assert killed and slot.kill_reason.lease_id == "c" and "exceeded its timeout" in slot.kill_reason.message
+    worker._on_executor_died(slot)
+    assert reported(worker) == {"b": "CANCELLED", "c": "FAILED", "d": "CANCELLED"}
+    assert "before it sent the task's result" in worker.unacked["b"].message
+    assert "before the task started" in worker.unacked["d"].message
+
+    worker.unacked.clear()
+    worker._assign([assignment(lease) for lease in "efg"])
+    slot.progress = SimpleNamespace(value=1)  # e finished, f runs when the executor dies
+    worker._on_executor_died(slot)
+    assert reported(worker) == {"e": "CANCELLED", "f": "LOST", "g": "CANCELLED"}

@@ -64,8 +64,10 @@ _installed_top_level_names()
 MEMORY_LIMIT_VARIABLE = "FLYTE_ACTOR_MEMORY_LIMIT_BYTES"
 
 
-def serve(conn: Connection, scratch_root: str) -> None:
-    """Executor process main loop: run tasks until the pipe closes."""
+def serve(conn: Connection, scratch_root: str, progress: Optional[Any] = None) -> None:
+    """Executor process main loop: run tasks until the pipe closes. ``progress`` (a shared integer, the replica's):
+    set to the position, in the list last received, of the task started last, so that the replica knows which one
+    runs while results of earlier ones wait to be sent with others (a timeout or a death is then charged to it)."""
     _die_with_parent()
     run_flytekit_coroutines_inline()
     keep_engine_files_in_memory()
@@ -85,7 +87,7 @@ def serve(conn: Connection, scratch_root: str) -> None:
                               report=lambda result, lease_id=lease_id: conn.send([(lease_id, result)]))
             retire = result.get("retire")
         else:
-            retire = run_batch(runs, sandbox, scratch_root, conn.send)
+            retire = run_batch(runs, sandbox, scratch_root, conn.send, progress)
         if retire:
             _retire(conn, retire)
 
@@ -278,7 +280,7 @@ BATCH_FLUSH_SECONDS = 0.01
 
 
 def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, scratch_root: str,
-              send: Callable[[List[Tuple[str, Dict[str, Any]]]], None]) -> str:
+              send: Callable[[List[Tuple[str, Dict[str, Any]]]], None], progress: Optional[Any] = None) -> str:
     """Run elements of one actor map (the same task, code and environment; inputs and output prefixes differ) one
     after another in one sandbox session: the task is loaded once, and the state wipe happens after the last
     element rather than between them, as in one pod that runs a map's elements in turn. Each element still goes
@@ -288,7 +290,9 @@ def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, s
     first = runs[0][1]
     if not all(_fast_path_applies(run, dict(run.env)) for _, run in runs):
         retire = ""
-        for lease_id, run in runs:
+        for position, (lease_id, run) in enumerate(runs):
+            if progress is not None:
+                progress.value = position
             retire = run_task(run, sandbox, scratch_root,
                               report=lambda result, lease_id=lease_id: send([(lease_id, result)])).get("retire") or retire
         return retire
@@ -314,7 +318,9 @@ def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, s
                 loaded.append(sandbox.snapshot_imports(lambda: resolver.load_task(loader_args=args)))
             return loaded[0]
 
-        for lease_id, run in runs:
+        for position, (lease_id, run) in enumerate(runs):
+            if progress is not None:
+                progress.value = position
             began = time.monotonic()
             try:
                 result = _run_fast(run, sandbox, load_task, grouped=bool(run.outputs_group_prefix))

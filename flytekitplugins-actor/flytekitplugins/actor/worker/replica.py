@@ -146,10 +146,16 @@ class Slot:
         self.timer: Optional[asyncio.TimerHandle] = None
         #: Its executor said it retires (a task left a thread running): nothing more goes to it.
         self.retiring = False
+        #: How many leases the executor was last sent, and (shared with it) the position among them of the one it
+        #: started last: results of a batch's elements are sent a few at a time, so the first lease not answered
+        #: yet may have finished already while a later one runs.
+        self.sent = 0
+        self.progress = None
 
     def start(self) -> None:
         parent, child = self._mp.Pipe()
-        self.process = self._mp.Process(target=_executor_main, args=(child, self._scratch), daemon=True)
+        self.progress = self._mp.RawValue("l", 0)
+        self.process = self._mp.Process(target=_executor_main, args=(child, self._scratch, self.progress), daemon=True)
         self.process.start()
         child.close()
         self.conn = parent
@@ -159,25 +165,28 @@ class Slot:
             self.process.kill()
 
     @property
-    def lease_id(self) -> Optional[str]:
-        """The running lease."""
-        return self.leases[0].lease_id if self.leases else None
-
-    @property
     def lease_ids(self) -> List[str]:
         return [a.lease_id for a in self.leases if a.lease_id not in self.dropped]
+
+    @property
+    def running(self) -> int:
+        """The position in ``leases`` of the lease the executor runs now (those before it finished; their results
+        are on the way)."""
+        answered = self.sent - len(self.leases)
+        started = self.progress.value if self.progress is not None else answered
+        return min(max(started - answered, 0), max(len(self.leases) - 1, 0))
 
     @property
     def free(self) -> bool:
         return not self.leases and not self.retiring
 
 
-def _executor_main(conn, scratch_dir: str) -> None:
+def _executor_main(conn, scratch_dir: str, progress=None) -> None:
     """An executor's entry point, named here so that this process never imports flytekit (the fork server that
     forks executors has it preloaded)."""
     from .executor import serve
 
-    serve(conn, scratch_dir)
+    serve(conn, scratch_dir, progress)
 
 
 class ReplicaWorker:
@@ -426,29 +435,34 @@ class ReplicaWorker:
         slot.leases = list(batch)
         slot.dropped = set()
         slot.kill_reason = None
+        slot.sent = len(batch)
+        if slot.progress is not None:
+            slot.progress.value = 0
         slot.conn.send([(a.lease_id, a.task.SerializeToString()) for a in batch])
         self._arm_timeout(slot)
 
     def _arm_timeout(self, slot: Slot) -> None:
-        """Time the running lease of ``slot`` (the next one of a batch from when the previous one finished)."""
+        """Time the first lease of ``slot`` not answered yet (the next one of a batch from when the previous
+        results came); when the time is up, the lease running then is the one stopped."""
         if slot.timer is not None:
             slot.timer.cancel()
             slot.timer = None
         if not slot.leases or slot.leases[0].task.timeout_seconds <= 0:
             return
-        assignment = slot.leases[0]
-        slot.timer = self.loop.call_later(
-            assignment.task.timeout_seconds,
-            self._stop_lease,
-            assignment.lease_id,
-            lease_pb2.TaskStatus(
-                lease_id=assignment.lease_id,
-                phase=lease_pb2.FAILED,
-                retryable=True,
-                message=f"Task {assignment.task.task_name} exceeded its timeout of "
-                f"{assignment.task.timeout_seconds:g}s and was stopped on replica {self.config.replica_id}.",
-            ),
-        )
+        slot.timer = self.loop.call_later(slot.leases[0].task.timeout_seconds, self._time_out, slot)
+
+    def _time_out(self, slot: Slot) -> None:
+        slot.timer = None
+        if not slot.leases:
+            return
+        assignment = slot.leases[slot.running]
+        self._stop_lease(assignment.lease_id, lease_pb2.TaskStatus(
+            lease_id=assignment.lease_id,
+            phase=lease_pb2.FAILED,
+            retryable=True,
+            message=f"Task {assignment.task.task_name} exceeded its timeout of "
+            f"{assignment.task.timeout_seconds:g}s and was stopped on replica {self.config.replica_id}.",
+        ))
 
     def _give_back(self, assignment: lease_pb2.Assignment, reason: str) -> None:
         """Return a lease that was never started (CANCELLED): the agent leases it again and counts no failure."""
@@ -464,13 +478,13 @@ class ReplicaWorker:
                     self._report(report)
                 return
         for slot in self.slots:
-            if slot.lease_id == lease_id:
+            if slot.leases and slot.leases[slot.running].lease_id == lease_id:
                 slot.kill_reason = report
                 if report is None:
                     slot.dropped.add(lease_id)  # abandoned: nobody wants a report
                 slot.kill()
                 return
-            if lease_id in slot.lease_ids:  # later in a batch: not started yet, its result will be thrown away
+            if lease_id in slot.lease_ids:  # in a batch, not running: its result will be thrown away
                 slot.dropped.add(lease_id)
                 if report is not None:
                     self._report(report)
@@ -507,19 +521,24 @@ class ReplicaWorker:
             self._after_slot_freed()
 
     def _on_executor_died(self, slot: Slot) -> None:
+        """The running lease is lost (or ends as its kill said); the others go back to be leased again: those
+        after it never started, those before it finished but their results died with the executor."""
         self.loop.remove_reader(slot.conn.fileno())
         slot.process.join(timeout=5)
         code = slot.process.exitcode
-        batch, reason, dropped = slot.leases, slot.kill_reason, slot.dropped
+        batch, reason, dropped, running = slot.leases, slot.kill_reason, slot.dropped, slot.running
         self._finish_slot(slot)
         slot.conn.close()
-        if batch and batch[0].lease_id not in dropped:
-            self._report(reason if reason is not None else lease_pb2.TaskStatus(
-                lease_id=batch[0].lease_id, phase=lease_pb2.LOST, message=_death_message(code, self.config.replica_id)))
-        for assignment in batch[1:]:
-            if assignment.lease_id not in dropped:
-                self._give_back(assignment, f"the executor on replica {self.config.replica_id} stopped before the task "
-                                "started")
+        for position, assignment in enumerate(batch):
+            if assignment.lease_id in dropped:
+                continue
+            if position == running:
+                self._report(reason if reason is not None else lease_pb2.TaskStatus(
+                    lease_id=assignment.lease_id, phase=lease_pb2.LOST,
+                    message=_death_message(code, self.config.replica_id)))
+            else:
+                self._give_back(assignment, f"the executor on replica {self.config.replica_id} stopped " + (
+                    "before the task started" if position > running else "before it sent the task's result"))
         if not self.stopped.is_set():
             self._start_slot(slot)
         self._after_slot_freed()
