@@ -187,3 +187,41 @@ def test_elements_whose_group_cannot_be_stored_are_reported_failed_not_succeeded
     assert "could not be stored" in got["l2"]["message"] and bad in got["l2"]["message"]
     assert got["l2"]["run_seconds"] == 0.5 and "outputs" not in got["l2"]
     assert "outputs_group" not in got["l3"] and "outputs_group" not in got["l4"]
+
+
+def test_a_batch_holds_results_of_quick_elements_for_the_flush_window_and_sends_slow_ones_at_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from flytekitplugins.actor.protocol import lease_pb2
+    from flytekitplugins.actor.worker import executor
+
+    durations = {}
+    clock = [0.0]  # the executor's clock, moved only by the elements
+
+    def run_fast(run, sandbox, load_task, grouped=False):
+        clock[0] += durations[run.element_index]
+        return {"phase": "succeeded", "outputs": b"", "outputs_size": 0}
+
+    monkeypatch.setattr(executor, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(executor, "_run_fast", run_fast)
+    monkeypatch.setattr(executor, "_code_root", lambda run, root: root)
+    monkeypatch.setattr(executor, "_enter_code_root", lambda run, root: None)
+    monkeypatch.setattr(executor, "_store_groups", lambda pending, runs, sandbox: None)
+    sandbox = SimpleNamespace(enter=lambda *a, **k: None, exit=lambda: None, end_task=lambda: None, restored=[],
+                              guard=SimpleNamespace(leaked=""))
+    progress = SimpleNamespace(value=-1)
+
+    def sends(seconds: list) -> list:
+        durations.clear()
+        durations.update(enumerate(seconds))
+        runs = [(f"l{i}", lease_pb2.TaskRun(batch_key="m", element_index=i, inputs=b"x")) for i in range(len(seconds))]
+        sent = []
+        executor.run_batch(runs, sandbox, "/tmp", lambda results: sent.append([lease for lease, _ in results]),
+                           progress)
+        return sent
+
+    quick = executor.BATCH_FLUSH_SECONDS * 0.3  # four fit in the window, and the rest at the batch's end
+    assert sends([quick] * 6) == [["l0", "l1", "l2", "l3"], ["l4", "l5"]], "quick elements' results go together"
+    assert progress.value == 5
+    slow = executor.BATCH_FLUSH_SECONDS * 2
+    assert sends([slow, slow, slow]) == [["l0"], ["l1"], ["l2"]], "a slow element's result waited for the next"

@@ -274,8 +274,9 @@ def run_task(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, scratch_root: st
     return result
 
 
-#: A batch sends the results it has at most this long after the first of them finished (and all at its end):
-#: fewer, larger messages between executor, replica and agent, at the cost of a few milliseconds per element.
+#: A batch sends the results it has at most about this long after the first of them finished (and all at its
+#: end): fewer, larger messages between executor, replica and agent, at the cost of a few milliseconds per element.
+#: Elements that take longer than this send each result as soon as they have it.
 BATCH_FLUSH_SECONDS = 0.01
 
 
@@ -330,7 +331,9 @@ def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, s
             result["run_seconds"] = now - began
             pending.append((lease_id, result))
             since = since or now
-            if now - since >= BATCH_FLUSH_SECONDS:
+            # Held for the next ones only while one more element as long as this one would still end within the
+            # window: a slow element's result (and its stored outputs) goes at once, not one element later.
+            if now - since + result["run_seconds"] >= BATCH_FLUSH_SECONDS:
                 _store_groups(pending, by_lease, sandbox)
                 send(pending)
                 pending, since = [], 0.0
