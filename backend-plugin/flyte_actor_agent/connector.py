@@ -215,8 +215,7 @@ class ActorConnector(AsyncConnectorBase):
                 # A map's elements may run one after another in one executor session (lease.proto, TaskRun), and
                 # those that finish together have their outputs stored in one file (element_groups.py).
                 batch_key=key if element is not None else "",
-                outputs_group_prefix=f"{output_prefix.rstrip('/')}/{element_groups.GROUP_DIR}" if element is not None
-                else "",
+                outputs_group_prefix=element_groups.folder(output_prefix) if element is not None else "",
                 element_index=element or 0,
             ).SerializeToString()
 

@@ -98,7 +98,7 @@ def finished_elements(prefix: str) -> Dict[int, str]:
         if match:
             found[int(match.group(1))] = f"{uri_base}{match.group(0)}"
     try:
-        groups = fs.ls(f"{base}/{element_groups.GROUP_DIR}", detail=False)
+        groups = fs.ls(element_groups.folder(base), detail=False)
     except FileNotFoundError:
         groups = []
     for path in groups:
@@ -108,7 +108,7 @@ def finished_elements(prefix: str) -> Dict[int, str]:
         except ValueError:
             continue  # not a group (a partial write's temporary name, say)
         for index in indices:
-            found.setdefault(index, f"{uri_base}/{element_groups.GROUP_DIR}/{name}")
+            found.setdefault(index, f"{element_groups.folder(uri_base)}/{name}")
     return found
 
 
@@ -187,7 +187,7 @@ def _own_group(uri: str, prefix: str, index: int) -> str:
     if it is one of this map's element groups and lists that element; ValueError naming it otherwise. The agent
     reads it with its own credentials, so a report (from task code that tampered with its executor, say) must not
     make it read anything else."""
-    groups = f"{prefix.rstrip('/')}/{element_groups.GROUP_DIR}/"
+    groups = element_groups.folder(prefix) + "/"
     name = uri[len(groups):] if uri.startswith(groups) else ""
     try:
         listed = "/" not in name and index in element_groups.indices_of(name)

@@ -95,7 +95,7 @@ class Reactor:
         self._stopped = False
         #: Finished tasks and maps whose result no GetTask has read yet: a draining agent waits for them.
         self._unread: set = set()
-        self._unread_limit = 1024
+        self._prune_at = 1024
         #: The final view of each finished task and map the scheduler still knows, for :meth:`final_view`: set on
         #: the loop, read from any thread (one dict lookup holds the GIL throughout; a view is never changed
         #: once final). ``_read``: the keys read there, added from any thread, consulted and pruned on the loop.
@@ -361,11 +361,11 @@ class Reactor:
             if view.phase is not core.Phase.ABORTED:  # propeller stops asking about what it aborted
                 self._unread.add(key)
             self._final[key] = view
-            if len(self._final) > self._unread_limit:  # results the scheduler has forgotten since: prune
+            if len(self._final) > self._prune_at:  # results the scheduler has forgotten since: prune
                 self._final = {k: v for k, v in list(self._final.items()) if self._known(k)}
                 self._unread = {k for k in self._unread if self._known(k) and k not in self._read}
                 self._read = {k for k in list(self._read) if k in self._final}
-                self._unread_limit = max(1024, 2 * len(self._final))
+                self._prune_at = max(1024, 2 * len(self._final))
         for future in self._waiters.pop(key, []):
             if not future.done():
                 future.set_result(None)

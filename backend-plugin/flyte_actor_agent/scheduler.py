@@ -328,10 +328,15 @@ class Fleet:
         last = self.task_seconds.pop(name, None)
         if last is None and len(self.task_seconds) >= TASK_SECONDS_KEPT:
             del self.task_seconds[next(iter(self.task_seconds))]
-        self.task_seconds[name] = seconds if last is None else 0.8 * last + 0.2 * seconds
+        self.task_seconds[name] = _moving_average(last, seconds)
 
     def very_quick(self, name: str) -> bool:
         return self.task_seconds.get(name, VERY_QUICK_SECONDS) < VERY_QUICK_SECONDS
+
+
+def _moving_average(last: Optional[float], seconds: float) -> float:
+    """How long recent runs took (lease to result): the last average moved a fifth of the way to ``seconds``."""
+    return seconds if last is None else 0.8 * last + 0.2 * seconds
 
 
 @dataclass(eq=False)
@@ -1198,7 +1203,7 @@ class Scheduler:
             return
         if task.leased_at is not None and task.finished_at is not None:
             seconds = task.finished_at - task.leased_at
-            job.element_seconds = seconds if job.element_seconds is None else 0.8 * job.element_seconds + 0.2 * seconds
+            job.element_seconds = _moving_average(job.element_seconds, seconds)
         if task.phase is Phase.SUCCEEDED:
             job.succeeded += 1
             outputs = task.outputs

@@ -25,6 +25,11 @@ MAX_NAME_CHARS = 200
 _NAME = re.compile(r"\d+(-\d+)?(_\d+(-\d+)?)*")
 
 
+def folder(map_prefix: str) -> str:
+    """Where the element groups of the map with output prefix ``map_prefix`` are."""
+    return f"{map_prefix.rstrip('/')}/{GROUP_DIR}"
+
+
 def name_of(indices: Iterable[int]) -> str:
     """The file name of a group of elements: their indices in order, runs of consecutive ones as ``first-last``,
     joined by ``_``."""
@@ -91,4 +96,4 @@ def unpack(data: bytes) -> Dict[int, bytes]:
     return {e.index: e.outputs for e in lease_pb2.ElementOutputsGroup.FromString(data).elements}
 
 
-__all__ = ["GROUP_DIR", "MAX_NAME_CHARS", "SUFFIX", "indices_of", "name_of", "pack", "split", "unpack"]
+__all__ = ["GROUP_DIR", "MAX_NAME_CHARS", "SUFFIX", "folder", "indices_of", "name_of", "pack", "split", "unpack"]

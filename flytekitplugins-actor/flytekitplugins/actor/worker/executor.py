@@ -688,8 +688,7 @@ def _result_from(engine_dir: str, task_name: str, in_memory: Optional[Dict[str, 
     if errors:
         raw = in_memory.get(errors[0])
         if raw is None:
-            with open(os.path.join(engine_dir, errors[0]), "rb") as f:
-                raw = f.read()
+            raw = _read(os.path.join(engine_dir, errors[0]))
         error = errors_pb2.ErrorDocument.FromString(raw).error
         retryable = error.kind == errors_pb2.ContainerError.RECOVERABLE
         system = error.origin == execution_pb2.ExecutionError.SYSTEM
@@ -697,23 +696,25 @@ def _result_from(engine_dir: str, task_name: str, in_memory: Optional[Dict[str, 
     result = {"phase": SUCCEEDED, "outputs": b"", "message": f"{task_name} succeeded"}
     if "outputs.pb" in in_memory:
         data = in_memory["outputs.pb"]
-        if len(data) > INLINE_OUTPUT_BYTES:
-            result.update(outputs_in_prefix=True, outputs_size=len(data))
-        else:
-            result.update(outputs=data, outputs_size=len(data))
+        result.update(_outputs(len(data), lambda: data))
     elif "outputs.pb" in names:
-        result.update(_outputs(os.path.join(engine_dir, "outputs.pb")))
+        path = os.path.join(engine_dir, "outputs.pb")
+        result.update(_outputs(os.path.getsize(path), lambda: _read(path)))
     return result
 
 
-def _outputs(path: str) -> Dict[str, Any]:
-    """Small outputs are sent inline; large ones only by size (outputs.pb is in the output prefix: flytekit
-    uploaded it, on the fast path too, see ``_returned_in_band``), so a big result never rides the lease stream."""
-    size = os.path.getsize(path)
+def _outputs(size: int, read: Callable[[], bytes]) -> Dict[str, Any]:
+    """Small outputs are sent inline (``read`` gives them); large ones only by size (outputs.pb is in the output
+    prefix: flytekit uploaded it, on the fast path too, see ``_returned_in_band``), so a big result never rides the
+    lease stream."""
     if size > INLINE_OUTPUT_BYTES:
         return {"outputs_in_prefix": True, "outputs_size": size}
+    return {"outputs": read(), "outputs_size": size}
+
+
+def _read(path: str) -> bytes:
     with open(path, "rb") as f:
-        return {"outputs": f.read(), "outputs_size": size}
+        return f.read()
 
 
 def _failure(message: str, retryable: bool) -> Dict[str, Any]:

@@ -315,9 +315,10 @@ class ReplicaWorker:
     async def _write(self, call) -> None:
         while True:
             message = await self.outbox.get()
-            if self.batches and message.WhichOneof("body") == "status" and self._held():
+            batched = self.batches and message.WhichOneof("body") == "status"
+            if batched and self._held():
                 await asyncio.sleep(STATUS_BATCH_SECONDS)
-            if self.batches and message.WhichOneof("body") == "status" and not self.outbox.empty():
+            if batched and not self.outbox.empty():
                 statuses = [message.status]
                 rest = []
                 while not self.outbox.empty():

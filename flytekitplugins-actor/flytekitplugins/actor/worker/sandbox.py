@@ -764,7 +764,7 @@ _PATCHABLE = (types.FunctionType, types.BuiltinFunctionType, type, ModuleType, f
 @functools.lru_cache(maxsize=1)
 def _library_packages() -> frozenset:
     """Top-level packages of the standard library and of installed distributions."""
-    return frozenset(sys.stdlib_module_names) | frozenset(_installed_top_level_names())
+    return frozenset(sys.stdlib_module_names) | _installed_top_level_names()
 
 
 def _top_level(name: str) -> str:
