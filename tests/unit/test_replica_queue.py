@@ -218,7 +218,7 @@ def test_a_timeout_or_death_is_charged_to_the_running_element_not_to_finished_on
 
     slot = worker.slots[0]
     worker._assign([assignment(lease) for lease in "abcd"])
-    slot.progress = SimpleNamespace(value=2)  # a and b finished, their results not sent yet; c runs
+    slot.progress = SimpleNamespace(position=2, started=0.0)  # a and b finished, their results not sent; c runs
     killed = []
     slot.kill = lambda: killed.append(True)
     worker._stop_lease("a", lease_pb2.TaskStatus(lease_id="a", phase=lease_pb2.CANCELLED, message="aborted"))
@@ -233,6 +233,34 @@ def test_a_timeout_or_death_is_charged_to_the_running_element_not_to_finished_on
 
     worker.unacked.clear()
     worker._assign([assignment(lease) for lease in "efg"])
-    slot.progress = SimpleNamespace(value=1)  # e finished, f runs when the executor dies
+    slot.progress = SimpleNamespace(position=1, started=0.0)  # e finished, f runs when the executor dies
     worker._on_executor_died(slot)
     assert reported(worker) == {"e": "CANCELLED", "f": "LOST", "g": "CANCELLED"}
+
+
+def test_a_timeout_counts_from_the_running_elements_own_start_not_from_when_earlier_results_came(worker):
+    import time
+    from types import SimpleNamespace
+
+    slot = worker.slots[0]
+    killed = []
+    slot.kill = lambda: killed.append(True)
+    batch = [assignment(lease) for lease in "abc"]
+    for a in batch:
+        a.task.timeout_seconds = 60
+    worker._assign(batch)
+    assert 59 < slot.timer.when() - worker.loop.time() <= 60, "the first element is timed from when it was sent"
+
+    # a finished 50 s after it started, its result waits to be sent with others; b started 10 s ago.
+    slot.progress = SimpleNamespace(position=1, started=time.monotonic() - 10)
+    worker._time_out(slot)  # the timer set for a fires
+    assert not killed, "b has run 10 of its 60 seconds"
+    assert 49 < slot.timer.when() - worker.loop.time() <= 50, "b is timed from its own start"
+
+    slot.conn.results.append(succeeded("a"))
+    worker._on_executor_readable(slot)
+    assert 49 < slot.timer.when() - worker.loop.time() <= 50, "a's result does not restart b's time"
+
+    slot.progress = SimpleNamespace(position=1, started=time.monotonic() - 61)
+    worker._time_out(slot)
+    assert killed and slot.kill_reason.lease_id == "b" and "exceeded its timeout of 60s" in slot.kill_reason.message

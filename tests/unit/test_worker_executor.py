@@ -209,7 +209,7 @@ def test_a_batch_holds_results_of_quick_elements_for_the_flush_window_and_sends_
     monkeypatch.setattr(executor, "_store_groups", lambda pending, runs, sandbox: None)
     sandbox = SimpleNamespace(enter=lambda *a, **k: None, exit=lambda: None, end_task=lambda: None, restored=[],
                               guard=SimpleNamespace(leaked=""))
-    progress = SimpleNamespace(value=-1)
+    progress = SimpleNamespace(position=-1, started=-1.0)
 
     def sends(seconds: list) -> list:
         durations.clear()
@@ -221,7 +221,11 @@ def test_a_batch_holds_results_of_quick_elements_for_the_flush_window_and_sends_
         return sent
 
     quick = executor.BATCH_FLUSH_SECONDS * 0.3  # four fit in the window, and the rest at the batch's end
-    assert sends([quick] * 6) == [["l0", "l1", "l2", "l3"], ["l4", "l5"]], "quick elements' results go together"
-    assert progress.value == 5
+    assert sends([quick] * 10) == [["l0", "l1", "l2", "l3"], ["l4", "l5", "l6", "l7"], ["l8", "l9"]], (
+        "quick elements' results go together")
+    assert progress.position == 9 and progress.started == quick * 9, "the last element started after nine"
+    instant = executor.BATCH_FLUSH_SECONDS * 0.001
+    assert sends([instant] * 8) == [["l0", "l1", "l2", "l3"], ["l4", "l5", "l6", "l7"]], (
+        "half the batch's results go as soon as they are there, so that the agent tops the queue up in time")
     slow = executor.BATCH_FLUSH_SECONDS * 2
     assert sends([slow, slow, slow]) == [["l0"], ["l1"], ["l2"]], "a slow element's result waited for the next"

@@ -65,9 +65,10 @@ MEMORY_LIMIT_VARIABLE = "FLYTE_ACTOR_MEMORY_LIMIT_BYTES"
 
 
 def serve(conn: Connection, scratch_root: str, progress: Optional[Any] = None) -> None:
-    """Executor process main loop: run tasks until the pipe closes. ``progress`` (a shared integer, the replica's):
-    set to the position, in the list last received, of the task started last, so that the replica knows which one
-    runs while results of earlier ones wait to be sent with others (a timeout or a death is then charged to it)."""
+    """Executor process main loop: run tasks until the pipe closes. ``progress`` (shared with the replica, see
+    ``replica.Progress``): the position, in the list last received, of the task started last and when it started,
+    so that the replica knows which one runs while results of earlier ones wait to be sent with others (a timeout
+    or a death is charged to it, and its timeout counts from its own start)."""
     _die_with_parent()
     run_flytekit_coroutines_inline()
     keep_engine_files_in_memory()
@@ -274,10 +275,14 @@ def run_task(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, scratch_root: st
     return result
 
 
-#: A batch sends the results it has at most about this long after the first of them finished (and all at its
-#: end): fewer, larger messages between executor, replica and agent, at the cost of a few milliseconds per element.
-#: Elements that take longer than this send each result as soon as they have it.
-BATCH_FLUSH_SECONDS = 0.01
+#: A batch sends the results it has at most about this long after the first of them finished, once half the batch
+#: has results (so that the agent tops the replica's queue up before it runs dry), and at its end: fewer, larger
+#: messages between executor, replica and agent. Each message wakes the replica and then the agent, and on a busy
+#: machine each wake-up preempts an executor: with 25 replicas on 2 cores an element took ~30 ms of wall time, so a
+#: 10 ms window sent every result alone and the executors' CPU per element doubled (docs/performance.md). Elements
+#: that take longer than this send each result as soon as they have it; a timeout is timed from each element's own
+#: start (``progress.started``), not from when the results before it were sent.
+BATCH_FLUSH_SECONDS = 0.25
 
 
 def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, scratch_root: str,
@@ -292,8 +297,7 @@ def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, s
     if not all(_fast_path_applies(run, dict(run.env)) for _, run in runs):
         retire = ""
         for position, (lease_id, run) in enumerate(runs):
-            if progress is not None:
-                progress.value = position
+            _started(progress, position)
             retire = run_task(run, sandbox, scratch_root,
                               report=lambda result, lease_id=lease_id: send([(lease_id, result)])).get("retire") or retire
         return retire
@@ -320,9 +324,7 @@ def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, s
             return loaded[0]
 
         for position, (lease_id, run) in enumerate(runs):
-            if progress is not None:
-                progress.value = position
-            began = time.monotonic()
+            began = _started(progress, position)
             try:
                 result = _run_fast(run, sandbox, load_task, grouped=bool(run.outputs_group_prefix))
             except BaseException as e:  # noqa: BLE001 - see _uncaught
@@ -333,7 +335,7 @@ def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, s
             since = since or now
             # Held for the next ones only while one more element as long as this one would still end within the
             # window: a slow element's result (and its stored outputs) goes at once, not one element later.
-            if now - since + result["run_seconds"] >= BATCH_FLUSH_SECONDS:
+            if now - since + result["run_seconds"] >= BATCH_FLUSH_SECONDS or 2 * len(pending) >= len(runs):
                 _store_groups(pending, by_lease, sandbox)
                 send(pending)
                 pending, since = [], 0.0
@@ -347,6 +349,15 @@ def run_batch(runs: List[Tuple[str, lease_pb2.TaskRun]], sandbox: TaskSandbox, s
         print(f"after a batch of {len(runs)} elements of {first.task_name}: {'; '.join(sandbox.restored)}",
               file=sys.stderr, flush=True)
     return sandbox.guard.leaked or ""
+
+
+def _started(progress: Optional[Any], position: int) -> float:
+    """Tell the replica (``progress``, shared with it) that the element at ``position`` starts now; returns now."""
+    now = time.monotonic()
+    if progress is not None:
+        progress.started = now
+        progress.position = position
+    return now
 
 
 def _store_groups(results: List[Tuple[str, Dict[str, Any]]], runs: Dict[str, lease_pb2.TaskRun],

@@ -28,6 +28,7 @@ the same user (task code in executors, other replicas) cannot read it from ``/pr
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import logging
 import multiprocessing
@@ -119,14 +120,21 @@ def _not_dumpable() -> None:
     /proc/<pid>/mem to other processes of the same user. Reset by exec, so the fork server and executors, which
     hold no token, stay debuggable."""
     if sys.platform.startswith("linux"):
-        import ctypes
-
         PR_SET_DUMPABLE = 4
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0)
 
 
 class Refused(Exception):
     pass
+
+
+class Progress(ctypes.Structure):
+    """What an executor shares with its replica about the list of leases it was sent last: the position of the one
+    it started last, and when it started it (``time.monotonic``, one clock for every process of the machine). The
+    executor writes ``started`` before ``position``; a reader that sees the new position with the old time only
+    times the element out later, never early (``ReplicaWorker._time_out`` checks again)."""
+
+    _fields_ = [("position", ctypes.c_long), ("started", ctypes.c_double)]
 
 
 class Slot:
@@ -146,15 +154,15 @@ class Slot:
         self.timer: Optional[asyncio.TimerHandle] = None
         #: Its executor said it retires (a task left a thread running): nothing more goes to it.
         self.retiring = False
-        #: How many leases the executor was last sent, and (shared with it) the position among them of the one it
-        #: started last: results of a batch's elements are sent a few at a time, so the first lease not answered
-        #: yet may have finished already while a later one runs.
+        #: How many leases the executor was last sent, and (shared with it, a :class:`Progress`) which of them it
+        #: started last and when: results of a batch's elements are sent a few at a time, so the first lease not
+        #: answered yet may have finished already while a later one runs.
         self.sent = 0
-        self.progress = None
+        self.progress: Optional[Progress] = None
 
     def start(self) -> None:
         parent, child = self._mp.Pipe()
-        self.progress = self._mp.RawValue("l", 0)
+        self.progress = self._mp.RawValue(Progress)
         self.process = self._mp.Process(target=_executor_main, args=(child, self._scratch, self.progress), daemon=True)
         self.process.start()
         child.close()
@@ -173,7 +181,7 @@ class Slot:
         """The position in ``leases`` of the lease the executor runs now (those before it finished; their results
         are on the way)."""
         answered = self.sent - len(self.leases)
-        started = self.progress.value if self.progress is not None else answered
+        started = self.progress.position if self.progress is not None else answered
         return min(max(started - answered, 0), max(len(self.leases) - 1, 0))
 
     @property
@@ -438,23 +446,34 @@ class ReplicaWorker:
         slot.kill_reason = None
         slot.sent = len(batch)
         if slot.progress is not None:
-            slot.progress.value = 0
+            slot.progress.position, slot.progress.started = 0, time.monotonic()
         slot.conn.send([(a.lease_id, a.task.SerializeToString()) for a in batch])
         self._arm_timeout(slot)
 
     def _arm_timeout(self, slot: Slot) -> None:
-        """Time the first lease of ``slot`` not answered yet (the next one of a batch from when the previous
-        results came); when the time is up, the lease running then is the one stopped."""
+        """Time the lease of ``slot`` running now from when it started (the executor says when, see
+        :class:`Progress`); when the time is up, :meth:`_time_out` stops the lease running then if its own time
+        is up, and times it otherwise."""
         if slot.timer is not None:
             slot.timer.cancel()
             slot.timer = None
         if not slot.leases or slot.leases[0].task.timeout_seconds <= 0:
             return
-        slot.timer = self.loop.call_later(slot.leases[0].task.timeout_seconds, self._time_out, slot)
+        slot.timer = self.loop.call_later(max(self._time_left(slot), 0.0), self._time_out, slot)
+
+    @staticmethod
+    def _time_left(slot: Slot) -> float:
+        """Seconds until the lease running in ``slot`` has run for its timeout (elements of a batch share one)."""
+        started = slot.progress.started if slot.progress is not None else time.monotonic()
+        return started + slot.leases[0].task.timeout_seconds - time.monotonic()
 
     def _time_out(self, slot: Slot) -> None:
         slot.timer = None
         if not slot.leases:
+            return
+        left = self._time_left(slot)
+        if left > 0:  # a later element started since the timer was set: its own time is not up
+            slot.timer = self.loop.call_later(left, self._time_out, slot)
             return
         assignment = slot.leases[slot.running]
         self._stop_lease(assignment.lease_id, lease_pb2.TaskStatus(
