@@ -71,6 +71,7 @@ def main() -> None:
     sandbox = TaskSandbox(scratch)
     assert executor.run_flytekit_coroutines_inline(), "as executor.serve does"
     assert executor.keep_engine_files_in_memory(), "as executor.serve does"
+    assert executor.skip_unused_timings(), "as executor.serve does"
     results = []
     i = 0
     while i < len(cases):

@@ -80,3 +80,9 @@ def wrong_output() -> int:
 def lineage() -> str:
     """The replica's process group (its pid) and this executor's parent (the executors' fork server)."""
     return f"{os.getpgid(0)} {os.getppid()}"
+
+
+@actor.task(enable_deck=True)
+def with_deck(name: str) -> str:
+    """Outputs a deck, whose Timeline is what flytekit's ``timeit`` measured: the fast path measures for it."""
+    return f"hello {name}"

@@ -179,3 +179,24 @@ def test_fast_path_resets_module_globals(cases, tmp_path):
     results = _run([dict(case, path="fast")] * 3, tmp_path)
     assert [r["outputs"] for r in results] == [results[0]["outputs"]] * 3, "a module global leaked between tasks"
     assert [r["modules"] for r in results] == ["kept"] * 3
+
+
+def test_a_task_with_a_deck_gets_its_timeline_on_the_fast_path_as_on_the_full_one(cases, tmp_path):
+    # The fast path skips flytekit's timings only for tasks that output no deck (executor.skip_unused_timings): a
+    # task with one gets the same Timeline rows, alone, in a batch, and after a deck-less task in the same process.
+    case = dict(cases[0], task="with_deck", inputs=_inputs(ft.with_deck, name="deck"))
+    hello = next(c for c in cases if c["task"] == "hello")
+    runs = [dict(case, path="full"), dict(hello, path="fast"), dict(case, path="fast"), dict(case, path="batch"),
+            dict(case, path="batch")]
+    results = _run(runs, tmp_path)
+
+    def timeline(result):
+        html = bytes.fromhex(result["output_files"]["deck.html"]).decode()
+        return [step for step in ("Translate literal to python value", "Execute user level code",
+                                  "Translate the output to literals", "dispatch execute") if step in html]
+
+    full, _, fast, *batch = results
+    assert timeline(full) == ["Translate literal to python value", "Execute user level code",
+                              "Translate the output to literals", "dispatch execute"], full["output_files"].keys()
+    for result in (fast, *batch):
+        assert result["phase"] == "succeeded" and timeline(result) == timeline(full)

@@ -229,3 +229,55 @@ def test_a_batch_holds_results_of_quick_elements_for_the_flush_window_and_sends_
         "half the batch's results go as soon as they are there, so that the agent tops the queue up in time")
     slow = executor.BATCH_FLUSH_SECONDS * 2
     assert sends([slow, slow, slow]) == [["l0"], ["l1"], ["l2"]], "a slow element's result waited for the next"
+
+
+def test_the_executors_inline_loop_still_lets_io_in_while_a_coroutine_spins():
+    # The inline loop asks the kernel for I/O at most once a millisecond while callbacks are ready
+    # (executor._BusySelector): a coroutine that waits for a socket must still be woken while another spins.
+    import asyncio
+    import socket
+    import time
+
+    from flytekitplugins.actor.worker import executor
+
+    runner = executor._InlineRunner(fallback=None)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+
+    async def spin_until_read() -> tuple:
+        loop = asyncio.get_running_loop()
+        received = asyncio.ensure_future(loop.sock_recv(ours, 1))
+        loop.call_later(0.01, theirs.send, b"x")
+        deadline, turns = time.monotonic() + 10, 0
+        while not received.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0)
+            turns += 1
+        return (received.result() if received.done() else None), turns
+
+    try:
+        data, turns = runner.run(spin_until_read())
+    finally:
+        ours.close()
+        theirs.close()
+        runner.loop.close()
+    assert data == b"x", "the socket's data never reached the coroutine waiting for it"
+    assert turns > 0
+
+
+def test_flytekit_timings_are_kept_for_a_task_with_a_deck_and_while_flytekit_logs_at_info():
+    import logging
+    from types import SimpleNamespace
+
+    from flytekit.loggers import logger
+
+    from flytekitplugins.actor.worker import executor
+
+    deckless, with_deck = SimpleNamespace(disable_deck=True), SimpleNamespace(disable_deck=False)
+    level = logger.level
+    try:
+        logger.setLevel(logging.WARNING)
+        assert not executor._timings_needed(deckless) and executor._timings_needed(with_deck)
+        logger.setLevel(logging.INFO)
+        assert executor._timings_needed(deckless), "flytekit's INFO lines carry the timings"
+    finally:
+        logger.setLevel(level)

@@ -23,6 +23,7 @@ import datetime
 import fcntl
 import hashlib
 import os
+import selectors
 import sys
 import tempfile
 import time
@@ -72,6 +73,7 @@ def serve(conn: Connection, scratch_root: str, progress: Optional[Any] = None) -
     _die_with_parent()
     run_flytekit_coroutines_inline()
     keep_engine_files_in_memory()
+    skip_unused_timings()
     os.makedirs(scratch_root, exist_ok=True)
     limit_memory(int(os.environ.get(MEMORY_LIMIT_VARIABLE) or 0))
     sandbox = TaskSandbox(scratch_root)
@@ -123,13 +125,35 @@ class _InlineRunner:
     def __init__(self, fallback: Any):
         import asyncio
 
-        self.loop = asyncio.new_event_loop()
+        self.loop = asyncio.SelectorEventLoop(_BusySelector())
         self.fallback = fallback
 
     def run(self, coro: Any) -> Any:
         if self.loop.is_running():
             return self.fallback.run(coro)
         return self.loop.run_until_complete(coro)
+
+
+class _BusySelector(selectors.DefaultSelector):
+    """The inline loop's selector: while callbacks are ready (``select(0)``), it asks the kernel for I/O at most
+    once a millisecond instead of on every turn of the loop. flytekit's conversions turn the loop ~10 times an
+    element, each an ``epoll_wait`` (a tenth of an element's CPU here, and on a busy machine a point where the
+    executor is preempted); they do no I/O of their own. When nothing is ready it waits on the kernel as usual, so
+    a coroutine that does I/O (an upload) is woken as before, and one that spins on ``sleep(0)`` still lets I/O in."""
+
+    POLL_EVERY_SECONDS = 0.001
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._polled = 0.0
+
+    def select(self, timeout: Optional[float] = None):
+        if timeout is not None and timeout <= 0:
+            now = time.monotonic()
+            if now - self._polled < self.POLL_EVERY_SECONDS:
+                return []
+            self._polled = now
+        return super().select(timeout)
 
 
 def run_flytekit_coroutines_inline() -> bool:
@@ -225,6 +249,49 @@ def keep_engine_files_in_memory() -> bool:
     load_proto_from_file._flyte_actor = True  # type: ignore[attr-defined]
     utils.load_proto_from_file, utils.write_proto_to_file = load_proto_from_file, write_proto_to_file
     return True
+
+
+class _Timings:
+    """Whether the task running now on the fast path needs flytekit's ``timeit`` measurements (see
+    :func:`skip_unused_timings`)."""
+
+    unused = False
+
+
+def skip_unused_timings() -> bool:
+    """In this process (an executor): flytekit's ``timeit`` (five per task: two CPU-clock syscalls and two wall-clock
+    reads each) measures nothing while the fast path runs a task that outputs no deck and flytekit does not log at
+    INFO. Its measurements go to the task's Timeline deck, which flytekit writes out only for a task with decks
+    enabled, and to an INFO log line; both stay as they were wherever they are written. The one difference: a task
+    without decks that reads ``current_context().timeline_deck`` itself finds it empty. Measured: about a fifth of
+    a map element's CPU here (docs/performance.md). Returns False, changing nothing, where flytekit has no
+    ``timeit`` context manager."""
+    from flytekit.core import utils
+
+    timeit = getattr(utils, "timeit", None)
+    if timeit is None or not hasattr(timeit, "__enter__") or not hasattr(timeit, "__exit__"):
+        return False
+    if getattr(timeit.__enter__, "_flyte_actor", False):
+        return True
+    enter, exit_ = timeit.__enter__, timeit.__exit__
+
+    def __enter__(self):
+        return self if _Timings.unused else enter(self)
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        return None if _Timings.unused else exit_(self, exc_type, exc_val, exc_tb)
+
+    __enter__._flyte_actor = True  # type: ignore[attr-defined]
+    timeit.__enter__, timeit.__exit__ = __enter__, __exit__
+    return True
+
+
+def _timings_needed(task: Any) -> bool:
+    import logging
+
+    from flytekit.loggers import logger
+
+    return not getattr(task, "disable_deck", True) or logger.isEnabledFor(logging.INFO)
 
 
 def _die_with_parent() -> None:
@@ -474,10 +541,16 @@ def _run_fast(task_run: lease_pb2.TaskRun, sandbox: TaskSandbox, load_task: Opti
             def load_task():
                 return sandbox.snapshot_imports(lambda: resolver.load_task(loader_args=args))
 
+        def load_and_time():
+            task = load_task()
+            _Timings.unused = not _timings_needed(task)
+            return task
+
         try:
-            _dispatch_execute(ctx, load_task, inputs_path, task_run.output_prefix)
+            _dispatch_execute(ctx, load_and_time, inputs_path, task_run.output_prefix)
             return _result_from(engine_dir, task_run.task_name, _engine_files.in_engine_dir())
         finally:
+            _Timings.unused = False
             _engine_files.done()
             for name in os.listdir(engine_dir):  # the next element of a batch writes its own
                 os.remove(os.path.join(engine_dir, name))
