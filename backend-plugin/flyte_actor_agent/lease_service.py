@@ -95,6 +95,8 @@ class LeaseService(lease_pb2_grpc.LeaseServiceServicer):
             message = lease_pb2.AgentMessage(ack=lease_pb2.Ack(lease_id=effect.lease_id))
         elif isinstance(effect, core.CancelLease):
             message = lease_pb2.AgentMessage(cancel=lease_pb2.Cancel(lease_id=effect.lease_id, reason=effect.reason))
+        elif isinstance(effect, core.Recall):
+            message = lease_pb2.AgentMessage(recall=lease_pb2.Recall(reason=effect.reason))
         else:
             message = lease_pb2.AgentMessage(drain=lease_pb2.Drain(reason=effect.reason))
         queue = self._streams.get(effect.replica_id)

@@ -36,8 +36,8 @@ HEARTBEAT_MISSES = 6
 #: How late the reactor may notice a changed deadline (TTLs, heartbeats and lease timeouts are seconds or more).
 REARM_SECONDS = 0.05
 
-#: What the reactor asks a replica channel to deliver: a lease, an ack, a cancel, or (for ``Stop``) a drain.
-Delivery = Union[core.Assign, core.Ack, core.CancelLease, core.Stop]
+#: What the reactor asks a replica channel to deliver: a lease, an ack, a cancel, a recall, or (for ``Stop``) a drain.
+Delivery = Union[core.Assign, core.Ack, core.CancelLease, core.Recall, core.Stop]
 
 
 class ReplicaChannel(Protocol):
@@ -329,7 +329,7 @@ class Reactor:
 
     def _apply(self, effects: List[core.Effect]) -> None:
         for effect in effects:
-            if isinstance(effect, (core.Assign, core.Ack, core.CancelLease)):
+            if isinstance(effect, (core.Assign, core.Ack, core.CancelLease, core.Recall)):
                 if isinstance(effect, core.Assign):
                     self.metrics.dispatched(effect.task)
                 self.channel.deliver(effect)

@@ -88,6 +88,12 @@ TASK_PREFETCH_PER_SLOT = 7
 TASK_SECONDS_KEPT = 256
 #: A task given back unstarted (see Outcome.CANCELLED) this many times counts as lost from then on.
 GIVE_BACK_LIMIT = 20
+#: A replica that holds leases queued beyond its slots and has reported no result for this long is busy with
+#: something long (a task that usually takes milliseconds and now takes minutes): the agent recalls its queued
+#: leases (``Recall``: the replica gives back those it has not handed to an executor, to run elsewhere) and queues
+#: nothing more on it until it reports a result. Twice the longest a queued task or element may take on average
+#: (PREFETCH_BELOW_SECONDS), so a replica working through a quick queue is never recalled.
+RECALL_AFTER_SECONDS = 2 * PREFETCH_BELOW_SECONDS
 #: An actor map keeps the messages of its first this many failed elements (for its message and progress page).
 MAP_ERRORS_KEPT = 100
 #: How an element's outputs are held when they are not in memory: in ``<map output prefix>/<index>/outputs.pb``
@@ -157,6 +163,12 @@ class CancelLease:
 
 
 @dataclass(frozen=True)
+class Recall:
+    replica_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Ack:
     replica_id: str
     lease_id: str
@@ -177,7 +189,7 @@ class Finished:
     key: str
 
 
-Effect = Union[Launch, Stop, Assign, CancelLease, Ack, Disconnect, Finished]
+Effect = Union[Launch, Stop, Assign, CancelLease, Recall, Ack, Disconnect, Finished]
 
 
 class ReplicaRefused(Exception):
@@ -288,6 +300,10 @@ class Replica:
     queue_depth: int = 0
     #: Its queue is being topped up (see _queue_slot).
     refilling: bool = False
+    #: When it last reported a result (a give-back is none), or got a lease while it held none.
+    progress_at: float = 0.0
+    #: Its queued leases were recalled (RECALL_AFTER_SECONDS): nothing more is queued on it until it reports.
+    recalled: bool = False
 
 
 @dataclass(frozen=True)
@@ -823,6 +839,8 @@ class Scheduler:
         now = self.clock()
         if replica is not None:
             replica.last_seen = now
+            if outcome is not Outcome.CANCELLED:
+                replica.progress_at, replica.recalled = now, False
             if lease_id in replica.leases:
                 replica.leases.discard(lease_id)
                 replica.tasks_run += 1
@@ -908,6 +926,11 @@ class Scheduler:
                 effects.append(Stop(replica.id, "no heartbeat"))
                 self._replica_gone(replica.id, ReplicaExit(
                     ExitReason.NO_HEARTBEAT, f"no heartbeat for {now - replica.last_seen:.0f}s"), effects)
+            elif (due := self._recall_due(replica)) is not None and due <= now:
+                replica.recalled = True
+                effects.append(Recall(replica.id, (
+                    f"replica {replica.id} reported no result for {now - replica.progress_at:.1f}s while tasks "
+                    "waited in its queue: they run elsewhere")))
             elif replica.state is ReplicaState.READY and not replica.leases:
                 fleet = self.fleets[replica.fleet_key]
                 if now - replica.idle_since >= fleet.config.ttl_seconds and not fleet.queue:
@@ -926,9 +949,19 @@ class Scheduler:
                 times.append(replica.disconnected_at + self.reconnect_grace)
             elif replica.state is ReplicaState.READY:
                 times.append(replica.last_seen + self.heartbeat_timeout)
+                recall = self._recall_due(replica)
+                if recall is not None:
+                    times.append(recall)
                 if not replica.leases:
                     times.append(replica.idle_since + self.fleets[replica.fleet_key].config.ttl_seconds)
         return min(times) if times else None
+
+    @staticmethod
+    def _recall_due(replica: Replica) -> Optional[float]:
+        """When the leases queued on ``replica`` are to be recalled (None: it holds none, or they were)."""
+        if replica.state is not ReplicaState.READY or replica.recalled or len(replica.leases) <= replica.capacity:
+            return None
+        return replica.progress_at + RECALL_AFTER_SECONDS
 
     def drain(self) -> List[Effect]:
         """Stop everything: used at shutdown. Queued and running tasks fail as retryable."""
@@ -1033,6 +1066,8 @@ class Scheduler:
             task.started_at = task.started_at or now
             task.leased_at = now
             task.deadline = now + task.timeout_seconds + self.lease_grace if task.timeout_seconds else None
+            if not best.leases:
+                best.progress_at = now
             best.leases.add(lease_id)
             self.leases[lease_id] = task
             effects.append(Assign(best.id, lease_id, task))
@@ -1061,7 +1096,8 @@ class Scheduler:
         best: Optional[Replica] = None
         for replica in fleet.replicas.values():
             limit = cls._queue_limit(replica, per_slot)
-            if (replica.state is ReplicaState.READY and replica.id != avoid and len(replica.leases) < limit
+            if (replica.state is ReplicaState.READY and replica.id != avoid and not replica.recalled
+                    and len(replica.leases) < limit
                     and (replica.refilling or len(replica.leases) <= replica.capacity + (limit - replica.capacity) // 2)
                     and (best is None or len(replica.leases) < len(best.leases))):
                 best = replica

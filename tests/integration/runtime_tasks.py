@@ -158,3 +158,13 @@ def hangs_at(i: int, at: int) -> int:
     if i == at:
         time.sleep(60)
     return i
+
+
+pair = ActorEnvironment(name="runtime-pair", replica_count=2, ttl_seconds=60)
+
+
+@pair.task
+def nap(seconds: float) -> float:
+    """Quick (0 s) most of the time: tasks of it are queued on replicas, until one naps long."""
+    time.sleep(seconds)
+    return seconds

@@ -315,3 +315,18 @@ def test_a_timeout_in_a_batch_fails_the_element_that_hangs_not_one_finished_befo
               for lit in resource.outputs.literals["o0"].collection.literals]
     assert values == [None if i == 6 else i for i in range(12)]
     assert resource.custom_info["failed"] == 1
+
+
+def test_quick_tasks_queued_behind_one_that_runs_long_are_recalled_and_run_on_another_replica(fleet):
+    assert output(fleet.run(rt.nap, seconds=0.0)) == 0.0  # nap is known quick: its tasks are queued on replicas
+    long = fleet.submit(rt.nap, seconds=10.0)
+    fleet.wait_until(lambda: fleet.view(long).replica_id, what="the long nap's lease")
+    quick = [fleet.submit(rt.nap, seconds=0.0) for _ in range(10)]
+    for meta in quick:
+        assert fleet.wait(meta, timeout=60).phase == TaskExecution.SUCCEEDED
+    assert fleet.view(long).phase.name == "RUNNING", (
+        "a quick task waited for the long one: those queued behind it were not recalled")
+    tasks = fleet.on_loop(lambda: dict(fleet.agent.scheduler.tasks))
+    recalled = [m.key for m in quick if tasks[m.key].given_back]
+    assert recalled, "no quick task was queued behind the long one, so none was recalled: the test tests nothing"
+    assert fleet.wait(long, timeout=60).phase == TaskExecution.SUCCEEDED

@@ -264,3 +264,23 @@ def test_a_timeout_counts_from_the_running_elements_own_start_not_from_when_earl
     slot.progress = SimpleNamespace(position=1, started=time.monotonic() - 61)
     worker._time_out(slot)
     assert killed and slot.kill_reason.lease_id == "b" and "exceeded its timeout of 60s" in slot.kill_reason.message
+
+
+def test_a_recall_gives_back_the_queued_leases_and_keeps_what_an_executor_has(worker):
+    slot = worker.slots[0]
+    killed = []
+    slot.kill = lambda: killed.append(True)
+    worker._assign([assignment(lease, batch_key="") for lease in "abc"])
+    assert slot.lease_ids == ["a"] and [q.lease_id for q in worker.queued] == ["b", "c"]
+    worker._handle(lease_pb2.AgentMessage(recall=lease_pb2.Recall(reason="a long task")))
+    assert reported(worker) == {"b": "CANCELLED", "c": "CANCELLED"} and not worker.queued and not killed
+    assert worker.unacked["b"].message == "recalled by the agent: a long task"
+    assert slot.lease_ids == ["a"], "the running task goes on"
+
+    worker.unacked.clear()
+    slot.conn.results.append(succeeded("a"))
+    worker._on_executor_readable(slot)
+    worker._assign([assignment(lease) for lease in "xyz"])  # one map's elements: one batch in the executor
+    worker._handle(lease_pb2.AgentMessage(recall=lease_pb2.Recall(reason="a long task")))
+    assert slot.lease_ids == ["x", "y", "z"] and "x" not in worker.unacked, (
+        "elements an executor has are kept (taking one back would run it twice)")

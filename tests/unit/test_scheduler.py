@@ -1107,3 +1107,47 @@ def test_the_queue_a_replica_asks_for_is_capped_per_slot(clock):
     (launch,) = only(sched.submit_map("m", fleet, 100, elements(fleet)), Launch)
     connect_queueing(sched, launch, queue_depth=1000)
     assert sched.replicas[launch.replica_id].queue_depth == 2 * scheduler_module.PREFETCH_PER_SLOT
+
+
+def test_a_replica_that_reports_nothing_while_tasks_wait_in_its_queue_has_them_recalled_to_run_elsewhere(clock):
+    sched = make_scheduler(clock)
+    fleet = fleet_spec(replica_count=2)
+    launches = [launch for i in range(30) for launch in only(sched.submit(named(f"t{i}", fleet)), Launch)]
+    assert len(launches) == 2
+    (first,) = only(connect_queueing(sched, launches[0], queue_depth=31), Assign)
+    a = sched.replicas[first.replica_id]
+    clock.now = 0.01
+    on_a = assigned(report(sched, first, outputs=b""))  # noop is quick now: a free slot and a queue on a
+    on_b = assigned(connect_queueing(sched, launches[1], queue_depth=31))
+    b = sched.replicas[launches[1].replica_id]
+    assert len(on_a) == len(on_b) == 1 + scheduler_module.TASK_PREFETCH_PER_SLOT
+    assert sched.next_deadline() == 0.01 + scheduler_module.RECALL_AFTER_SECONDS, "timed from the first leases"
+    clock.now = 1.0  # b works through its queue; a's running task takes long
+    on_b.update(assigned(report(sched, on_b.pop(min(on_b, key=lambda k: int(k[1:]))), outputs=b"")))
+    assert sched.next_deadline() == 0.01 + scheduler_module.RECALL_AFTER_SECONDS, "a's recall is timed"
+    clock.now = 0.01 + scheduler_module.RECALL_AFTER_SECONDS
+    effects = sched.tick()
+    (recall,) = only(effects, scheduler_module.Recall)
+    assert recall.replica_id == a.id and "reported no result for 2.0s" in recall.reason
+    assert a.recalled and not b.recalled and not only(sched.tick(), scheduler_module.Recall), "recalled once"
+
+    # a gives back what it had queued (its running task, the oldest lease, stays): none of it goes back to a,
+    # nor does anything else while it reports no result.
+    running, *queued = sorted(on_a.values(), key=lambda e: int(e.task.key[1:]))
+    again = {}
+    for lease in queued:
+        again.update(assigned(report(sched, lease, Outcome.CANCELLED, message="recalled by the agent")))
+        assert all(e.replica_id == b.id for e in again.values()), "a recalled lease went back to the busy replica"
+    assert [sched.tasks[lease.task.key].given_back for lease in queued] == [1] * len(queued)
+    on_b.update(again)
+    while on_b:  # b runs everything else, the recalled tasks and those never leased
+        lease = on_b.pop(min(on_b, key=lambda k: int(k[1:])))
+        for key, e in assigned(report(sched, lease, outputs=b"")).items():
+            assert e.replica_id == b.id, f"{key} was queued on a while it reports nothing"
+            on_b[key] = e
+    assert all(sched.tasks[f"t{i}"].phase is Phase.SUCCEEDED for i in range(30) if f"t{i}" != running.task.key)
+
+    clock.now = 5.0
+    report(sched, running, outputs=b"")
+    more = [e for i in range(30, 50) for e in only(sched.submit(named(f"t{i}", fleet)), Assign)]
+    assert not a.recalled and any(e.replica_id == a.id for e in more), "a reported: it takes tasks again"

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*flytekitplugins/actor/protocol/lease.proto\x12\x13\x66lyteactor.lease.v1\"\xe3\x01\n\x0eReplicaMessage\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.flyteactor.lease.v1.HelloH\x00\x12\x33\n\theartbeat\x18\x02 \x01(\x0b\x32\x1e.flyteactor.lease.v1.HeartbeatH\x00\x12\x31\n\x06status\x18\x03 \x01(\x0b\x32\x1f.flyteactor.lease.v1.TaskStatusH\x00\x12\x34\n\x08statuses\x18\x04 \x01(\x0b\x32 .flyteactor.lease.v1.StatusBatchH\x00\x42\x06\n\x04\x62ody\"@\n\x0bStatusBatch\x12\x31\n\x08statuses\x18\x01 \x03(\x0b\x32\x1f.flyteactor.lease.v1.TaskStatus\"\xb7\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x17\n\x0f\x65nvironment_key\x18\x02 \x01(\t\x12\x12\n\nreplica_id\x18\x03 \x01(\t\x12\r\n\x05token\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\r\x12\x19\n\x11running_lease_ids\x18\x06 \x03(\t\x12\x16\n\x0eworker_version\x18\x07 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x08 \x01(\r\"&\n\tHeartbeat\x12\x19\n\x11running_lease_ids\x18\x01 \x03(\t\"\x84\x02\n\nTaskStatus\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12-\n\x05phase\x18\x02 \x01(\x0e\x32\x1e.flyteactor.lease.v1.TaskPhase\x12\x0f\n\x07outputs\x18\x03 \x01(\x0c\x12\r\n\x05\x65rror\x18\x04 \x01(\x0c\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x11\n\tretryable\x18\x06 \x01(\x08\x12\x13\n\x0brun_seconds\x18\x07 \x01(\x01\x12\x19\n\x11outputs_in_prefix\x18\x08 \x01(\x08\x12\x14\n\x0coutputs_size\x18\t \x01(\x04\x12\x14\n\x0csystem_error\x18\n \x01(\x08\x12\x15\n\routputs_group\x18\x0b \x01(\t\"\xbc\x02\n\x0c\x41gentMessage\x12/\n\x07welcome\x18\x01 \x01(\x0b\x32\x1c.flyteactor.lease.v1.WelcomeH\x00\x12\x35\n\nassignment\x18\x02 \x01(\x0b\x32\x1f.flyteactor.lease.v1.AssignmentH\x00\x12\'\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x18.flyteactor.lease.v1.AckH\x00\x12-\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x1b.flyteactor.lease.v1.CancelH\x00\x12+\n\x05\x64rain\x18\x05 \x01(\x0b\x32\x1a.flyteactor.lease.v1.DrainH\x00\x12\x37\n\x0b\x61ssignments\x18\x06 \x01(\x0b\x32 .flyteactor.lease.v1.AssignmentsH\x00\x42\x06\n\x04\x62ody\"C\n\x0b\x41ssignments\x12\x34\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x1f.flyteactor.lease.v1.Assignment\"[\n\x07Welcome\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x1b\n\x13\x61\x62\x61ndoned_lease_ids\x18\x02 \x03(\t\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x08\"J\n\nAssignment\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12*\n\x04task\x18\x02 \x01(\x0b\x32\x1c.flyteactor.lease.v1.TaskRun\"\xd6\x03\n\x07TaskRun\x12\x11\n\ttask_name\x18\x01 \x01(\t\x12\x10\n\x08resolver\x18\x02 \x01(\t\x12\x15\n\rresolver_args\x18\x03 \x03(\t\x12\x0e\n\x06inputs\x18\x04 \x01(\x0c\x12\x12\n\ninputs_uri\x18\x05 \x01(\t\x12\x15\n\routput_prefix\x18\x06 \x01(\t\x12\x1e\n\x16raw_output_data_prefix\x18\x07 \x01(\t\x12\x17\n\x0f\x63heckpoint_path\x18\x08 \x01(\t\x12\x17\n\x0fprev_checkpoint\x18\t \x01(\t\x12\x14\n\x0c\x64istribution\x18\n \x01(\t\x12\x10\n\x08\x64\x65st_dir\x18\x0b \x01(\t\x12\x32\n\x03\x65nv\x18\x0c \x03(\x0b\x32%.flyteactor.lease.v1.TaskRun.EnvEntry\x12\x17\n\x0ftimeout_seconds\x18\r \x01(\x01\x12\x19\n\x11outputs_to_prefix\x18\x0e \x01(\x08\x12\x11\n\tbatch_key\x18\x0f \x01(\t\x12\x1c\n\x14outputs_group_prefix\x18\x10 \x01(\t\x12\x15\n\relement_index\x18\x11 \x01(\x04\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x13\x45lementOutputsGroup\x12\x35\n\x08\x65lements\x18\x01 \x03(\x0b\x32#.flyteactor.lease.v1.ElementOutputs\"0\n\x0e\x45lementOutputs\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0f\n\x07outputs\x18\x02 \x01(\x0c\"*\n\x03\x41\x63k\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\tlease_ids\x18\x02 \x03(\t\"*\n\x06\x43\x61ncel\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t*[\n\tTaskPhase\x12\x1a\n\x16TASK_PHASE_UNSPECIFIED\x10\x00\x12\r\n\tSUCCEEDED\x10\x01\x12\n\n\x06\x46\x41ILED\x10\x02\x12\x08\n\x04LOST\x10\x03\x12\r\n\tCANCELLED\x10\x04\x32\x65\n\x0cLeaseService\x12U\n\x07\x43onnect\x12#.flyteactor.lease.v1.ReplicaMessage\x1a!.flyteactor.lease.v1.AgentMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*flytekitplugins/actor/protocol/lease.proto\x12\x13\x66lyteactor.lease.v1\"\xe3\x01\n\x0eReplicaMessage\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.flyteactor.lease.v1.HelloH\x00\x12\x33\n\theartbeat\x18\x02 \x01(\x0b\x32\x1e.flyteactor.lease.v1.HeartbeatH\x00\x12\x31\n\x06status\x18\x03 \x01(\x0b\x32\x1f.flyteactor.lease.v1.TaskStatusH\x00\x12\x34\n\x08statuses\x18\x04 \x01(\x0b\x32 .flyteactor.lease.v1.StatusBatchH\x00\x42\x06\n\x04\x62ody\"@\n\x0bStatusBatch\x12\x31\n\x08statuses\x18\x01 \x03(\x0b\x32\x1f.flyteactor.lease.v1.TaskStatus\"\xb7\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x17\n\x0f\x65nvironment_key\x18\x02 \x01(\t\x12\x12\n\nreplica_id\x18\x03 \x01(\t\x12\r\n\x05token\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\r\x12\x19\n\x11running_lease_ids\x18\x06 \x03(\t\x12\x16\n\x0eworker_version\x18\x07 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x08 \x01(\r\"&\n\tHeartbeat\x12\x19\n\x11running_lease_ids\x18\x01 \x03(\t\"\x84\x02\n\nTaskStatus\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12-\n\x05phase\x18\x02 \x01(\x0e\x32\x1e.flyteactor.lease.v1.TaskPhase\x12\x0f\n\x07outputs\x18\x03 \x01(\x0c\x12\r\n\x05\x65rror\x18\x04 \x01(\x0c\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x11\n\tretryable\x18\x06 \x01(\x08\x12\x13\n\x0brun_seconds\x18\x07 \x01(\x01\x12\x19\n\x11outputs_in_prefix\x18\x08 \x01(\x08\x12\x14\n\x0coutputs_size\x18\t \x01(\x04\x12\x14\n\x0csystem_error\x18\n \x01(\x08\x12\x15\n\routputs_group\x18\x0b \x01(\t\"\xeb\x02\n\x0c\x41gentMessage\x12/\n\x07welcome\x18\x01 \x01(\x0b\x32\x1c.flyteactor.lease.v1.WelcomeH\x00\x12\x35\n\nassignment\x18\x02 \x01(\x0b\x32\x1f.flyteactor.lease.v1.AssignmentH\x00\x12\'\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x18.flyteactor.lease.v1.AckH\x00\x12-\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x1b.flyteactor.lease.v1.CancelH\x00\x12+\n\x05\x64rain\x18\x05 \x01(\x0b\x32\x1a.flyteactor.lease.v1.DrainH\x00\x12\x37\n\x0b\x61ssignments\x18\x06 \x01(\x0b\x32 .flyteactor.lease.v1.AssignmentsH\x00\x12-\n\x06recall\x18\x07 \x01(\x0b\x32\x1b.flyteactor.lease.v1.RecallH\x00\x42\x06\n\x04\x62ody\"C\n\x0b\x41ssignments\x12\x34\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x1f.flyteactor.lease.v1.Assignment\"[\n\x07Welcome\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x1b\n\x13\x61\x62\x61ndoned_lease_ids\x18\x02 \x03(\t\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x08\"J\n\nAssignment\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12*\n\x04task\x18\x02 \x01(\x0b\x32\x1c.flyteactor.lease.v1.TaskRun\"\xd6\x03\n\x07TaskRun\x12\x11\n\ttask_name\x18\x01 \x01(\t\x12\x10\n\x08resolver\x18\x02 \x01(\t\x12\x15\n\rresolver_args\x18\x03 \x03(\t\x12\x0e\n\x06inputs\x18\x04 \x01(\x0c\x12\x12\n\ninputs_uri\x18\x05 \x01(\t\x12\x15\n\routput_prefix\x18\x06 \x01(\t\x12\x1e\n\x16raw_output_data_prefix\x18\x07 \x01(\t\x12\x17\n\x0f\x63heckpoint_path\x18\x08 \x01(\t\x12\x17\n\x0fprev_checkpoint\x18\t \x01(\t\x12\x14\n\x0c\x64istribution\x18\n \x01(\t\x12\x10\n\x08\x64\x65st_dir\x18\x0b \x01(\t\x12\x32\n\x03\x65nv\x18\x0c \x03(\x0b\x32%.flyteactor.lease.v1.TaskRun.EnvEntry\x12\x17\n\x0ftimeout_seconds\x18\r \x01(\x01\x12\x19\n\x11outputs_to_prefix\x18\x0e \x01(\x08\x12\x11\n\tbatch_key\x18\x0f \x01(\t\x12\x1c\n\x14outputs_group_prefix\x18\x10 \x01(\t\x12\x15\n\relement_index\x18\x11 \x01(\x04\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x13\x45lementOutputsGroup\x12\x35\n\x08\x65lements\x18\x01 \x03(\x0b\x32#.flyteactor.lease.v1.ElementOutputs\"0\n\x0e\x45lementOutputs\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0f\n\x07outputs\x18\x02 \x01(\x0c\"*\n\x03\x41\x63k\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\tlease_ids\x18\x02 \x03(\t\"*\n\x06\x43\x61ncel\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x18\n\x06Recall\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t*[\n\tTaskPhase\x12\x1a\n\x16TASK_PHASE_UNSPECIFIED\x10\x00\x12\r\n\tSUCCEEDED\x10\x01\x12\n\n\x06\x46\x41ILED\x10\x02\x12\x08\n\x04LOST\x10\x03\x12\r\n\tCANCELLED\x10\x04\x32\x65\n\x0cLeaseService\x12U\n\x07\x43onnect\x12#.flyteactor.lease.v1.ReplicaMessage\x1a!.flyteactor.lease.v1.AgentMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -23,8 +23,8 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
   _globals['_TASKRUN_ENVENTRY']._options = None
   _globals['_TASKRUN_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_TASKPHASE']._serialized_start=2123
-  _globals['_TASKPHASE']._serialized_end=2214
+  _globals['_TASKPHASE']._serialized_start=2196
+  _globals['_TASKPHASE']._serialized_end=2287
   _globals['_REPLICAMESSAGE']._serialized_start=68
   _globals['_REPLICAMESSAGE']._serialized_end=295
   _globals['_STATUSBATCH']._serialized_start=297
@@ -36,27 +36,29 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_TASKSTATUS']._serialized_start=590
   _globals['_TASKSTATUS']._serialized_end=850
   _globals['_AGENTMESSAGE']._serialized_start=853
-  _globals['_AGENTMESSAGE']._serialized_end=1169
-  _globals['_ASSIGNMENTS']._serialized_start=1171
-  _globals['_ASSIGNMENTS']._serialized_end=1238
-  _globals['_WELCOME']._serialized_start=1240
-  _globals['_WELCOME']._serialized_end=1331
-  _globals['_ASSIGNMENT']._serialized_start=1333
-  _globals['_ASSIGNMENT']._serialized_end=1407
-  _globals['_TASKRUN']._serialized_start=1410
-  _globals['_TASKRUN']._serialized_end=1880
-  _globals['_TASKRUN_ENVENTRY']._serialized_start=1838
-  _globals['_TASKRUN_ENVENTRY']._serialized_end=1880
-  _globals['_ELEMENTOUTPUTSGROUP']._serialized_start=1882
-  _globals['_ELEMENTOUTPUTSGROUP']._serialized_end=1958
-  _globals['_ELEMENTOUTPUTS']._serialized_start=1960
-  _globals['_ELEMENTOUTPUTS']._serialized_end=2008
-  _globals['_ACK']._serialized_start=2010
-  _globals['_ACK']._serialized_end=2052
-  _globals['_CANCEL']._serialized_start=2054
-  _globals['_CANCEL']._serialized_end=2096
-  _globals['_DRAIN']._serialized_start=2098
-  _globals['_DRAIN']._serialized_end=2121
-  _globals['_LEASESERVICE']._serialized_start=2216
-  _globals['_LEASESERVICE']._serialized_end=2317
+  _globals['_AGENTMESSAGE']._serialized_end=1216
+  _globals['_ASSIGNMENTS']._serialized_start=1218
+  _globals['_ASSIGNMENTS']._serialized_end=1285
+  _globals['_WELCOME']._serialized_start=1287
+  _globals['_WELCOME']._serialized_end=1378
+  _globals['_ASSIGNMENT']._serialized_start=1380
+  _globals['_ASSIGNMENT']._serialized_end=1454
+  _globals['_TASKRUN']._serialized_start=1457
+  _globals['_TASKRUN']._serialized_end=1927
+  _globals['_TASKRUN_ENVENTRY']._serialized_start=1885
+  _globals['_TASKRUN_ENVENTRY']._serialized_end=1927
+  _globals['_ELEMENTOUTPUTSGROUP']._serialized_start=1929
+  _globals['_ELEMENTOUTPUTSGROUP']._serialized_end=2005
+  _globals['_ELEMENTOUTPUTS']._serialized_start=2007
+  _globals['_ELEMENTOUTPUTS']._serialized_end=2055
+  _globals['_ACK']._serialized_start=2057
+  _globals['_ACK']._serialized_end=2099
+  _globals['_CANCEL']._serialized_start=2101
+  _globals['_CANCEL']._serialized_end=2143
+  _globals['_RECALL']._serialized_start=2145
+  _globals['_RECALL']._serialized_end=2169
+  _globals['_DRAIN']._serialized_start=2171
+  _globals['_DRAIN']._serialized_end=2194
+  _globals['_LEASESERVICE']._serialized_start=2289
+  _globals['_LEASESERVICE']._serialized_end=2390
 # @@protoc_insertion_point(module_scope)

@@ -387,6 +387,11 @@ class ReplicaWorker:
                     lease_id=msg.cancel.lease_id, phase=lease_pb2.CANCELLED, message=msg.cancel.reason
                 ),
             )
+        elif kind == "recall":
+            # Queued leases no executor has: give them back to run elsewhere (those in an executor's batch stay:
+            # taking one back would run it twice).
+            while self.queued:
+                self._give_back(self.queued.popleft(), f"recalled by the agent: {msg.recall.reason}")
         elif kind == "drain":
             self._drain(msg.drain.reason or "the agent asked")
 
