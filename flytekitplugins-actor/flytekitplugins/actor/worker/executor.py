@@ -22,6 +22,7 @@ import copy
 import datetime
 import fcntl
 import hashlib
+import logging
 import os
 import selectors
 import sys
@@ -41,6 +42,7 @@ from flytekit.core.checkpointer import SyncCheckpoint
 from flytekit.core.context_manager import ExecutionParameters, ExecutionState, FlyteContextManager, OutputMetadataTracker
 from flytekit.core.data_persistence import FileAccessProvider
 from flytekit.interfaces.stats.taggable import get_stats as _get_stats
+from flytekit.loggers import logger as flytekit_logger
 from flytekit.loggers import user_space_logger
 from flytekit.models.core import identifier as _identifier
 from flytekit.tools.fast_registration import download_distribution
@@ -287,11 +289,7 @@ def skip_unused_timings() -> bool:
 
 
 def _timings_needed(task: Any) -> bool:
-    import logging
-
-    from flytekit.loggers import logger
-
-    return not getattr(task, "disable_deck", True) or logger.isEnabledFor(logging.INFO)
+    return not getattr(task, "disable_deck", True) or flytekit_logger.isEnabledFor(logging.INFO)
 
 
 def _die_with_parent() -> None:
